@@ -1,0 +1,42 @@
+"""Pure-tensor math of FedHarmony: no state, no I/O."""
+
+from lightning_fedharmony.functional.aggregation import (
+    aggregation_weights,
+    balance_factor,
+    correlation_discrepancy,
+    correlation_quality,
+    quality_from_discrepancy,
+    weighted_average,
+)
+from lightning_fedharmony.functional.blocks import block_mask, spectral_label_blocks
+from lightning_fedharmony.functional.consensus import (
+    consensus_from_sums,
+    consensus_sums,
+    global_consensus,
+    leave_one_out_consensus,
+    leave_one_out_support,
+    pair_validity,
+)
+from lightning_fedharmony.functional.correlation import phi_from_moments, soft_phi
+from lightning_fedharmony.functional.losses import alignment_loss, proximal_term
+
+__all__ = [
+    "aggregation_weights",
+    "alignment_loss",
+    "balance_factor",
+    "block_mask",
+    "consensus_from_sums",
+    "consensus_sums",
+    "correlation_discrepancy",
+    "correlation_quality",
+    "global_consensus",
+    "leave_one_out_consensus",
+    "leave_one_out_support",
+    "pair_validity",
+    "phi_from_moments",
+    "proximal_term",
+    "quality_from_discrepancy",
+    "soft_phi",
+    "spectral_label_blocks",
+    "weighted_average",
+]

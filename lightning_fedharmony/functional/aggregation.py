@@ -1,0 +1,179 @@
+"""Server-side math: correlation quality, the dynamic balance factor and weighted averaging of models.
+
+FedHarmony (https://arxiv.org/abs/2604.28024) weights client models by a mix of data quantity and correlation
+quality that moves from the former to the latter over the rounds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+QualityWeighting = Literal["additive", "product"]
+_WEIGHTINGS = ("additive", "product")
+
+
+def correlation_discrepancy(corr: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
+    """``s_k``: mean over the masked pairs of ``(R_k - R*_k)^2``.
+
+    Args:
+        corr: ``(K, L, L)`` client correlations.
+        teacher: ``(K, L, L)`` their consensus teachers.
+        mask: ``(L, L)`` or ``(K, L, L)`` bool pairs to score.
+
+    Returns:
+        ``(K,)`` float; 0 for a client with no masked pair.
+    """
+    if corr.ndim != 3 or corr.shape != teacher.shape:
+        raise ValueError(
+            "Expected `corr` and `teacher` to share one (K, L, L) shape, but got"
+            f" {tuple(corr.shape)} and {tuple(teacher.shape)}."
+        )
+    weight = torch.broadcast_to(mask, corr.shape).to(corr.dtype)
+    squared = (corr - teacher.to(corr.dtype)).square() * weight
+    return squared.sum((1, 2)) / weight.sum((1, 2)).clamp_min(1.0)
+
+
+def quality_from_discrepancy(discrepancy: Tensor, gamma: float | str = "auto") -> Tensor:
+    """``q_k = exp(-gamma s_k)``; ``gamma="auto"`` is ``1 / median_k s_k`` (all ones when the median is 0)."""
+    if discrepancy.ndim != 1:
+        raise ValueError(f"Expected argument `discrepancy` to have shape (K,), but got {tuple(discrepancy.shape)}.")
+    if gamma == "auto":
+        median = discrepancy.median() if discrepancy.numel() else discrepancy.new_tensor(0.0)
+        gamma_value = torch.where(median > 0, 1.0 / median.clamp_min(1e-30), 0.0)
+    elif isinstance(gamma, (int, float)) and not isinstance(gamma, bool) and gamma >= 0:
+        gamma_value = discrepancy.new_tensor(float(gamma))
+    else:
+        raise ValueError(f"Expected argument `gamma` to be 'auto' or a non-negative float, but got {gamma!r}.")
+    return torch.exp(-gamma_value * discrepancy)
+
+
+def correlation_quality(corr: Tensor, teacher: Tensor, mask: Tensor, gamma: float | str = "auto") -> Tensor:
+    """Correlation quality ``q_k = exp(-gamma s_k)`` of every client against its teacher.
+
+    Args:
+        corr: ``(K, L, L)`` client correlations.
+        teacher: ``(K, L, L)`` their leave-one-out teachers.
+        mask: ``(L, L)`` or ``(K, L, L)`` bool in-block pairs.
+        gamma: temperature, or ``"auto"`` = ``1 / median_k s_k``.
+
+    Returns:
+        ``(K,)`` qualities in ``(0, 1]``.
+
+    Example:
+        >>> import torch
+        >>> corr = torch.tensor([[[1.0, 0.5], [0.5, 1.0]], [[1.0, 0.1], [0.1, 1.0]]])
+        >>> teacher = torch.tensor([[[1.0, 0.1], [0.1, 1.0]], [[1.0, 0.1], [0.1, 1.0]]])
+        >>> correlation_quality(corr, teacher, ~torch.eye(2, dtype=torch.bool), gamma=10.0)
+        tensor([0.2019, 1.0000])
+    """
+    return quality_from_discrepancy(correlation_discrepancy(corr, teacher, mask), gamma)
+
+
+def balance_factor(server_round: int, t0: float) -> float:
+    """The dynamic balance factor ``alpha_t = max(0, 1 - t / T0)``; ``T0 <= 0`` means quality only."""
+    if server_round < 1:
+        raise ValueError(f"Expected argument `server_round` to be an int >= 1, but got {server_round}.")
+    if t0 <= 0:
+        return 0.0
+    return max(0.0, 1.0 - server_round / t0)
+
+
+def aggregation_weights(
+    num_samples: Tensor,
+    quality: Tensor,
+    server_round: int,
+    t0: float,
+    mode: QualityWeighting = "additive",
+) -> Tensor:
+    """Aggregation weights from data quantity and correlation quality.
+
+    ``"additive"`` (the paper's): ``w_k = alpha_t n_k / sum n + (1 - alpha_t) q_k / sum q``;
+    ``"product"``: ``w_k`` proportional to ``n_k q_k``, which keeps client size in the weights in every round.
+
+    Args:
+        num_samples: ``(K,)`` client sample counts.
+        quality: ``(K,)`` correlation qualities.
+        server_round: round ``t``, counted from 1.
+        t0: the round at which quantity stops counting in the additive form.
+        mode: ``"additive"`` or ``"product"``.
+
+    Returns:
+        ``(K,)`` float64 weights summing to 1 (uniform if every input weight is 0).
+
+    Example:
+        >>> import torch
+        >>> aggregation_weights(torch.tensor([30.0, 10.0]), torch.tensor([0.5, 1.0]), server_round=1, t0=2)
+        tensor([0.5417, 0.4583], dtype=torch.float64)
+    """
+    if mode not in _WEIGHTINGS:
+        raise ValueError(f"Expected argument `mode` to be one of {_WEIGHTINGS}, but got {mode!r}.")
+    if num_samples.shape != quality.shape or num_samples.ndim != 1:
+        raise ValueError(
+            "Expected `num_samples` and `quality` to share one (K,) shape, but got"
+            f" {tuple(num_samples.shape)} and {tuple(quality.shape)}."
+        )
+    n = num_samples.to(torch.float64)
+    q = quality.to(torch.float64)
+    if mode == "product":
+        return _normalize(n * q)
+    alpha = balance_factor(server_round, t0)
+    return alpha * _normalize(n) + (1.0 - alpha) * _normalize(q)
+
+
+def _normalize(x: Tensor) -> Tensor:
+    total = x.sum()
+    if total <= 0:
+        return torch.full_like(x, 1.0 / max(x.numel(), 1))
+    return x / total
+
+
+def weighted_average(state_dicts: Sequence[Mapping[str, Tensor]], weights: Tensor | Sequence[float]) -> dict[str, Tensor]:
+    """Weighted average of model state dicts (``theta = sum_k w_k theta_k``).
+
+    Floating point entries are averaged in float64 and returned in their own dtype; integer entries (counters such as
+    BatchNorm's ``num_batches_tracked``) are taken from the client with the largest weight.
+
+    Args:
+        state_dicts: K state dicts with the same keys, shapes and dtypes.
+        weights: ``(K,)`` non-negative weights; normalised to sum to 1.
+
+    Returns:
+        A new state dict.
+
+    Raises:
+        ValueError: on no state dicts, mismatched keys or shapes, or weights of the wrong length or sign.
+
+    Example:
+        >>> import torch
+        >>> weighted_average([{"w": torch.tensor([0.0, 2.0])}, {"w": torch.tensor([4.0, 2.0])}], [3.0, 1.0])
+        {'w': tensor([1., 2.])}
+    """
+    if not state_dicts:
+        raise ValueError("Expected argument `state_dicts` to hold at least one state dict, but got none.")
+    w = torch.as_tensor(weights, dtype=torch.float64).flatten()
+    if w.numel() != len(state_dicts) or not torch.isfinite(w).all() or (w < 0).any():
+        raise ValueError(
+            f"Expected argument `weights` to hold {len(state_dicts)} finite non-negative values, but got {w.tolist()}."
+        )
+    w = _normalize(w)
+    keys = list(state_dicts[0].keys())
+    for index, state in enumerate(state_dicts[1:], start=1):
+        if list(state.keys()) != keys:
+            raise ValueError(f"Expected every state dict to have the keys of the first, but state dict {index} differs.")
+    averaged: dict[str, Tensor] = {}
+    top = int(torch.argmax(w))
+    for key in keys:
+        tensors = [state[key] for state in state_dicts]
+        reference = tensors[0]
+        if any(t.shape != reference.shape for t in tensors):
+            raise ValueError(f"Expected entry {key!r} to have one shape in every state dict.")
+        if reference.is_floating_point() or reference.is_complex():
+            stacked = torch.stack([t.detach().to(torch.float64) for t in tensors])
+            averaged[key] = torch.tensordot(w, stacked, dims=1).to(reference.dtype)
+        else:
+            averaged[key] = tensors[top].detach().clone()
+    return averaged

@@ -1,0 +1,143 @@
+"""Label blocks: spectral clustering of the consensus correlation (Ng, Jordan and Weiss, 2001).
+
+FedHarmony (https://arxiv.org/abs/2604.28024) aligns correlations only inside label clusters found on ``|R*|``:
+in-block alignment has better curvature and loses little when the consensus is near block-diagonal.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_MAX_AUTO_BLOCKS = 32
+
+
+def _kmeans(points: Tensor, num_clusters: int, generator: torch.Generator, num_init: int, max_iter: int) -> Tensor:
+    """Batched Lloyd's k-means with k-means++ seeding; returns the assignment with the lowest inertia."""
+    num_points = points.shape[0]
+    best_assign = torch.zeros(num_points, dtype=torch.long)
+    best_inertia = torch.tensor(float("inf"), dtype=points.dtype)
+    for _ in range(num_init):
+        first = int(torch.randint(num_points, (1,), generator=generator))
+        centers = points[first : first + 1]
+        for _ in range(1, num_clusters):
+            dist = torch.cdist(points, centers).min(1).values.square()
+            total = dist.sum()
+            probs = dist / total if total > 0 else torch.full_like(dist, 1.0 / num_points)
+            nxt = int(torch.multinomial(probs, 1, generator=generator))
+            centers = torch.cat([centers, points[nxt : nxt + 1]])
+        for _ in range(max_iter):
+            assign = torch.cdist(points, centers).argmin(1)
+            one_hot = torch.nn.functional.one_hot(assign, num_clusters).to(points.dtype)
+            counts = one_hot.sum(0)
+            new_centers = (one_hot.T @ points) / counts.clamp_min(1)[:, None]
+            # an emptied cluster keeps its old centre instead of collapsing to the origin
+            new_centers = torch.where(counts[:, None] > 0, new_centers, centers)
+            if torch.equal(new_centers, centers):
+                break
+            centers = new_centers
+        assign = torch.cdist(points, centers).argmin(1)
+        inertia = (points - centers[assign]).square().sum()
+        if inertia < best_inertia - 1e-12:
+            best_inertia, best_assign = inertia, assign
+    return best_assign
+
+
+def _relabel_by_first_appearance(assign: Tensor) -> Tensor:
+    """Cluster ids in order of first appearance, so the result does not depend on k-means' arbitrary numbering."""
+    num_points = assign.shape[0]
+    first_index = torch.full((int(assign.max()) + 1,), num_points, dtype=torch.long)
+    first_index.scatter_reduce_(0, assign, torch.arange(num_points), reduce="amin")
+    order = torch.argsort(first_index)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.shape[0])
+    return rank[assign]
+
+
+def spectral_label_blocks(
+    consensus: Tensor,
+    num_blocks: int | str = "auto",
+    seed: int = 0,
+    max_blocks: int = _MAX_AUTO_BLOCKS,
+    num_init: int = 4,
+    max_iter: int = 100,
+) -> Tensor:
+    """Cluster labels by spectral clustering of ``|consensus|`` (Ng-Jordan-Weiss).
+
+    The affinity ``A = |R*|`` with a zero diagonal gives the normalised Laplacian ``I - D^-1/2 A D^-1/2``; its ``G``
+    eigenvectors with the smallest eigenvalues, row-normalised, are clustered with k-means.
+
+    Args:
+        consensus: ``(L, L)`` symmetric correlation.
+        num_blocks: number of blocks ``G``, or ``"auto"`` for the largest eigengap among the first
+            ``min(L, max_blocks)`` eigenvalues.
+        seed: seed of the k-means initialisation; the result is deterministic for a seed.
+        max_blocks: upper bound of ``G`` for ``"auto"``.
+        num_init: k-means restarts; the lowest inertia wins.
+        max_iter: Lloyd iterations per restart.
+
+    Returns:
+        ``(L,)`` long cluster id per label in ``[0, G)``, numbered by first appearance.
+
+    Raises:
+        ValueError: on a non-square ``consensus`` or a ``num_blocks`` that is neither ``"auto"`` nor in ``[1, L]``.
+
+    Example:
+        >>> import torch
+        >>> r = torch.tensor([[1.0, 0.9, 0.0, 0.0], [0.9, 1.0, 0.0, 0.1], [0.0, 0.0, 1.0, 0.8], [0.0, 0.1, 0.8, 1.0]])
+        >>> spectral_label_blocks(r)
+        tensor([0, 0, 1, 1])
+    """
+    if consensus.ndim != 2 or consensus.shape[0] != consensus.shape[1] or consensus.shape[0] == 0:
+        raise ValueError(
+            f"Expected argument `consensus` to have shape (L, L) with L >= 1, but got {tuple(consensus.shape)}."
+        )
+    num_labels = consensus.shape[0]
+    if not (num_blocks == "auto" or (isinstance(num_blocks, int) and 1 <= num_blocks <= num_labels)):
+        raise ValueError(
+            f"Expected argument `num_blocks` to be 'auto' or an int in [1, {num_labels}], but got {num_blocks!r}."
+        )
+    if not (isinstance(max_blocks, int) and max_blocks >= 1):
+        raise ValueError(f"Expected argument `max_blocks` to be a positive int, but got {max_blocks!r}.")
+    if num_labels == 1 or num_blocks == 1:
+        return torch.zeros(num_labels, dtype=torch.long, device=consensus.device)
+
+    affinity = torch.nan_to_num(consensus.detach().to(torch.float64).cpu()).abs()
+    affinity = 0.5 * (affinity + affinity.T)
+    affinity.fill_diagonal_(0.0)
+    degree = affinity.sum(1)
+    inv_sqrt = torch.where(degree > 0, degree.clamp_min(1e-300).rsqrt(), 0.0)
+    laplacian = torch.eye(num_labels, dtype=torch.float64) - inv_sqrt[:, None] * affinity * inv_sqrt[None, :]
+    eigenvalues, eigenvectors = torch.linalg.eigh(laplacian)
+
+    if num_blocks == "auto":
+        m = min(num_labels, max_blocks)
+        gaps = eigenvalues[1:m] - eigenvalues[: m - 1]
+        num_blocks = int(torch.argmax(gaps)) + 1 if gaps.numel() else 1
+    if num_blocks == 1:
+        return torch.zeros(num_labels, dtype=torch.long, device=consensus.device)
+
+    embedding = eigenvectors[:, :num_blocks]
+    embedding = embedding / embedding.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    # eigenvectors are defined up to sign; fix it so the embedding (and so k-means) is reproducible
+    signs = torch.sign(embedding[embedding.abs().argmax(0), torch.arange(num_blocks)])
+    embedding = embedding * torch.where(signs == 0, 1.0, signs)
+    generator = torch.Generator().manual_seed(seed)
+    assign = _kmeans(embedding, num_blocks, generator, num_init=num_init, max_iter=max_iter)
+    return _relabel_by_first_appearance(assign).to(consensus.device)
+
+
+def block_mask(cluster_ids: Tensor) -> Tensor:
+    """``(L, L)`` bool: pairs of distinct labels in the same cluster.
+
+    Example:
+        >>> import torch
+        >>> block_mask(torch.tensor([0, 0, 1])).int()
+        tensor([[0, 1, 0],
+                [1, 0, 0],
+                [0, 0, 0]], dtype=torch.int32)
+    """
+    if cluster_ids.ndim != 1:
+        raise ValueError(f"Expected argument `cluster_ids` to have shape (L,), but got {tuple(cluster_ids.shape)}.")
+    same = cluster_ids[:, None] == cluster_ids[None, :]
+    return same & ~torch.eye(cluster_ids.shape[0], dtype=torch.bool, device=cluster_ids.device)

@@ -1,0 +1,118 @@
+"""Soft phi correlation of multi-label predictions.
+
+FedHarmony (Kou et al., CVPR 2026, https://arxiv.org/abs/2604.28024) describes each client by the label-label
+correlation of its model's soft predictions. Everything here works from the sufficient statistics
+``(N, sum_n F_n, sum_n F_n^T F_n)`` so that statistics merged over batches or clients give exactly the pooled result.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Normalization = Literal["bernoulli", "pearson"]
+_NORMALIZATIONS = ("bernoulli", "pearson")
+
+
+def _check_normalization(normalization: str) -> None:
+    if normalization not in _NORMALIZATIONS:
+        raise ValueError(
+            f"Expected argument `normalization` to be one of {_NORMALIZATIONS}, but got {normalization!r}."
+        )
+
+
+def _check_eps(eps: float) -> None:
+    if not (isinstance(eps, (int, float)) and eps > 0):
+        raise ValueError(f"Expected argument `eps` to be a positive float, but got {eps!r}.")
+
+
+def phi_from_moments(
+    num_samples: Tensor | float,
+    sum_preds: Tensor,
+    sum_outer: Tensor,
+    eps: float = 1e-6,
+    normalization: Normalization = "bernoulli",
+) -> Tensor:
+    """Soft phi correlation from accumulated sufficient statistics.
+
+    With ``p_c = sum_preds_c / N`` and ``p_cc' = sum_outer_cc' / N``:
+    ``R_cc' = (p_cc' - p_c p_c') / (sqrt(v_c v_c') + eps)`` with the diagonal set to 1, where ``v_c = p_c (1 - p_c)``
+    (``"bernoulli"``, the paper's form) or ``v_c = p_cc - p_c^2`` (``"pearson"``, the empirical variance of the
+    predictions, which is not attenuated by low prediction confidence).
+
+    Args:
+        num_samples: number of samples ``N`` the sums were taken over (scalar, may be a float tensor).
+        sum_preds: ``(L,)`` sum of the probabilities.
+        sum_outer: ``(L, L)`` sum of the outer products ``F_n^T F_n``.
+        eps: added to the denominator; keeps constant columns finite.
+        normalization: ``"bernoulli"`` or ``"pearson"``.
+
+    Returns:
+        ``(L, L)`` correlation in the dtype of ``sum_outer``, values in ``[-1, 1]``, diagonal 1. With ``N == 0`` the
+        identity is returned.
+
+    Raises:
+        ValueError: on shapes that do not fit or a non-positive ``eps``.
+
+    Example:
+        >>> import torch
+        >>> preds = torch.tensor([[0.9, 0.8], [0.1, 0.2]])
+        >>> phi_from_moments(2, preds.sum(0), preds.T @ preds).round(decimals=3)
+        tensor([[1.0000, 0.4800],
+                [0.4800, 1.0000]])
+    """
+    _check_eps(eps)
+    _check_normalization(normalization)
+    if sum_preds.ndim != 1 or sum_outer.shape != (sum_preds.shape[0], sum_preds.shape[0]):
+        raise ValueError(
+            "Expected `sum_preds` of shape (L,) and `sum_outer` of shape (L, L), but got"
+            f" {tuple(sum_preds.shape)} and {tuple(sum_outer.shape)}."
+        )
+    dtype = sum_outer.dtype if sum_outer.is_floating_point() else torch.get_default_dtype()
+    n = torch.as_tensor(num_samples, dtype=dtype, device=sum_outer.device)
+    num_labels = sum_preds.shape[0]
+    eye = torch.eye(num_labels, dtype=torch.bool, device=sum_outer.device)
+    safe_n = n.clamp_min(1.0)
+    p = sum_preds.to(dtype) / safe_n
+    p_outer = sum_outer.to(dtype) / safe_n
+    cov = p_outer - p[:, None] * p[None, :]
+    if normalization == "bernoulli":
+        var = p * (1 - p)
+    else:
+        var = torch.diagonal(cov)
+    std = var.clamp_min(0).sqrt()
+    corr = cov / (std[:, None] * std[None, :] + eps)
+    corr = corr.clamp(-1.0, 1.0).masked_fill(eye, 1.0)
+    # no samples: no evidence of any correlation
+    return torch.where(n > 0, corr, eye.to(dtype))
+
+
+def soft_phi(preds: Tensor, eps: float = 1e-6, normalization: Normalization = "bernoulli") -> Tensor:
+    """Soft phi correlation of probabilities (the paper's ``R``), differentiable in ``preds``.
+
+    Args:
+        preds: ``(N, L)`` probabilities in ``[0, 1]``.
+        eps: added to the denominator; keeps constant columns finite.
+        normalization: ``"bernoulli"`` (the paper's) or ``"pearson"``; see :func:`phi_from_moments`.
+
+    Returns:
+        ``(L, L)`` correlation, diagonal 1.
+
+    Raises:
+        ValueError: if ``preds`` is not a 2-D floating point tensor.
+
+    Example:
+        >>> import torch
+        >>> soft_phi(torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])).round(decimals=2)
+        tensor([[ 1.,  1., -1.],
+                [ 1.,  1., -1.],
+                [-1., -1.,  1.]])
+    """
+    if preds.ndim != 2 or not preds.is_floating_point():
+        raise ValueError(
+            f"Expected argument `preds` to be a floating point tensor of shape (N, L), but got dtype {preds.dtype}"
+            f" and shape {tuple(preds.shape)}."
+        )
+    return phi_from_moments(preds.shape[0], preds.sum(0), preds.T @ preds, eps=eps, normalization=normalization)
