@@ -14,6 +14,7 @@ from lightning_fedharmony.functional.consensus import (
     consensus_sums,
     global_consensus,
     leave_one_out_consensus,
+    leave_one_out_sums,
     leave_one_out_support,
     pair_validity,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "correlation_quality",
     "global_consensus",
     "leave_one_out_consensus",
+    "leave_one_out_sums",
     "leave_one_out_support",
     "pair_validity",
     "phi_from_moments",

@@ -131,7 +131,9 @@ def _normalize(x: Tensor) -> Tensor:
     return x / total
 
 
-def weighted_average(state_dicts: Sequence[Mapping[str, Tensor]], weights: Tensor | Sequence[float]) -> dict[str, Tensor]:
+def weighted_average(
+    state_dicts: Sequence[Mapping[str, Tensor]], weights: Tensor | Sequence[float]
+) -> dict[str, Tensor]:
     """Weighted average of model state dicts (``theta = sum_k w_k theta_k``).
 
     Floating point entries are averaged in float64 and returned in their own dtype; integer entries (counters such as
@@ -163,7 +165,9 @@ def weighted_average(state_dicts: Sequence[Mapping[str, Tensor]], weights: Tenso
     keys = list(state_dicts[0].keys())
     for index, state in enumerate(state_dicts[1:], start=1):
         if list(state.keys()) != keys:
-            raise ValueError(f"Expected every state dict to have the keys of the first, but state dict {index} differs.")
+            raise ValueError(
+                f"Expected every state dict to have the keys of the first, but state dict {index} differs."
+            )
     averaged: dict[str, Tensor] = {}
     top = int(torch.argmax(w))
     for key in keys:

@@ -110,20 +110,22 @@ def spectral_label_blocks(
     laplacian = torch.eye(num_labels, dtype=torch.float64) - inv_sqrt[:, None] * affinity * inv_sqrt[None, :]
     eigenvalues, eigenvectors = torch.linalg.eigh(laplacian)
 
-    if num_blocks == "auto":
+    if isinstance(num_blocks, int):
+        groups = num_blocks
+    else:
         m = min(num_labels, max_blocks)
         gaps = eigenvalues[1:m] - eigenvalues[: m - 1]
-        num_blocks = int(torch.argmax(gaps)) + 1 if gaps.numel() else 1
-    if num_blocks == 1:
+        groups = int(torch.argmax(gaps)) + 1 if gaps.numel() else 1
+    if groups == 1:
         return torch.zeros(num_labels, dtype=torch.long, device=consensus.device)
 
-    embedding = eigenvectors[:, :num_blocks]
+    embedding = eigenvectors[:, :groups]
     embedding = embedding / embedding.norm(dim=1, keepdim=True).clamp_min(1e-12)
     # eigenvectors are defined up to sign; fix it so the embedding (and so k-means) is reproducible
-    signs = torch.sign(embedding[embedding.abs().argmax(0), torch.arange(num_blocks)])
+    signs = torch.sign(embedding[embedding.abs().argmax(0), torch.arange(groups)])
     embedding = embedding * torch.where(signs == 0, 1.0, signs)
     generator = torch.Generator().manual_seed(seed)
-    assign = _kmeans(embedding, num_blocks, generator, num_init=num_init, max_iter=max_iter)
+    assign = _kmeans(embedding, groups, generator, num_init=num_init, max_iter=max_iter)
     return _relabel_by_first_appearance(assign).to(consensus.device)
 
 

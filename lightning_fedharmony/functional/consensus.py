@@ -94,13 +94,29 @@ def leave_one_out_consensus(correlations: Tensor, weights: Tensor, valid: Tensor
         tensor([0.4667, 0.3333, 0.4000])
     """
     numerator, denominator = consensus_sums(correlations, weights, valid)
-    w = weights.to(torch.float64)[:, None, None]
+    loo_num, loo_den = leave_one_out_sums(numerator, denominator, correlations, weights, valid)
+    return consensus_from_sums(loo_num, loo_den).to(correlations.dtype)
+
+
+def leave_one_out_sums(
+    numerator: Tensor, denominator: Tensor, correlations: Tensor, weights: Tensor, valid: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Remove clients' own terms from the sums of :func:`consensus_sums`.
+
+    Broadcasts over leading dimensions: ``correlations`` ``(..., L, L)``, ``weights`` ``(...)``, ``valid``
+    ``(..., L)``; a server can compute one client's teacher at a time in ``O(L^2)`` memory. A denominator left
+    with only rounding error is set to 0 (no support).
+
+    Returns:
+        ``(numerator, denominator)`` without the given clients, float64.
+    """
+    w = weights.to(torch.float64)[..., None, None]
     own_support = w if valid is None else pair_validity(valid).to(torch.float64) * w
     loo_num = numerator - own_support * correlations.to(torch.float64)
     loo_den = denominator - own_support
     # cancellation can leave tiny non-zero denominators where no other client has support
     loo_den = torch.where(loo_den > 1e-12 * denominator.clamp_min(1.0), loo_den, 0.0)
-    return consensus_from_sums(loo_num, loo_den).to(correlations.dtype)
+    return loo_num, loo_den
 
 
 def leave_one_out_support(weights: Tensor, valid: Tensor | None, num_labels: int) -> Tensor:

@@ -1,0 +1,301 @@
+"""The FedHarmony server: leave-one-out consensus teachers, label blocks and correlation-aware aggregation.
+
+Kou et al., "FedHarmony: Harmonizing Heterogeneous Label Correlations in Federated Multi-Label Learning",
+CVPR 2026, https://arxiv.org/abs/2604.28024. The math lives in :mod:`lightning_fedharmony.functional`; this class
+keeps the cross-round state (each client's latest correlation, the label blocks) and calls it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from lightning_fedharmony.aggregators.base import (
+    Aggregator,
+    ClientInstructions,
+    ClientUpdate,
+    InconsistentClientUpdates,
+    sample_weights,
+)
+from lightning_fedharmony.functional.aggregation import (
+    QualityWeighting,
+    aggregation_weights,
+    balance_factor,
+    correlation_discrepancy,
+    quality_from_discrepancy,
+)
+from lightning_fedharmony.functional.blocks import block_mask, spectral_label_blocks
+from lightning_fedharmony.functional.consensus import (
+    consensus_from_sums,
+    consensus_sums,
+    leave_one_out_sums,
+    pair_validity,
+)
+from lightning_fedharmony.functional.correlation import Normalization, _check_normalization
+
+ConsensusWeighting = Literal["samples", "uniform", "previous_aggregation"]
+StaleStats = Literal["keep", "drop"]
+_CHUNK = 64  # clients summed at a time: bounds the server's float64 scratch memory to _CHUNK * L^2
+
+
+@dataclass
+class _ClientRecord:
+    corr: Tensor  # (L, L) float32
+    valid: Tensor  # (L,) bool
+    num_samples: float
+    aggregation_weight: float = 0.0
+
+
+def _one_of(name: str, value: Any, options: Sequence[Any]) -> None:
+    if value not in options:
+        raise ValueError(f"Expected argument `{name}` to be one of {tuple(options)}, but got {value!r}.")
+
+
+class FedHarmony(Aggregator):
+    """FedHarmony's server strategy, with a switch for each of its parts (the paper's ablations).
+
+    Each round: the clients' statistics give their correlations ``R_k``; the weighted consensus gives every client
+    a leave-one-out teacher ``R*_k`` and the global consensus gives label blocks (spectral clustering); clients are
+    scored by ``q_k = exp(-gamma s_k)`` and models averaged with weights that move from data quantity to
+    correlation quality (``alpha_t = max(0, 1 - t / T0)``). Next round each client receives its teacher and the
+    pairs to align: in-block, supported by another client, and valid for itself.
+
+    Args:
+        alignment_weight: ``lambda`` sent to the clients with their teachers.
+        alignment: send teachers (the consensus-guided loss); ``False`` is the "aggregation only" ablation.
+        block_alignment: align within label blocks; ``False`` aligns all pairs (the "no blocks" ablation).
+        num_blocks: number of label blocks, or ``"auto"`` (largest eigengap).
+        quality_aggregation: weight models by correlation quality; ``False`` uses sample counts ("loss only").
+        quality_weighting: ``"additive"`` (the paper's) or ``"product"`` (``w_k ~ n_k q_k``).
+        gamma: quality temperature, or ``"auto"`` = ``1 / median_k s_k``.
+        t0: round at which quantity stops counting in the additive weights; ``None`` = half of the rounds.
+        consensus_weighting: client weights in the consensus: ``"samples"``, ``"uniform"`` or
+            ``"previous_aggregation"`` (each client's last aggregation weight).
+        stale_stats: ``"keep"`` the latest statistics of every client seen so far for the consensus, or ``"drop"``
+            them and use only this round's participants.
+        min_label_rate: labels predicted below this rate are invalid for a client.
+        corr_eps: ``eps`` of the soft phi denominator.
+        corr_normalization: ``"bernoulli"`` (the paper's) or ``"pearson"``.
+        proximal_mu: optional FedProx term for the clients (0 = off).
+        seed: seed of the spectral clustering's k-means.
+    """
+
+    def __init__(
+        self,
+        alignment_weight: float = 1.0,
+        *,
+        alignment: bool = True,
+        block_alignment: bool = True,
+        num_blocks: int | str = "auto",
+        quality_aggregation: bool = True,
+        quality_weighting: QualityWeighting = "additive",
+        gamma: float | str = "auto",
+        t0: float | None = None,
+        consensus_weighting: ConsensusWeighting = "samples",
+        stale_stats: StaleStats = "keep",
+        min_label_rate: float = 1e-3,
+        corr_eps: float = 1e-6,
+        corr_normalization: Normalization = "bernoulli",
+        proximal_mu: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        if not alignment_weight >= 0:
+            raise ValueError(f"Expected argument `alignment_weight` to be >= 0, but got {alignment_weight!r}.")
+        if not (num_blocks == "auto" or (isinstance(num_blocks, int) and num_blocks >= 1)):
+            raise ValueError(f"Expected argument `num_blocks` to be 'auto' or an int >= 1, but got {num_blocks!r}.")
+        if not (gamma == "auto" or (isinstance(gamma, (int, float)) and gamma >= 0)):
+            raise ValueError(f"Expected argument `gamma` to be 'auto' or a float >= 0, but got {gamma!r}.")
+        if t0 is not None and not t0 > 0:
+            raise ValueError(f"Expected argument `t0` to be None or > 0, but got {t0!r}.")
+        if not proximal_mu >= 0:
+            raise ValueError(f"Expected argument `proximal_mu` to be >= 0, but got {proximal_mu!r}.")
+        _one_of("quality_weighting", quality_weighting, ("additive", "product"))
+        _one_of("consensus_weighting", consensus_weighting, ("samples", "uniform", "previous_aggregation"))
+        _one_of("stale_stats", stale_stats, ("keep", "drop"))
+        _check_normalization(corr_normalization)
+        self.alignment_weight = float(alignment_weight)
+        self.alignment = alignment
+        self.block_alignment = block_alignment
+        self.num_blocks = num_blocks
+        self.quality_aggregation = quality_aggregation
+        self.quality_weighting: QualityWeighting = quality_weighting
+        self.gamma = gamma
+        self.t0 = t0
+        self.consensus_weighting = consensus_weighting
+        self.stale_stats = stale_stats
+        self.min_label_rate = min_label_rate
+        self.corr_eps = corr_eps
+        self.corr_normalization: Normalization = corr_normalization
+        self.proximal_mu = float(proximal_mu)
+        self.seed = seed
+        self._clients: dict[str, _ClientRecord] = {}
+        self._sums: tuple[Tensor, Tensor] | None = None
+        self.cluster_ids: Tensor | None = None
+
+    # ------------------------------------------------------------------ server -> clients
+    def client_instructions(
+        self, server_round: int, client_id: str, global_weights: Mapping[str, Tensor]
+    ) -> ClientInstructions:
+        instructions = ClientInstructions(weights=dict(global_weights), proximal_mu=self.proximal_mu)
+        if self.alignment and self._sums is not None:
+            instructions.teacher, instructions.mask = self.teacher(client_id)
+            instructions.alignment_weight = self.alignment_weight
+        return instructions
+
+    def teacher(self, client_id: str) -> tuple[Tensor, Tensor]:
+        """Client's leave-one-out teacher ``(L, L)`` float32 and its bool alignment mask ``(L, L)``.
+
+        A client the server has no statistics from gets the global consensus.
+
+        Raises:
+            RuntimeError: before the first aggregation (no statistics yet).
+        """
+        if self._sums is None or self.cluster_ids is None:
+            raise RuntimeError("Expected client statistics from an earlier round, but the server has none yet.")
+        numerator, denominator = self._sums
+        record = self._clients.get(client_id)
+        blocks = block_mask(self.cluster_ids)
+        if record is None:
+            return consensus_from_sums(numerator, denominator).float(), blocks & (denominator > 0)
+        weight = torch.tensor(self._consensus_weight(record), dtype=torch.float64)
+        loo_num, loo_den = leave_one_out_sums(numerator, denominator, record.corr, weight, record.valid)
+        mask = blocks & (loo_den > 0) & pair_validity(record.valid)
+        return consensus_from_sums(loo_num, loo_den).float(), mask
+
+    @property
+    def consensus(self) -> Tensor | None:
+        """The global consensus ``R*`` ``(L, L)`` of the latest round, or ``None`` before the first."""
+        return None if self._sums is None else consensus_from_sums(*self._sums).float()
+
+    # ------------------------------------------------------------------ clients -> server
+    def client_weights(self, server_round: int, updates: Sequence[ClientUpdate]) -> tuple[Tensor, dict[str, float]]:
+        for update in updates:
+            if update.stats is None:
+                raise InconsistentClientUpdates(
+                    update.client_id,
+                    "stats",
+                    "FedHarmony needs each client's correlation statistics, but none were sent."
+                    " HINT: train the client with the CorrelationExchange callback.",
+                )
+        if self._clients:
+            known = next(iter(self._clients.values())).corr.shape[0]
+            for update in updates:
+                if update.stats is not None and update.stats.num_labels != known:
+                    raise InconsistentClientUpdates(
+                        update.client_id,
+                        "stats.num_labels",
+                        f"expected {known} labels, but got {update.stats.num_labels}.",
+                    )
+        if self.stale_stats == "drop":
+            self._clients = {}
+        for update in updates:
+            stats = update.stats
+            if stats is None:  # checked above; keeps type checkers informed
+                continue
+            stats.min_label_rate = self.min_label_rate
+            previous = self._clients.get(update.client_id)
+            self._clients[update.client_id] = _ClientRecord(
+                corr=stats.compute(eps=self.corr_eps, normalization=self.corr_normalization).float(),
+                valid=stats.valid_labels(),
+                num_samples=float(update.num_samples),
+                aggregation_weight=previous.aggregation_weight if previous else 0.0,
+            )
+        consensus, cluster_ids = self._rebuild_consensus()
+
+        teachers, masks = zip(*(self.teacher(u.client_id) for u in updates))
+        corr = torch.stack([self._clients[u.client_id].corr for u in updates])
+        discrepancy = correlation_discrepancy(corr, torch.stack(teachers), torch.stack(masks))
+        quality = quality_from_discrepancy(discrepancy, self.gamma)
+        n = torch.tensor([float(u.num_samples) for u in updates], dtype=torch.float64)
+        if self.quality_aggregation:
+            weights = aggregation_weights(n, quality, server_round, self._t0(), mode=self.quality_weighting)
+        else:
+            weights = sample_weights(updates)
+        for update, weight in zip(updates, weights.tolist()):
+            self._clients[update.client_id].aggregation_weight = weight
+        metrics = {
+            "num_blocks": float(int(cluster_ids.max()) + 1),
+            "balance_factor": balance_factor(server_round, self._t0()) if self.quality_aggregation else 1.0,
+            "discrepancy_mean": float(discrepancy.mean()),
+            "quality_min": float(quality.min()),
+            "consensus_abs_mean": float(_off_diagonal_abs_mean(consensus)),
+        }
+        return weights, metrics
+
+    def _t0(self) -> float:
+        if self.t0 is not None:
+            return self.t0
+        if self.num_rounds is None:
+            raise RuntimeError(
+                "Expected `t0` or the number of rounds to place the balance schedule, but got neither."
+                " HINT: pass `FedHarmony(t0=...)` or call `setup(num_rounds)` before the first round."
+            )
+        return max(self.num_rounds / 2, 1.0)
+
+    def _consensus_weight(self, record: _ClientRecord) -> float:
+        if self.consensus_weighting == "samples":
+            return record.num_samples
+        if self.consensus_weighting == "uniform":
+            return 1.0
+        return record.aggregation_weight if record.aggregation_weight > 0 else 1.0 / max(len(self._clients), 1)
+
+    def _rebuild_consensus(self) -> tuple[Tensor, Tensor]:
+        records = list(self._clients.values())
+        num_labels = records[0].corr.shape[0]
+        numerator = torch.zeros(num_labels, num_labels, dtype=torch.float64)
+        denominator = torch.zeros_like(numerator)
+        for start in range(0, len(records), _CHUNK):
+            chunk = records[start : start + _CHUNK]
+            num, den = consensus_sums(
+                torch.stack([r.corr for r in chunk]),
+                torch.tensor([self._consensus_weight(r) for r in chunk], dtype=torch.float64),
+                torch.stack([r.valid for r in chunk]),
+            )
+            numerator += num
+            denominator += den
+        self._sums = (numerator, denominator)
+        consensus = consensus_from_sums(numerator, denominator)
+        if self.block_alignment:
+            blocks = self.num_blocks if self.num_blocks == "auto" else min(int(self.num_blocks), num_labels)
+            self.cluster_ids = spectral_label_blocks(consensus, blocks, seed=self.seed)
+        else:
+            self.cluster_ids = torch.zeros(num_labels, dtype=torch.long)
+        return consensus, self.cluster_ids
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        ids = list(self._clients)
+        records = [self._clients[cid] for cid in ids]
+        return {
+            "client_ids": ids,
+            "corr": torch.stack([r.corr for r in records]) if records else torch.empty(0),
+            "valid": torch.stack([r.valid for r in records]) if records else torch.empty(0, dtype=torch.bool),
+            "num_samples": torch.tensor([r.num_samples for r in records], dtype=torch.float64),
+            "aggregation_weight": torch.tensor([r.aggregation_weight for r in records], dtype=torch.float64),
+            "num_rounds": self.num_rounds,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.num_rounds = state.get("num_rounds", self.num_rounds)
+        self._clients = {
+            cid: _ClientRecord(corr, valid, float(n), float(w))
+            for cid, corr, valid, n, w in zip(
+                state["client_ids"], state["corr"], state["valid"], state["num_samples"], state["aggregation_weight"]
+            )
+        }
+        if self._clients:
+            self._rebuild_consensus()
+        else:
+            self._sums, self.cluster_ids = None, None
+
+
+def _off_diagonal_abs_mean(matrix: Tensor) -> Tensor:
+    num_labels = matrix.shape[0]
+    if num_labels < 2:
+        return matrix.new_zeros(())
+    off = ~torch.eye(num_labels, dtype=torch.bool)
+    return matrix.abs()[off].mean()

@@ -1,0 +1,125 @@
+"""The callback that moves correlation statistics out of, and teachers into, a training client."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from lightning_fedharmony.exchange import DirectoryExchange, Exchange, InMemoryExchange, check_client_id
+from lightning_fedharmony.mixin import FedHarmonyMixin
+from lightning_fedharmony.stats import CorrelationStats
+
+
+class CorrelationExchange(Callback):
+    """Exports a client's prediction statistics each epoch and imports its consensus teacher.
+
+    - ``on_train_epoch_start``: installs the newest teacher and alignment mask the server published for this client.
+    - ``on_train_batch_end``: adds the batch's predictions, which the module computed anyway in
+      :meth:`~lightning_fedharmony.FedHarmonyMixin.fedharmony_loss`, to the statistics (no second pass over the data).
+    - ``on_train_epoch_end``: publishes the epoch's statistics.
+
+    Args:
+        exchange: an :class:`~lightning_fedharmony.exchange.Exchange`, a folder path (a
+            :class:`~lightning_fedharmony.exchange.DirectoryExchange` shared by separate processes), or ``None`` for a
+            private in-memory exchange.
+        client_id: this client's name in the exchange (letters, digits, ``_``, ``.``, ``-``).
+        min_label_rate: labels predicted at a rate below this are invalid in the exported statistics.
+
+    Example (LightningCLI YAML)::
+
+        trainer:
+          callbacks:
+            - class_path: lightning_fedharmony.CorrelationExchange
+              init_args: {exchange: /shared/fedharmony, client_id: hospital-3}
+    """
+
+    def __init__(
+        self,
+        exchange: Exchange | str | None = None,
+        client_id: str = "0",
+        min_label_rate: float = 1e-3,
+    ) -> None:
+        self.client_id = check_client_id(client_id)
+        if exchange is None:
+            exchange = InMemoryExchange()
+        elif isinstance(exchange, (str, os.PathLike)):
+            exchange = DirectoryExchange(exchange)
+        elif not isinstance(exchange, Exchange):
+            raise TypeError(
+                "Expected argument `exchange` to be an Exchange, a folder path or None, but got"
+                f" {type(exchange).__name__}."
+            )
+        self.exchange = exchange
+        self.min_label_rate = min_label_rate
+        self.stats: CorrelationStats | None = None
+        self.teacher_version = -1
+        self.exports = 0
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(client_id=self.client_id)
+
+    @staticmethod
+    def _mixin(pl_module: pl.LightningModule) -> FedHarmonyMixin:
+        if not isinstance(pl_module, FedHarmonyMixin):
+            raise TypeError(
+                f"Expected the LightningModule to use FedHarmonyMixin, but {type(pl_module).__name__} does not."
+                " HINT: declare `class MyModel(FedHarmonyMixin, L.LightningModule)`."
+            )
+        return pl_module
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        module = self._mixin(pl_module)
+        payload = self.exchange.read_teacher(self.client_id)
+        if payload is not None:
+            module.fedharmony_set_teacher(payload.teacher, payload.mask)
+            self.teacher_version = payload.version
+        if self.stats is not None:
+            self.stats.reset()
+        module.fedharmony_pop_batch()
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        batch_stats = self._mixin(pl_module).fedharmony_pop_batch()
+        if batch_stats is None:
+            raise RuntimeError(
+                "Expected `training_step` to call `self.fedharmony_loss(logits, target)`, but no predictions reached"
+                " the CorrelationExchange callback in this step. HINT: compute the loss with `fedharmony_loss`."
+            )
+        preds, target, observed = batch_stats
+        if self.stats is None or self.stats.num_labels != preds.shape[1]:
+            self.stats = CorrelationStats(preds.shape[1], min_label_rate=self.min_label_rate)
+        self.stats.update(preds, target, observed)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.stats is None or float(self.stats.num_samples) == 0:
+            return
+        self.exports += 1
+        self.exchange.publish_stats(self.client_id, self.stats, version=self.exports)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "client_id": self.client_id,
+            "teacher_version": self.teacher_version,
+            "exports": self.exports,
+            "stats": None if self.stats is None else self.stats.state_dict(),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.teacher_version = int(state_dict.get("teacher_version", -1))
+        self.exports = int(state_dict.get("exports", 0))
+        stats = state_dict.get("stats")
+        self.stats = (
+            None if stats is None else CorrelationStats.from_state_dict(stats, min_label_rate=self.min_label_rate)
+        )

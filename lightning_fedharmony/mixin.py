@@ -1,0 +1,281 @@
+"""A LightningModule mixin that adds FedHarmony's correlation-aware loss terms to any multi-label module.
+
+FedHarmony (Kou et al., CVPR 2026, https://arxiv.org/abs/2604.28024): each client adds to its multi-label loss
+``lambda * mean_{(c,c') in M} (R_batch - R*_k)^2``, the in-block discrepancy between the soft phi correlation of the
+current batch's predictions and the consensus of the other clients (the teacher).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_fedharmony.functional.consensus import pair_validity
+from lightning_fedharmony.functional.correlation import Normalization, _check_normalization, phi_from_moments
+from lightning_fedharmony.functional.losses import alignment_loss, proximal_term
+
+#: State-dict keys owned by FedHarmony: they travel with checkpoints but never with the averaged weights.
+FEDHARMONY_PREFIX = "fedharmony_"
+_TEACHER, _MASK = "fedharmony_teacher", "fedharmony_mask"
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def model_weights(module: nn.Module) -> dict[str, Tensor]:
+    """The module's state dict without FedHarmony's own buffers: the weights that clients and server average."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items() if not k.startswith(FEDHARMONY_PREFIX)}
+
+
+def load_model_weights(module: nn.Module, weights: Mapping[str, Tensor]) -> None:
+    """Load averaged weights, leaving FedHarmony's own buffers alone.
+
+    Raises:
+        RuntimeError: if a weight is missing or unexpected (other than FedHarmony's buffers).
+    """
+    result = module.load_state_dict(dict(weights), strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(FEDHARMONY_PREFIX)]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"Expected the weights to match the module's state dict, but {missing} are missing and"
+            f" {list(result.unexpected_keys)} are unexpected."
+        )
+
+
+class FedHarmonyMixin:
+    """Adds FedHarmony's loss terms to a LightningModule: ``class MyModel(FedHarmonyMixin, L.LightningModule)``.
+
+    In ``training_step`` replace the multi-label loss by ``loss = self.fedharmony_loss(logits, target)``. Without a
+    teacher (round 1, or outside any federation) this is exactly BCE with logits, gradients included. With a teacher
+    (set by :class:`~lightning_fedharmony.CorrelationExchange` or the orchestrator) it adds
+    ``alignment_weight * alignment_loss`` and, with ``proximal_mu > 0``, FedProx's proximal term.
+
+    The teacher and mask are buffers (``fedharmony_teacher``, ``fedharmony_mask``): saved in checkpoints, never part
+    of :func:`model_weights`, so they are not averaged.
+
+    Args:
+        alignment_weight: ``lambda``, the weight of the alignment term; an aggregator may override it per round.
+        proximal_mu: FedProx's ``mu``; 0 turns the proximal term off.
+        corr_eps: ``eps`` of the soft phi denominator.
+        corr_normalization: ``"bernoulli"`` (the paper's soft phi) or ``"pearson"`` (scale-free; see
+            :func:`~lightning_fedharmony.functional.phi_from_moments`).
+        corr_momentum: mixes detached running moments into each batch's moments (0 = pure batch, the paper's).
+        detach_marginals: stop gradients through the label marginals ``p_c`` in the batch correlation, so the
+            alignment term cannot be lowered by flattening the predictions (METHOD.md section 9).
+        log_loss_parts: log ``fedharmony/*`` loss parts, positive rate and confidence with ``self.log``.
+    """
+
+    fedharmony_teacher: Tensor
+    fedharmony_mask: Tensor
+
+    def __init__(
+        self,
+        *args: Any,
+        alignment_weight: float = 1.0,
+        proximal_mu: float = 0.0,
+        corr_eps: float = 1e-6,
+        corr_normalization: Normalization = "bernoulli",
+        corr_momentum: float = 0.0,
+        detach_marginals: bool = False,
+        log_loss_parts: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        _check_normalization(corr_normalization)
+        if not 0.0 <= corr_momentum < 1.0:
+            raise ValueError(f"Expected argument `corr_momentum` to be in [0, 1), but got {corr_momentum!r}.")
+        if corr_eps <= 0:
+            raise ValueError(f"Expected argument `corr_eps` to be positive, but got {corr_eps!r}.")
+        self.fedharmony_configure(alignment_weight=alignment_weight, proximal_mu=proximal_mu)
+        self.fedharmony_corr_eps = corr_eps
+        self.fedharmony_corr_normalization: Normalization = corr_normalization
+        self.fedharmony_corr_momentum = corr_momentum
+        self.fedharmony_detach_marginals = detach_marginals
+        self.fedharmony_log_loss_parts = log_loss_parts
+        module = self._fedharmony_module()
+        module.register_buffer(_TEACHER, torch.empty(0, 0))
+        module.register_buffer(_MASK, torch.empty(0, 0, dtype=torch.bool))
+        self._fedharmony_running: tuple[Tensor, Tensor] | None = None
+        self._fedharmony_anchor: list[Tensor] | None = None
+        self._fedharmony_batch: tuple[Tensor, Tensor, Tensor | None] | None = None
+
+    def _fedharmony_module(self) -> nn.Module:
+        if not isinstance(self, nn.Module):
+            raise TypeError(
+                f"Expected `FedHarmonyMixin` to be mixed into a LightningModule, but {type(self).__name__} is not an"
+                " nn.Module. HINT: declare `class MyModel(FedHarmonyMixin, L.LightningModule)`."
+            )
+        return self
+
+    # ------------------------------------------------------------------ configuration by the server
+    def fedharmony_configure(self, *, alignment_weight: float | None = None, proximal_mu: float | None = None) -> None:
+        """Set the loss weights (``None`` keeps the current value)."""
+        if alignment_weight is not None:
+            if not alignment_weight >= 0:
+                raise ValueError(f"Expected argument `alignment_weight` to be >= 0, but got {alignment_weight!r}.")
+            self.fedharmony_alignment_weight = float(alignment_weight)
+        if proximal_mu is not None:
+            if not proximal_mu >= 0:
+                raise ValueError(f"Expected argument `proximal_mu` to be >= 0, but got {proximal_mu!r}.")
+            self.fedharmony_proximal_mu = float(proximal_mu)
+
+    def fedharmony_set_teacher(self, teacher: Tensor | None, mask: Tensor | None = None) -> None:
+        """Install a consensus teacher ``(L, L)`` and the bool pairs to align ``(L, L)``; ``None`` removes it."""
+        module = self._fedharmony_module()
+        if teacher is None:
+            device = self.fedharmony_teacher.device
+            module.fedharmony_teacher = torch.empty(0, 0, device=device)
+            module.fedharmony_mask = torch.empty(0, 0, dtype=torch.bool, device=device)
+            return
+        if teacher.ndim != 2 or teacher.shape[0] != teacher.shape[1]:
+            raise ValueError(f"Expected argument `teacher` to have shape (L, L), but got {tuple(teacher.shape)}.")
+        if mask is None:
+            mask = ~torch.eye(teacher.shape[0], dtype=torch.bool)
+        if mask.shape != teacher.shape:
+            raise ValueError(
+                f"Expected argument `mask` to have shape {tuple(teacher.shape)}, but got {tuple(mask.shape)}."
+            )
+        if not torch.isfinite(teacher).all():
+            raise ValueError("Expected argument `teacher` to be finite, but it holds NaN or inf.")
+        device = self.fedharmony_teacher.device
+        module.fedharmony_teacher = teacher.detach().to(device=device, dtype=torch.float32).clone()
+        module.fedharmony_mask = mask.detach().to(device=device, dtype=torch.bool).clone()
+
+    @property
+    def fedharmony_has_teacher(self) -> bool:
+        """Whether a teacher is installed."""
+        return self.fedharmony_teacher.numel() > 0
+
+    def fedharmony_set_anchor(self) -> None:
+        """Snapshot the current parameters as FedProx's global anchor (call after loading the global weights)."""
+        module = self._fedharmony_module()
+        self._fedharmony_anchor = [p.detach().clone() for p in module.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ the loss
+    def fedharmony_loss(
+        self,
+        logits: Tensor,
+        target: Tensor,
+        observed: Tensor | None = None,
+        loss_fn: LossFn | None = None,
+    ) -> Tensor:
+        """Multi-label loss plus FedHarmony's alignment term and, if active, FedProx's proximal term.
+
+        Args:
+            logits: ``(N, L)`` raw scores.
+            target: ``(N, L)`` 0/1 targets.
+            observed: optional ``(N, L)`` or ``(L,)`` bool, label entries this client observes; unobserved entries
+                are left out of the task loss, the alignment pairs and the exported statistics.
+            loss_fn: the module's own loss ``loss_fn(logits, target)``; BCE with logits by default. With
+                ``observed`` it must return element-wise ``(N, L)`` losses.
+
+        Returns:
+            Scalar loss.
+        """
+        if logits.ndim != 2 or target.shape != logits.shape:
+            raise ValueError(
+                "Expected `logits` and `target` to share one (N, L) shape, but got"
+                f" {tuple(logits.shape)} and {tuple(target.shape)}."
+            )
+        obs = None if observed is None else torch.broadcast_to(observed.to(torch.bool), logits.shape)
+        target_f = target.to(logits.dtype)
+        task = self._fedharmony_task_loss(logits, target_f, obs, loss_fn)
+        preds = torch.sigmoid(logits)
+        self._fedharmony_batch = (preds.detach(), target.detach(), None if obs is None else obs.detach())
+
+        training = self._fedharmony_module().training
+        total = task
+        align = None
+        if training and self.fedharmony_has_teacher and self.fedharmony_alignment_weight > 0:
+            if self.fedharmony_teacher.shape[0] != logits.shape[1]:
+                raise RuntimeError(
+                    f"Expected a teacher over {logits.shape[1]} labels, but the installed one has"
+                    f" {self.fedharmony_teacher.shape[0]}."
+                )
+            mask = self.fedharmony_mask
+            if obs is not None:
+                mask = mask & pair_validity(obs.any(0))
+            align = alignment_loss(self._fedharmony_batch_corr(preds), self.fedharmony_teacher, mask)
+            total = total + self.fedharmony_alignment_weight * align
+        prox = None
+        if training and self.fedharmony_proximal_mu > 0 and self._fedharmony_anchor is not None:
+            params = [p for p in self._fedharmony_module().parameters() if p.requires_grad]
+            prox = proximal_term(params, self._fedharmony_anchor, self.fedharmony_proximal_mu)
+            total = total + prox
+
+        if self.fedharmony_log_loss_parts and getattr(self, "_trainer", None) is not None:
+            self._fedharmony_log(task, align, prox, preds, logits.shape[0])
+        return total
+
+    def _fedharmony_task_loss(
+        self, logits: Tensor, target: Tensor, obs: Tensor | None, loss_fn: LossFn | None
+    ) -> Tensor:
+        if loss_fn is None and obs is None:
+            return F.binary_cross_entropy_with_logits(logits, target)
+        if loss_fn is None:
+            elementwise = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        else:
+            elementwise = loss_fn(logits, target)
+        if obs is None:
+            return elementwise if elementwise.ndim == 0 else elementwise.mean()
+        if elementwise.shape != logits.shape:
+            raise ValueError(
+                f"Expected `loss_fn` to return element-wise losses of shape {tuple(logits.shape)} when `observed` is"
+                f" given, but got {tuple(elementwise.shape)}. HINT: use reduction='none'."
+            )
+        weight = obs.to(elementwise.dtype)
+        return (elementwise * weight).sum() / weight.sum().clamp_min(1.0)
+
+    def _fedharmony_batch_corr(self, preds: Tensor) -> Tensor:
+        num = preds.shape[0]
+        mean = preds.mean(0)
+        outer = preds.T @ preds / num
+        momentum = self.fedharmony_corr_momentum
+        if momentum > 0:
+            if self._fedharmony_running is not None and self._fedharmony_running[0].shape == mean.shape:
+                run_mean, run_outer = self._fedharmony_running
+                mean = momentum * run_mean + (1 - momentum) * mean
+                outer = momentum * run_outer + (1 - momentum) * outer
+            self._fedharmony_running = (mean.detach(), outer.detach())
+        if self.fedharmony_detach_marginals:
+            mean = mean.detach()
+        return phi_from_moments(
+            1.0, mean, outer, eps=self.fedharmony_corr_eps, normalization=self.fedharmony_corr_normalization
+        )
+
+    def _fedharmony_log(self, task: Tensor, align: Tensor | None, prox: Tensor | None, preds: Tensor, n: int) -> None:
+        stage = "train" if self._fedharmony_module().training else "val"
+        parts = {"task_loss": task.detach()}
+        if align is not None:
+            parts["align_loss"] = align.detach()
+        if prox is not None:
+            parts["prox_loss"] = prox.detach()
+        with torch.no_grad():
+            parts["pos_rate"] = (preds > 0.5).float().mean()
+            parts["confidence"] = (2 * preds - 1).abs().mean()
+        log = self.log  # type: ignore[attr-defined]
+        for name, value in parts.items():
+            log(f"{stage}/fedharmony_{name}", value, on_step=False, on_epoch=True, batch_size=n)
+
+    def fedharmony_pop_batch(self) -> tuple[Tensor, Tensor, Tensor | None] | None:
+        """The detached ``(preds, target, observed)`` of the last :meth:`fedharmony_loss` call, once."""
+        batch, self._fedharmony_batch = self._fedharmony_batch, None
+        return batch
+
+    # ------------------------------------------------------------------ checkpoints
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any], strict: bool, *args: Any
+    ) -> None:
+        # the teacher's shape is only known once one is installed: resize the buffers to what the checkpoint holds
+        module = self._fedharmony_module()
+        for name in (_TEACHER, _MASK):
+            key = prefix + name
+            if key in state_dict and isinstance(state_dict[key], Tensor):
+                current = module._buffers[name]
+                if current is None:
+                    continue
+                module._buffers[name] = torch.empty_like(state_dict[key], device=current.device, dtype=current.dtype)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, *args)  # type: ignore[misc]
