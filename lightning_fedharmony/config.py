@@ -1,0 +1,299 @@
+"""Run configuration: OmegaConf structured configs plus LightningCLI-style ``class_path``/``init_args`` objects.
+
+Every error names the configuration key, the rule and the value in one line (:class:`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import importlib
+import inspect
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+PARTITIONS = ("dirichlet", "kmeans", "masking", "iid")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    """Which data, and how to split it.
+
+    Attributes:
+        name: ``"river:yeast"`` (shipped with the ``datasets`` extra), a folder name in ``data_dir``, or a path to an
+            ``.arff`` (with its ``.xml``), ``.mat`` or ``.npz`` file.
+        data_dir: folder of named data sets; default ``$FEDHARMONY_DATA_DIR`` or ``../shared/data``.
+        test_size: test share when the data has no official split.
+        val_fraction: share of the training data held out for validation (model selection), 0 = none.
+        standardize: z-score features with the training set's mean and standard deviation.
+        top_labels: keep only this many most frequent labels (0 = all).
+    """
+
+    name: str = "river:yeast"
+    data_dir: str | None = None
+    test_size: float = 0.3
+    val_fraction: float = 0.0
+    standardize: bool = True
+    top_labels: int = 0
+
+
+@dataclass
+class PartitionConfig:
+    """How the training data is split over clients.
+
+    Attributes:
+        kind: ``"dirichlet"`` (label-set Dirichlet), ``"kmeans"`` (feature k-means), ``"masking"`` (label-space
+            masking over an IID split) or ``"iid"``.
+        num_clients: number of clients.
+        alpha: Dirichlet concentration (``kind="dirichlet"``).
+        min_samples: fewest samples per client (Dirichlet, k-means).
+        observed_fraction: range of the share of labels each client observes (``kind="masking"``).
+    """
+
+    kind: str = "dirichlet"
+    num_clients: int = 10
+    alpha: float = 0.1
+    min_samples: int = 10
+    observed_fraction: list[float] = field(default_factory=lambda: [0.5, 0.7])
+
+
+@dataclass
+class FederationConfig:
+    """The federation loop (see :class:`~lightning_fedharmony.orchestrator.Federation`)."""
+
+    num_rounds: int = 30
+    local_epochs: int = 1
+    fraction_fit: float = 1.0
+    min_clients: int = 1
+    batch_size: int = 64
+    eval_every: int = 1
+
+
+def _default_model() -> dict[str, Any]:
+    return {"class_path": "lightning_fedharmony.models.MultilabelMLP", "init_args": {"hidden": [256], "lr": 1e-3}}
+
+
+def _default_methods() -> dict[str, Any]:
+    return {
+        "fedavg": {"class_path": "lightning_fedharmony.FedAvg"},
+        "fedprox": {"class_path": "lightning_fedharmony.FedProx", "init_args": {"proximal_mu": 0.001}},
+        "fedharmony": {"class_path": "lightning_fedharmony.FedHarmony", "init_args": {"alignment_weight": 1.0}},
+    }
+
+
+@dataclass
+class RunConfig:
+    """A whole run: data, partition, model, the methods to compare, and the federation loop.
+
+    Attributes:
+        seed: seeds the split, the partition, the model's initial weights and every client's training.
+        out_dir: where results (JSON, CSV, PNG, the resolved config) are written.
+        methods: name -> ``{class_path, init_args}`` of an :class:`~lightning_fedharmony.aggregators.Aggregator`;
+            all run on the same partition and seed.
+        model: ``{class_path, init_args}`` of a LightningModule; ``num_features`` and ``num_labels`` are filled in
+            from the data.
+        trainer: overrides of the client Trainer template.
+        plots: write PNG pictures (needs matplotlib).
+    """
+
+    seed: int = 0
+    out_dir: str = "fedharmony_runs/latest"
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    model: dict[str, Any] = field(default_factory=_default_model)
+    methods: dict[str, Any] = field(default_factory=_default_methods)
+    trainer: dict[str, Any] = field(default_factory=dict)
+    plots: bool = True
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: typing.Sequence[str] = ()) -> DictConfig:
+    """The default :class:`RunConfig`, merged with a YAML file and ``key=value`` dotted overrides, validated.
+
+    Raises:
+        ConfigError: a file that does not exist, an unknown key, a value of the wrong type or outside its rule.
+    """
+    schema = OmegaConf.structured(RunConfig)
+    layers: list[Any] = [schema]
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"--config: expected an existing YAML file, but {str(file)!r} does not exist.")
+        try:
+            layers.append(OmegaConf.load(file))
+        except Exception as err:  # yaml errors have no common base worth importing
+            raise ConfigError(f"--config: {str(file)!r} is not valid YAML ({_one_line(err)}).") from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"Expected overrides of the form key=value, but got {item!r}.")
+    try:
+        if overrides:
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.merge(*layers)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        raise ConfigError(f"{key or 'config'}: {_omegaconf_message(err)}") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError("Expected the configuration to be a mapping.")
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Value rules that types alone do not express."""
+    rules: list[tuple[str, bool, str]] = [
+        ("federation.num_rounds", cfg.federation.num_rounds >= 1, "an int >= 1"),
+        ("federation.local_epochs", cfg.federation.local_epochs >= 1, "an int >= 1"),
+        ("federation.batch_size", cfg.federation.batch_size >= 1, "an int >= 1"),
+        ("federation.eval_every", cfg.federation.eval_every >= 1, "an int >= 1"),
+        ("federation.fraction_fit", 0 < cfg.federation.fraction_fit <= 1, "in (0, 1]"),
+        ("federation.min_clients", 1 <= cfg.federation.min_clients, "an int >= 1"),
+        ("partition.num_clients", cfg.partition.num_clients >= 1, "an int >= 1"),
+        ("partition.kind", cfg.partition.kind in PARTITIONS, f"one of {PARTITIONS}"),
+        ("partition.alpha", cfg.partition.alpha > 0, "a float > 0"),
+        ("data.test_size", 0 < cfg.data.test_size < 1, "in (0, 1)"),
+        ("data.val_fraction", 0 <= cfg.data.val_fraction < 1, "in [0, 1)"),
+        ("data.top_labels", cfg.data.top_labels >= 0, "an int >= 0"),
+    ]
+    for key, ok, rule in rules:
+        if not ok:
+            raise ConfigError(f"{key}: expected {rule}, but got {OmegaConf.select(cfg, key)!r}.")
+    if cfg.federation.min_clients > cfg.partition.num_clients:
+        raise ConfigError(
+            f"federation.min_clients: expected at most partition.num_clients ({cfg.partition.num_clients}),"
+            f" but got {cfg.federation.min_clients}."
+        )
+    fraction = list(cfg.partition.observed_fraction)
+    if len(fraction) != 2 or not 0 < fraction[0] <= fraction[1] <= 1:
+        raise ConfigError(f"partition.observed_fraction: expected [low, high] with 0 < low <= high <= 1, but got {fraction}.")
+    if not cfg.methods:
+        raise ConfigError("methods: expected at least one method, but got none.")
+
+
+def instantiate(spec: Any, base: type, key: str, **injected: Any) -> Any:
+    """Build ``{class_path, init_args}`` (or a bare class path string) into an instance of ``base``.
+
+    ``injected`` arguments (e.g. ``num_labels`` from the data) are added when the class accepts them and the
+    configuration does not set them. Unknown arguments and values of the wrong type are rejected before the
+    constructor runs; the constructor's own checks are reported under ``key``.
+
+    Raises:
+        ConfigError: naming ``key`` (and the argument) with the rule and the value.
+    """
+    if isinstance(spec, DictConfig):
+        spec = OmegaConf.to_container(spec, resolve=True)
+    if isinstance(spec, str):
+        spec = {"class_path": spec}
+    if not isinstance(spec, dict) or "class_path" not in spec:
+        raise ConfigError(f"{key}: expected a class path or a mapping with `class_path` and `init_args`, but got {spec!r}.")
+    unknown = sorted(set(spec) - {"class_path", "init_args"})
+    if unknown:
+        raise ConfigError(f"{key}: unknown keys {unknown}; expected `class_path` and `init_args`.")
+    cls = import_class(spec["class_path"], f"{key}.class_path")
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ConfigError(f"{key}.class_path: expected a subclass of {base.__name__}, but got {spec['class_path']!r}.")
+    init_args = dict(spec.get("init_args") or {})
+    params = inspect.signature(cls.__init__).parameters
+    accepted = {name for name, p in params.items() if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    for name in init_args:
+        if name not in accepted:
+            raise ConfigError(
+                f"{key}.init_args.{name}: not an argument of {cls.__name__}; expected one of {sorted(accepted)}."
+            )
+    hints = _type_hints(cls.__init__)
+    for name, value in init_args.items():
+        if name in hints and not _matches(value, hints[name]):
+            raise ConfigError(
+                f"{key}.init_args.{name}: expected {_type_name(hints[name])}, but got {value!r} ({type(value).__name__})."
+            )
+    for name, value in injected.items():
+        if name in accepted and name not in init_args:
+            init_args[name] = value
+    try:
+        return cls(**init_args)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{key}.init_args: {_one_line(err)}") from None
+
+
+def import_class(path: str, key: str) -> Any:
+    """Import ``package.module.Name``."""
+    module_name, _, name = str(path).rpartition(".")
+    if not module_name:
+        raise ConfigError(f"{key}: expected a dotted path such as 'package.module.Class', but got {path!r}.")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ConfigError(f"{key}: cannot import module {module_name!r} ({_one_line(err)}).") from None
+    if not hasattr(module, name):
+        raise ConfigError(f"{key}: module {module_name!r} has no attribute {name!r}.")
+    return getattr(module, name)
+
+
+def _type_hints(func: Any) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(func)
+    except Exception:  # unresolvable annotations: skip type checks rather than refuse the class
+        return {}
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a config value fits a type hint (plain types, Optional/Union, Literal, sequences, mappings)."""
+    if hint is Any or hint is inspect.Parameter.empty:
+        return True
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is Union or origin is types.UnionType:
+        return any(_matches(value, arg) for arg in args)
+    if origin is Literal:
+        return value in args
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    sequence_types = (list, tuple, collections.abc.Sequence, collections.abc.Iterable)
+    if origin in sequence_types and not isinstance(value, str):
+        if not isinstance(value, (list, tuple)):
+            return False
+        item_hints = [a for a in args if a is not Ellipsis]
+        return all(_matches(v, item_hints[0]) for v in value) if len(item_hints) == 1 else True
+    if origin in (dict, collections.abc.Mapping):
+        return isinstance(value, dict)
+    if isinstance(hint, type):
+        return isinstance(value, hint) or isinstance(value, (dict, str))  # nested objects are built by the class
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    if isinstance(hint, type):
+        return hint.__name__
+    return str(hint).replace("typing.", "")
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
+def _omegaconf_message(err: OmegaConfBaseException) -> str:
+    message = str(err).split("\n")[0].strip()
+    return message or type(err).__name__
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    """The resolved configuration as YAML."""
+    return OmegaConf.to_yaml(cfg, resolve=True)

@@ -1,0 +1,255 @@
+"""From a :class:`~lightning_fedharmony.config.RunConfig` to results: data, partition, clients, methods, tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_fedharmony.aggregators.base import Aggregator
+from lightning_fedharmony.aggregators.fedharmony import FedHarmony
+from lightning_fedharmony.config import ConfigError, instantiate, to_yaml
+from lightning_fedharmony.data import (
+    ClientDataModule,
+    MultilabelDataset,
+    Partition,
+    feature_kmeans,
+    iid,
+    label_set_dirichlet,
+    label_space_masking,
+    load_dataset,
+    load_yeast_from_river,
+)
+from lightning_fedharmony.orchestrator import Federation, FederationResult
+
+#: Columns of the comparison table: (result key, header).
+TABLE_COLUMNS = (
+    ("final_map", "final mAP"),
+    ("best_map", "best mAP"),
+    ("micro_f1", "micro-F1"),
+    ("macro_f1", "macro-F1"),
+    ("hamming_loss", "Hamming loss"),
+    ("seconds", "seconds"),
+)
+
+
+@dataclass
+class PreparedData:
+    """Training data split over clients, plus held-out data.
+
+    Attributes:
+        train: the training data (features standardised if configured).
+        test: the test data.
+        val: validation data carved from the training data, or ``None``.
+        partition: the clients' sample indices into ``train`` (and the labels each observes).
+    """
+
+    train: MultilabelDataset
+    test: MultilabelDataset
+    val: MultilabelDataset | None
+    partition: Partition
+
+
+def prepare_data(cfg: DictConfig) -> PreparedData:
+    """Load, split, standardise and partition the data of a run configuration."""
+    data = cfg.data
+    try:
+        if data.name == "river:yeast":
+            train, test = load_yeast_from_river().official_split()
+        else:
+            train, test = load_dataset(data.name, data_dir=data.data_dir, test_size=data.test_size, seed=cfg.seed)
+    except FileNotFoundError as err:
+        raise ConfigError(f"data.name: {' '.join(str(err).split())}") from None
+    if data.top_labels:
+        keep = np.sort(np.argsort(-train.Y.sum(0), kind="stable")[: data.top_labels])
+        train, test = _select_labels(train, keep), _select_labels(test, keep)
+    val = None
+    if data.val_fraction > 0:
+        train, val = train.random_split(test_size=data.val_fraction, seed=cfg.seed)
+    if data.standardize:
+        mean = train.X.mean(0)
+        std = train.X.std(0)
+        std[std == 0] = 1.0
+        train, test = _scaled(train, mean, std), _scaled(test, mean, std)
+        val = None if val is None else _scaled(val, mean, std)
+    return PreparedData(train, test, val, make_partition(cfg, train))
+
+
+def make_partition(cfg: DictConfig, train: MultilabelDataset) -> Partition:
+    """The configured partition of ``train`` over the clients."""
+    part, seed = cfg.partition, cfg.seed
+    if part.kind == "dirichlet":
+        return label_set_dirichlet(train.Y, part.num_clients, part.alpha, seed, min_samples=part.min_samples)
+    if part.kind == "kmeans":
+        return feature_kmeans(train.X, part.num_clients, seed, min_samples=part.min_samples).with_summary(train.Y)
+    if part.kind == "masking":
+        return label_space_masking(train.Y, part.num_clients, tuple(part.observed_fraction), seed)
+    return iid(train.num_samples, part.num_clients, seed, Y=train.Y)
+
+
+def client_datamodules(prepared: PreparedData, batch_size: int, seed: int) -> dict[str, ClientDataModule]:
+    """One datamodule per client, ids ``"0"``..``"K-1"``."""
+    clients = {}
+    observed = prepared.partition.observed
+    for k, indices in enumerate(prepared.partition.client_indices):
+        clients[str(k)] = ClientDataModule(
+            prepared.train.X[indices],
+            prepared.train.Y[indices],
+            observed=None if observed is None else observed[k],
+            batch_size=batch_size,
+            seed=seed + k,
+        )
+    return clients
+
+
+def eval_loader(dataset: MultilabelDataset, batch_size: int = 1024) -> DataLoader:
+    """Batches ``(x, y)`` of a held-out set."""
+    tensors = TensorDataset(torch.from_numpy(dataset.X).float(), torch.from_numpy(dataset.Y.astype(np.float32)))
+    return DataLoader(tensors, batch_size=batch_size, shuffle=False)
+
+
+def build_model(cfg: DictConfig, prepared: PreparedData) -> pl.LightningModule:
+    """The configured model, with ``num_features``/``num_labels`` from the data; weights seeded by ``cfg.seed``."""
+    torch.manual_seed(cfg.seed)
+    return instantiate(
+        cfg.model,
+        pl.LightningModule,
+        "model",
+        num_features=prepared.train.num_features,
+        num_labels=prepared.train.num_labels,
+    )
+
+
+def run_methods(
+    cfg: DictConfig,
+    prepared: PreparedData | None = None,
+    methods: Sequence[str] | None = None,
+    verbose: bool = True,
+    stream: TextIO | None = None,
+) -> dict[str, Federation]:
+    """Run each configured method on the same partition and seed; return the finished federations."""
+    prepared = prepared or prepare_data(cfg)
+    names = list(methods or cfg.methods.keys())
+    # build every object first, so a bad configuration fails before any training
+    aggregators = {name: instantiate(cfg.methods[name], Aggregator, f"methods.{name}") for name in names}
+    build_model(cfg, prepared)
+    federations: dict[str, Federation] = {}
+    clients = client_datamodules(prepared, cfg.federation.batch_size, cfg.seed)
+    test = eval_loader(prepared.test)
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    for name in names:
+        if verbose:
+            print(f"== {name}", file=stream, flush=True)
+        fed = Federation(
+            build_model(cfg, prepared),
+            clients,
+            aggregators[name],
+            cfg.federation.num_rounds,
+            local_epochs=cfg.federation.local_epochs,
+            fraction_fit=cfg.federation.fraction_fit,
+            min_clients=cfg.federation.min_clients,
+            seed=cfg.seed,
+            eval_dataloader=test,
+            eval_every=cfg.federation.eval_every,
+            trainer_kwargs=trainer if isinstance(trainer, dict) else {},  # type: ignore[arg-type]
+            verbose=verbose,
+            stream=stream,
+        )
+        started = time.perf_counter()
+        fed.fit()
+        fed.result.config = {"method": name, "seconds": time.perf_counter() - started}
+        federations[name] = fed
+    return federations
+
+
+def summarize(result: FederationResult) -> dict[str, float]:
+    """Final and best mAP, the final round's other metrics, and the run's seconds."""
+    final = result.final.metrics
+    best = result.best("map")
+    return {
+        "final_map": final["map"],
+        "best_map": best.metrics["map"],
+        "best_round": float(best.server_round),
+        "micro_map": final["micro_map"],
+        "micro_f1": final["micro_f1"],
+        "macro_f1": final["macro_f1"],
+        "hamming_loss": final["hamming_loss"],
+        "correlation_drift": final["correlation_drift"],
+        "labels_without_positives": final["labels_without_positives"],
+        "seconds": float(result.config.get("seconds", sum(r.seconds["total"] for r in result.rounds))),
+    }
+
+
+def markdown_table(rows: dict[str, dict[str, float]], columns: Sequence[tuple[str, str]] = TABLE_COLUMNS) -> str:
+    """A markdown table, one row per method."""
+    header = "| method | " + " | ".join(title for _, title in columns) + " |"
+    rule = "|---|" + "---:|" * len(columns)
+    lines = [header, rule]
+    for name, row in rows.items():
+        cells = [f"{row[key]:.1f}" if key == "seconds" else f"{row[key]:.4f}" for key, _ in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_outputs(cfg: DictConfig, prepared: PreparedData, federations: dict[str, Federation]) -> dict[str, Any]:
+    """Write the resolved config, per-method histories (JSON, CSV), the summary (JSON, markdown) and pictures."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    summary = {name: summarize(fed.result) for name, fed in federations.items()}
+    for name, fed in federations.items():
+        fed.result.to_json(out / f"history_{name}.json")
+        fed.result.to_csv(out / f"history_{name}.csv")
+    partition = prepared.partition.summary.as_dict() if prepared.partition.summary else {}
+    report = {
+        "dataset": cfg.data.name,
+        "num_labels": prepared.train.num_labels,
+        "num_train": prepared.train.num_samples,
+        "num_test": prepared.test.num_samples,
+        "partition": {"kind": cfg.partition.kind, **partition},
+        "seed": cfg.seed,
+        "methods": summary,
+    }
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    table = markdown_table(summary)
+    (out / "results.md").write_text(table + "\n")
+    pictures: list[str] = []
+    if cfg.plots:
+        pictures = write_pictures(out, federations)
+    report["table"] = table
+    report["pictures"] = pictures
+    return report
+
+
+def write_pictures(out: Path, federations: dict[str, Federation]) -> list[str]:
+    """mAP per round per method, and the FedHarmony consensus ordered by label block (PNG); [] without matplotlib."""
+    try:
+        from lightning_fedharmony.plots import plot_consensus, plot_curves
+    except ModuleNotFoundError:
+        return []
+    written = [plot_curves({name: fed.result for name, fed in federations.items()}, "map", out / "map_per_round.png")]
+    for name, fed in federations.items():
+        aggregator = fed.aggregator
+        if isinstance(aggregator, FedHarmony) and aggregator.consensus is not None and aggregator.cluster_ids is not None:
+            path = out / f"consensus_{name}.png"
+            written.append(plot_consensus(aggregator.consensus, aggregator.cluster_ids, path, title=f"{name} consensus"))
+    return [os.fspath(p) for p in written]
+
+
+def _select_labels(ds: MultilabelDataset, keep: np.ndarray) -> MultilabelDataset:
+    return MultilabelDataset(ds.X, ds.Y[:, keep], [ds.label_names[i] for i in keep], ds.feature_names, name=ds.name)
+
+
+def _scaled(ds: MultilabelDataset, mean: np.ndarray, std: np.ndarray) -> MultilabelDataset:
+    x = ((ds.X - mean) / std).astype(np.float32)
+    return MultilabelDataset(x, ds.Y, ds.label_names, ds.feature_names, name=ds.name)

@@ -1,0 +1,437 @@
+"""A lightweight federation on one machine: Lightning Trainers as clients, an aggregator between rounds."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import json
+import logging
+import math
+import os
+import sys
+import time
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from lightning_fedharmony.aggregators.base import Aggregator, ClientInstructions, ClientUpdate
+from lightning_fedharmony.aggregators.fedavg import FedProx
+from lightning_fedharmony.aggregators.fedharmony import FedHarmony
+from lightning_fedharmony.callback import CorrelationExchange
+from lightning_fedharmony.metrics import MultilabelReport
+from lightning_fedharmony.mixin import FedHarmonyMixin, load_model_weights, model_weights
+
+_QUIET_LOGGERS = ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
+#: Trainer settings every client gets unless ``trainer_kwargs`` overrides them: no loggers, bars or checkpoints.
+CLIENT_TRAINER_DEFAULTS: dict[str, Any] = {
+    "accelerator": "cpu",
+    "devices": 1,
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "num_sanity_val_steps": 0,
+    "limit_val_batches": 0,
+}
+
+
+class FederationError(RuntimeError):
+    """A round could not complete; the federation keeps its last good global model."""
+
+
+@dataclass
+class RoundRecord:
+    """What happened in one round.
+
+    Attributes:
+        server_round: the round, counted from 1.
+        clients: the selected clients.
+        failures: client id -> reason, for clients that returned no usable update.
+        client_weights: aggregation weight of each client that contributed.
+        train_loss: clients' final-epoch task loss, weighted by their sample counts (``nan`` if not logged).
+        metrics: the global model's evaluation metrics after aggregation (empty if not evaluated this round).
+        server_metrics: the aggregator's scalars (e.g. number of label blocks).
+        seconds: wall time of the round's phases: ``clients``, ``trainer_setup``, ``server``, ``eval``, ``total``.
+    """
+
+    server_round: int
+    clients: list[str]
+    failures: dict[str, str]
+    client_weights: dict[str, float]
+    train_loss: float
+    metrics: dict[str, float]
+    server_metrics: dict[str, float]
+    seconds: dict[str, float]
+
+
+@dataclass
+class FederationResult:
+    """Per-round history of a federation, writable as JSON and CSV."""
+
+    rounds: list[RoundRecord] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final(self) -> RoundRecord:
+        """The last round."""
+        if not self.rounds:
+            raise RuntimeError("Expected at least one finished round, but the federation has none.")
+        return self.rounds[-1]
+
+    def best(self, metric: str = "map") -> RoundRecord:
+        """The evaluated round with the highest ``metric`` (lowest for losses)."""
+        scored = [r for r in self.rounds if metric in r.metrics]
+        if not scored:
+            raise KeyError(f"Expected a round evaluated with metric {metric!r}, but found none.")
+        lower_is_better = "loss" in metric or "drift" in metric
+        key = (lambda r: -r.metrics[metric]) if lower_is_better else (lambda r: r.metrics[metric])
+        return max(scored, key=key)
+
+    def curve(self, metric: str) -> list[tuple[int, float]]:
+        """``(round, value)`` for every round evaluated with ``metric``."""
+        return [(r.server_round, r.metrics[metric]) for r in self.rounds if metric in r.metrics]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": self.config, "rounds": [asdict(r) for r in self.rounds]}
+
+    def to_json(self, path: str | os.PathLike[str]) -> None:
+        """Write the whole history as JSON."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, default=_json_default))
+
+    def to_csv(self, path: str | os.PathLike[str]) -> None:
+        """One row per round: timings, train loss, evaluation and server metrics."""
+        rows = []
+        for r in self.rounds:
+            row: dict[str, Any] = {
+                "round": r.server_round,
+                "num_clients": len(r.clients),
+                "num_failures": len(r.failures),
+                "train_loss": r.train_loss,
+            }
+            row.update({f"seconds_{k}": v for k, v in r.seconds.items()})
+            row.update(r.metrics)
+            row.update({f"server_{k}": v for k, v in r.server_metrics.items()})
+            rows.append(row)
+        columns: list[str] = []
+        for row in rows:
+            columns += [c for c in row if c not in columns]
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike[str]) -> FederationResult:
+        data = json.loads(Path(path).read_text())
+        return cls(rounds=[RoundRecord(**r) for r in data["rounds"]], config=data.get("config", {}))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, Tensor):
+        return value.tolist()
+    return str(value)
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Silence Lightning's per-fit info lines and hints while many short client fits run."""
+    loggers = [logging.getLogger(name) for name in _QUIET_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=r".*number of training batches.*")
+        warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+        warnings.filterwarnings("ignore", message=r".*litlogger.*")
+        warnings.filterwarnings("ignore", message=r".*`val_dataloader` but have no `validation_step`.*")
+        warnings.filterwarnings("ignore", message=r".*`validation_step` but have no `val_dataloader`.*")
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (the federation's seed, the round, the client index)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class Federation:
+    """Federated training on one machine: each round, selected clients train with a Lightning Trainer.
+
+    Round ``t``: select clients (all, or ``fraction_fit`` of them but at least ``min_clients``, seeded), get each
+    one's instructions from ``aggregator.configure_round`` (global weights, and for FedHarmony its teacher and
+    alignment mask), fit it for ``local_epochs`` with a fresh Trainer built from one template, collect the updates
+    (weights, sample count, correlation statistics exported by :class:`~lightning_fedharmony.CorrelationExchange`),
+    ``aggregator.aggregate_round``, then evaluate the new global model.
+
+    One module instance serves every client in turn (weights are loaded before each fit), so memory does not grow
+    with the number of clients. The module's ``forward(x)`` must return logits ``(N, L)``.
+
+    Args:
+        model: the LightningModule to federate (mix in :class:`~lightning_fedharmony.FedHarmonyMixin` for FedProx
+            and FedHarmony). Its current weights are the round-0 global model.
+        clients: one LightningDataModule per client, as a sequence (ids ``"0"``, ``"1"``, ...) or a mapping
+            id -> datamodule.
+        aggregator: the server strategy (:class:`~lightning_fedharmony.FedAvg`, ``FedProx``, ``FedHarmony``).
+        num_rounds: number of rounds.
+        local_epochs: epochs each selected client trains per round.
+        fraction_fit: share of clients selected per round.
+        min_clients: fewest clients selected, and fewest usable updates for a round to count.
+        seed: seeds client selection and each client's training (``torch.manual_seed`` per fit).
+        eval_dataloader: held-out data ``(x, y)`` batches for the global model; ``None`` skips evaluation.
+        eval_every: evaluate every this many rounds (and always after the last).
+        trainer_kwargs: overrides of the client Trainer template (:data:`CLIENT_TRAINER_DEFAULTS`); ``max_epochs``
+            is ``local_epochs``.
+        verbose: print one progress line per round.
+        stream: where progress lines go.
+    """
+
+    def __init__(
+        self,
+        model: pl.LightningModule,
+        clients: Sequence[pl.LightningDataModule] | Mapping[str, pl.LightningDataModule],
+        aggregator: Aggregator,
+        num_rounds: int = 10,
+        *,
+        local_epochs: int = 1,
+        fraction_fit: float = 1.0,
+        min_clients: int = 1,
+        seed: int = 0,
+        eval_dataloader: DataLoader | None = None,
+        eval_every: int = 1,
+        trainer_kwargs: Mapping[str, Any] | None = None,
+        verbose: bool = True,
+        stream: TextIO | None = None,
+    ) -> None:
+        self.clients = dict(clients) if isinstance(clients, Mapping) else {str(i): dm for i, dm in enumerate(clients)}
+        _check_int("num_rounds", num_rounds, 1)
+        _check_int("local_epochs", local_epochs, 1)
+        _check_int("eval_every", eval_every, 1)
+        _check_int("min_clients", min_clients, 1)
+        if not self.clients:
+            raise ValueError("Expected argument `clients` to hold at least one datamodule, but it is empty.")
+        if min_clients > len(self.clients):
+            raise ValueError(
+                f"Expected argument `min_clients` to be at most the number of clients ({len(self.clients)}),"
+                f" but got {min_clients}."
+            )
+        if not 0.0 < fraction_fit <= 1.0:
+            raise ValueError(f"Expected argument `fraction_fit` to be in (0, 1], but got {fraction_fit!r}.")
+        if not isinstance(aggregator, Aggregator):
+            raise TypeError(f"Expected argument `aggregator` to be an Aggregator, but got {type(aggregator).__name__}.")
+        needs_mixin = isinstance(aggregator, (FedHarmony, FedProx)) or getattr(aggregator, "proximal_mu", 0) > 0
+        if needs_mixin and not isinstance(model, FedHarmonyMixin):
+            raise TypeError(
+                f"Expected a model with FedHarmonyMixin for {type(aggregator).__name__}, but got {type(model).__name__}."
+                " HINT: declare `class MyModel(FedHarmonyMixin, L.LightningModule)` and compute the loss with"
+                " `self.fedharmony_loss`."
+            )
+        self.model = model
+        self.aggregator = aggregator
+        self.num_rounds = num_rounds
+        self.local_epochs = local_epochs
+        self.fraction_fit = fraction_fit
+        self.min_clients = min_clients
+        self.seed = seed
+        self.eval_dataloader = eval_dataloader
+        self.eval_every = eval_every
+        self.trainer_kwargs = {**CLIENT_TRAINER_DEFAULTS, **dict(trainer_kwargs or {}), "max_epochs": local_epochs}
+        self.verbose = verbose
+        self.stream = stream
+        self.global_weights = model_weights(model)
+        self.result = FederationResult()
+        self._collect_stats = isinstance(aggregator, FedHarmony)
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> FederationResult:
+        """Run every remaining round and return the history."""
+        self.aggregator.setup(self.num_rounds)
+        start = len(self.result.rounds) + 1
+        for server_round in range(start, self.num_rounds + 1):
+            self.run_round(server_round)
+        return self.result
+
+    def select_clients(self, server_round: int) -> list[str]:
+        """The clients of a round: all, or a seeded sample of ``max(min_clients, ceil(fraction_fit * K))``."""
+        ids = list(self.clients)
+        count = min(len(ids), max(self.min_clients, math.ceil(self.fraction_fit * len(ids))))
+        if count == len(ids):
+            return ids
+        rng = np.random.default_rng([self.seed, server_round])
+        chosen = np.sort(rng.choice(len(ids), size=count, replace=False))
+        return [ids[i] for i in chosen]
+
+    def run_round(self, server_round: int) -> RoundRecord:
+        """One round: configure, train the selected clients, aggregate, evaluate."""
+        t_start = time.perf_counter()
+        selected = self.select_clients(server_round)
+        instructions = self.aggregator.configure_round(server_round, selected, self.global_weights)
+        updates: list[ClientUpdate] = []
+        failures: dict[str, str] = {}
+        losses: list[tuple[float, int]] = []
+        setup_seconds = 0.0
+        index = {cid: i for i, cid in enumerate(self.clients)}
+        with quiet_lightning():
+            for cid in selected:
+                try:
+                    update, loss, setup = self._train_client(server_round, cid, index[cid], instructions[cid])
+                except Exception as err:  # a failing client must not end the federation
+                    failures[cid] = f"{type(err).__name__}: {err}"
+                    continue
+                setup_seconds += setup
+                reason = _unusable(update)
+                if reason:
+                    failures[cid] = reason
+                    continue
+                updates.append(update)
+                if math.isfinite(loss):
+                    losses.append((loss, update.num_samples))
+        t_clients = time.perf_counter()
+        if len(updates) < self.min_clients:
+            raise FederationError(
+                f"Round {server_round}: {len(updates)} of {len(selected)} clients returned usable updates, fewer than"
+                f" `min_clients`={self.min_clients}. Failures: {failures}. The last good global model is kept in"
+                " `Federation.global_weights`."
+            )
+        aggregated = self.aggregator.aggregate_round(server_round, updates, self.global_weights)
+        self.global_weights = aggregated.weights
+        t_server = time.perf_counter()
+        metrics: dict[str, float] = {}
+        if self.eval_dataloader is not None and (server_round % self.eval_every == 0 or server_round == self.num_rounds):
+            metrics = self.evaluate()
+        t_end = time.perf_counter()
+        total = sum(n for _, n in losses)
+        record = RoundRecord(
+            server_round=server_round,
+            clients=selected,
+            failures=failures,
+            client_weights=aggregated.client_weights,
+            train_loss=sum(loss * n for loss, n in losses) / total if total else float("nan"),
+            metrics=metrics,
+            server_metrics=aggregated.metrics,
+            seconds={
+                "clients": t_clients - t_start,
+                "trainer_setup": setup_seconds,
+                "server": t_server - t_clients,
+                "eval": t_end - t_server,
+                "total": t_end - t_start,
+            },
+        )
+        self.result.rounds.append(record)
+        if self.verbose:
+            self._print_progress(record)
+        return record
+
+    def _train_client(
+        self, server_round: int, client_id: str, client_index: int, instructions: ClientInstructions
+    ) -> tuple[ClientUpdate, float, float]:
+        module = self.model
+        load_model_weights(module, instructions.weights)
+        callbacks: list[pl.Callback] = []
+        exchange: CorrelationExchange | None = None
+        if isinstance(module, FedHarmonyMixin):
+            module.fedharmony_set_teacher(instructions.teacher, instructions.mask)
+            module.fedharmony_configure(
+                alignment_weight=instructions.alignment_weight, proximal_mu=instructions.proximal_mu
+            )
+            if instructions.proximal_mu > 0:
+                module.fedharmony_set_anchor()
+            if self._collect_stats:
+                exchange = CorrelationExchange(client_id=client_id)
+                callbacks.append(exchange)
+        torch.manual_seed(derive_seed(self.seed, server_round, client_index))
+        t0 = time.perf_counter()
+        trainer = pl.Trainer(**self.trainer_kwargs, callbacks=callbacks)
+        setup = time.perf_counter() - t0
+        datamodule = self.clients[client_id]
+        trainer.fit(module, datamodule=datamodule)
+        num_samples = _num_train_samples(trainer, datamodule)
+        loss = trainer.callback_metrics.get("train/fedharmony_task_loss")
+        update = ClientUpdate(
+            client_id=client_id,
+            weights=model_weights(module),
+            num_samples=num_samples,
+            stats=None if exchange is None else exchange.stats,
+        )
+        return update, float(loss) if loss is not None else float("nan"), setup
+
+    @torch.no_grad()
+    def evaluate(self, dataloader: DataLoader | None = None) -> dict[str, float]:
+        """Metrics of the global model on ``dataloader`` (default: the federation's evaluation data)."""
+        loader = dataloader if dataloader is not None else self.eval_dataloader
+        if loader is None:
+            raise ValueError("Expected an evaluation dataloader, but the federation has none.")
+        module = self.model
+        load_model_weights(module, self.global_weights)
+        was_training = module.training
+        module.eval()
+        report: MultilabelReport | None = None
+        for batch in loader:
+            x, y = batch[0], batch[1]
+            preds = torch.sigmoid(module(x.to(module.device))).float().cpu()
+            if report is None:
+                report = MultilabelReport(num_labels=preds.shape[1])
+            report.update(preds, y.cpu())
+        module.train(was_training)
+        if report is None:
+            raise ValueError("Expected the evaluation dataloader to yield batches, but it is empty.")
+        return {k: float(v) for k, v in report.compute().items()}
+
+    def global_model(self) -> pl.LightningModule:
+        """A copy of the model holding the current global weights."""
+        module = copy.deepcopy(self.model)
+        load_model_weights(module, self.global_weights)
+        return module
+
+    def _print_progress(self, record: RoundRecord) -> None:
+        parts = [
+            f"round {record.server_round:>3}/{self.num_rounds}",
+            f"clients {len(record.clients) - len(record.failures)}/{len(record.clients)}",
+            f"train_loss {record.train_loss:.4f}",
+        ]
+        for key in ("map", "micro_f1", "macro_f1", "hamming_loss"):
+            if key in record.metrics:
+                parts.append(f"{key} {record.metrics[key]:.4f}")
+        if "num_blocks" in record.server_metrics:
+            parts.append(f"blocks {int(record.server_metrics['num_blocks'])}")
+        parts.append(f"{record.seconds['total']:.2f}s")
+        print(" | ".join(parts), file=self.stream or sys.stdout, flush=True)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"Expected argument `{name}` to be an int >= {minimum}, but got {value!r}.")
+
+
+def _num_train_samples(trainer: pl.Trainer, datamodule: pl.LightningDataModule) -> int:
+    loader = trainer.train_dataloader
+    dataset = getattr(loader, "dataset", None)
+    if dataset is not None and hasattr(dataset, "__len__"):
+        return len(dataset)
+    raise RuntimeError(
+        f"Expected the client's train dataloader to have a sized dataset, but {type(datamodule).__name__} gave"
+        f" {type(loader).__name__}. HINT: clients need a sample count for weighting."
+    )
+
+
+def _unusable(update: ClientUpdate) -> str | None:
+    for name, tensor in update.weights.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return f"non-finite weights in `{name}` (diverged or NaN loss)"
+    if update.stats is not None and not bool(torch.isfinite(update.stats.sum_outer).all()):
+        return "non-finite correlation statistics"
+    return None
