@@ -157,7 +157,7 @@ def validate_config(cfg: DictConfig) -> None:
         ("federation.batch_size", cfg.federation.batch_size >= 1, "an int >= 1"),
         ("federation.eval_every", cfg.federation.eval_every >= 1, "an int >= 1"),
         ("federation.fraction_fit", 0 < cfg.federation.fraction_fit <= 1, "in (0, 1]"),
-        ("federation.min_clients", 1 <= cfg.federation.min_clients, "an int >= 1"),
+        ("federation.min_clients", cfg.federation.min_clients >= 1, "an int >= 1"),
         ("partition.num_clients", cfg.partition.num_clients >= 1, "an int >= 1"),
         ("partition.kind", cfg.partition.kind in PARTITIONS, f"one of {PARTITIONS}"),
         ("partition.alpha", cfg.partition.alpha > 0, "a float > 0"),
@@ -175,7 +175,9 @@ def validate_config(cfg: DictConfig) -> None:
         )
     fraction = list(cfg.partition.observed_fraction)
     if len(fraction) != 2 or not 0 < fraction[0] <= fraction[1] <= 1:
-        raise ConfigError(f"partition.observed_fraction: expected [low, high] with 0 < low <= high <= 1, but got {fraction}.")
+        raise ConfigError(
+            f"partition.observed_fraction: expected [low, high] with 0 < low <= high <= 1, but got {fraction}."
+        )
     if not cfg.methods:
         raise ConfigError("methods: expected at least one method, but got none.")
 
@@ -195,7 +197,9 @@ def instantiate(spec: Any, base: type, key: str, **injected: Any) -> Any:
     if isinstance(spec, str):
         spec = {"class_path": spec}
     if not isinstance(spec, dict) or "class_path" not in spec:
-        raise ConfigError(f"{key}: expected a class path or a mapping with `class_path` and `init_args`, but got {spec!r}.")
+        raise ConfigError(
+            f"{key}: expected a class path or a mapping with `class_path` and `init_args`, but got {spec!r}."
+        )
     unknown = sorted(set(spec) - {"class_path", "init_args"})
     if unknown:
         raise ConfigError(f"{key}: unknown keys {unknown}; expected `class_path` and `init_args`.")
@@ -204,7 +208,9 @@ def instantiate(spec: Any, base: type, key: str, **injected: Any) -> Any:
         raise ConfigError(f"{key}.class_path: expected a subclass of {base.__name__}, but got {spec['class_path']!r}.")
     init_args = dict(spec.get("init_args") or {})
     params = inspect.signature(cls.__init__).parameters
-    accepted = {name for name, p in params.items() if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    accepted = {
+        name for name, p in params.items() if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
     for name in init_args:
         if name not in accepted:
             raise ConfigError(
@@ -214,7 +220,8 @@ def instantiate(spec: Any, base: type, key: str, **injected: Any) -> Any:
     for name, value in init_args.items():
         if name in hints and not _matches(value, hints[name]):
             raise ConfigError(
-                f"{key}.init_args.{name}: expected {_type_name(hints[name])}, but got {value!r} ({type(value).__name__})."
+                f"{key}.init_args.{name}: expected {_type_name(hints[name])}, but got {value!r}"
+                f" ({type(value).__name__})."
             )
     for name, value in injected.items():
         if name in accepted and name not in init_args:
@@ -275,7 +282,7 @@ def _matches(value: Any, hint: Any) -> bool:
     if origin in (dict, collections.abc.Mapping):
         return isinstance(value, dict)
     if isinstance(hint, type):
-        return isinstance(value, hint) or isinstance(value, (dict, str))  # nested objects are built by the class
+        return isinstance(value, (hint, dict, str))  # nested objects are built by the class
     return True
 
 

@@ -6,30 +6,17 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_fedharmony.aggregators.base import Aggregator
 from lightning_fedharmony.aggregators.fedharmony import FedHarmony
 from lightning_fedharmony.config import ConfigError, instantiate, to_yaml
-from lightning_fedharmony.data import (
-    ClientDataModule,
-    MultilabelDataset,
-    Partition,
-    feature_kmeans,
-    iid,
-    label_set_dirichlet,
-    label_space_masking,
-    load_dataset,
-    load_yeast_from_river,
-)
+from lightning_fedharmony.data.federated import FederatedData, load_federated_data
 from lightning_fedharmony.orchestrator import Federation, FederationResult
 
 #: Columns of the comparison table: (result key, header).
@@ -43,82 +30,29 @@ TABLE_COLUMNS = (
 )
 
 
-@dataclass
-class PreparedData:
-    """Training data split over clients, plus held-out data.
-
-    Attributes:
-        train: the training data (features standardised if configured).
-        test: the test data.
-        val: validation data carved from the training data, or ``None``.
-        partition: the clients' sample indices into ``train`` (and the labels each observes).
-    """
-
-    train: MultilabelDataset
-    test: MultilabelDataset
-    val: MultilabelDataset | None
-    partition: Partition
-
-
-def prepare_data(cfg: DictConfig) -> PreparedData:
+def prepare_data(cfg: DictConfig) -> FederatedData:
     """Load, split, standardise and partition the data of a run configuration."""
-    data = cfg.data
+    data, part = cfg.data, cfg.partition
     try:
-        if data.name == "river:yeast":
-            train, test = load_yeast_from_river().official_split()
-        else:
-            train, test = load_dataset(data.name, data_dir=data.data_dir, test_size=data.test_size, seed=cfg.seed)
+        return load_federated_data(
+            data.name,
+            data_dir=data.data_dir,
+            test_size=data.test_size,
+            val_fraction=data.val_fraction,
+            standardize=data.standardize,
+            top_labels=data.top_labels,
+            partition=part.kind,
+            num_clients=part.num_clients,
+            alpha=part.alpha,
+            min_samples=part.min_samples,
+            observed_fraction=tuple(part.observed_fraction),
+            seed=cfg.seed,
+        )
     except FileNotFoundError as err:
         raise ConfigError(f"data.name: {' '.join(str(err).split())}") from None
-    if data.top_labels:
-        keep = np.sort(np.argsort(-train.Y.sum(0), kind="stable")[: data.top_labels])
-        train, test = _select_labels(train, keep), _select_labels(test, keep)
-    val = None
-    if data.val_fraction > 0:
-        train, val = train.random_split(test_size=data.val_fraction, seed=cfg.seed)
-    if data.standardize:
-        mean = train.X.mean(0)
-        std = train.X.std(0)
-        std[std == 0] = 1.0
-        train, test = _scaled(train, mean, std), _scaled(test, mean, std)
-        val = None if val is None else _scaled(val, mean, std)
-    return PreparedData(train, test, val, make_partition(cfg, train))
 
 
-def make_partition(cfg: DictConfig, train: MultilabelDataset) -> Partition:
-    """The configured partition of ``train`` over the clients."""
-    part, seed = cfg.partition, cfg.seed
-    if part.kind == "dirichlet":
-        return label_set_dirichlet(train.Y, part.num_clients, part.alpha, seed, min_samples=part.min_samples)
-    if part.kind == "kmeans":
-        return feature_kmeans(train.X, part.num_clients, seed, min_samples=part.min_samples).with_summary(train.Y)
-    if part.kind == "masking":
-        return label_space_masking(train.Y, part.num_clients, tuple(part.observed_fraction), seed)
-    return iid(train.num_samples, part.num_clients, seed, Y=train.Y)
-
-
-def client_datamodules(prepared: PreparedData, batch_size: int, seed: int) -> dict[str, ClientDataModule]:
-    """One datamodule per client, ids ``"0"``..``"K-1"``."""
-    clients = {}
-    observed = prepared.partition.observed
-    for k, indices in enumerate(prepared.partition.client_indices):
-        clients[str(k)] = ClientDataModule(
-            prepared.train.X[indices],
-            prepared.train.Y[indices],
-            observed=None if observed is None else observed[k],
-            batch_size=batch_size,
-            seed=seed + k,
-        )
-    return clients
-
-
-def eval_loader(dataset: MultilabelDataset, batch_size: int = 1024) -> DataLoader:
-    """Batches ``(x, y)`` of a held-out set."""
-    tensors = TensorDataset(torch.from_numpy(dataset.X).float(), torch.from_numpy(dataset.Y.astype(np.float32)))
-    return DataLoader(tensors, batch_size=batch_size, shuffle=False)
-
-
-def build_model(cfg: DictConfig, prepared: PreparedData) -> pl.LightningModule:
+def build_model(cfg: DictConfig, prepared: FederatedData) -> pl.LightningModule:
     """The configured model, with ``num_features``/``num_labels`` from the data; weights seeded by ``cfg.seed``."""
     torch.manual_seed(cfg.seed)
     return instantiate(
@@ -132,7 +66,7 @@ def build_model(cfg: DictConfig, prepared: PreparedData) -> pl.LightningModule:
 
 def run_methods(
     cfg: DictConfig,
-    prepared: PreparedData | None = None,
+    prepared: FederatedData | None = None,
     methods: Sequence[str] | None = None,
     verbose: bool = True,
     stream: TextIO | None = None,
@@ -144,8 +78,8 @@ def run_methods(
     aggregators = {name: instantiate(cfg.methods[name], Aggregator, f"methods.{name}") for name in names}
     build_model(cfg, prepared)
     federations: dict[str, Federation] = {}
-    clients = client_datamodules(prepared, cfg.federation.batch_size, cfg.seed)
-    test = eval_loader(prepared.test)
+    clients = prepared.clients(cfg.federation.batch_size, cfg.seed)
+    test = prepared.test_loader()
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     for name in names:
         if verbose:
@@ -201,7 +135,7 @@ def markdown_table(rows: dict[str, dict[str, float]], columns: Sequence[tuple[st
     return "\n".join(lines)
 
 
-def write_outputs(cfg: DictConfig, prepared: PreparedData, federations: dict[str, Federation]) -> dict[str, Any]:
+def write_outputs(cfg: DictConfig, prepared: FederatedData, federations: dict[str, Federation]) -> dict[str, Any]:
     """Write the resolved config, per-method histories (JSON, CSV), the summary (JSON, markdown) and pictures."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -240,16 +174,13 @@ def write_pictures(out: Path, federations: dict[str, Federation]) -> list[str]:
     written = [plot_curves({name: fed.result for name, fed in federations.items()}, "map", out / "map_per_round.png")]
     for name, fed in federations.items():
         aggregator = fed.aggregator
-        if isinstance(aggregator, FedHarmony) and aggregator.consensus is not None and aggregator.cluster_ids is not None:
+        if (
+            isinstance(aggregator, FedHarmony)
+            and aggregator.consensus is not None
+            and aggregator.cluster_ids is not None
+        ):
             path = out / f"consensus_{name}.png"
-            written.append(plot_consensus(aggregator.consensus, aggregator.cluster_ids, path, title=f"{name} consensus"))
+            written.append(
+                plot_consensus(aggregator.consensus, aggregator.cluster_ids, path, title=f"{name} consensus")
+            )
     return [os.fspath(p) for p in written]
-
-
-def _select_labels(ds: MultilabelDataset, keep: np.ndarray) -> MultilabelDataset:
-    return MultilabelDataset(ds.X, ds.Y[:, keep], [ds.label_names[i] for i in keep], ds.feature_names, name=ds.name)
-
-
-def _scaled(ds: MultilabelDataset, mean: np.ndarray, std: np.ndarray) -> MultilabelDataset:
-    x = ((ds.X - mean) / std).astype(np.float32)
-    return MultilabelDataset(x, ds.Y, ds.label_names, ds.feature_names, name=ds.name)

@@ -236,7 +236,8 @@ class Federation:
         needs_mixin = isinstance(aggregator, (FedHarmony, FedProx)) or getattr(aggregator, "proximal_mu", 0) > 0
         if needs_mixin and not isinstance(model, FedHarmonyMixin):
             raise TypeError(
-                f"Expected a model with FedHarmonyMixin for {type(aggregator).__name__}, but got {type(model).__name__}."
+                f"Expected a model with FedHarmonyMixin for {type(aggregator).__name__}, but got"
+                f" {type(model).__name__}."
                 " HINT: declare `class MyModel(FedHarmonyMixin, L.LightningModule)` and compute the loss with"
                 " `self.fedharmony_loss`."
             )
@@ -311,7 +312,9 @@ class Federation:
         self.global_weights = aggregated.weights
         t_server = time.perf_counter()
         metrics: dict[str, float] = {}
-        if self.eval_dataloader is not None and (server_round % self.eval_every == 0 or server_round == self.num_rounds):
+        if self.eval_dataloader is not None and (
+            server_round % self.eval_every == 0 or server_round == self.num_rounds
+        ):
             metrics = self.evaluate()
         t_end = time.perf_counter()
         total = sum(n for _, n in losses)

@@ -32,6 +32,11 @@ def correlation_discrepancy(corr: Tensor, teacher: Tensor, mask: Tensor) -> Tens
             "Expected `corr` and `teacher` to share one (K, L, L) shape, but got"
             f" {tuple(corr.shape)} and {tuple(teacher.shape)}."
         )
+    if mask.shape not in (corr.shape, corr.shape[1:]):
+        raise ValueError(
+            f"Expected argument `mask` to have shape {tuple(corr.shape[1:])} or {tuple(corr.shape)}, but got"
+            f" {tuple(mask.shape)}."
+        )
     weight = torch.broadcast_to(mask, corr.shape).to(corr.dtype)
     squared = (corr - teacher.to(corr.dtype)).square() * weight
     return squared.sum((1, 2)) / weight.sum((1, 2)).clamp_min(1.0)
@@ -42,7 +47,8 @@ def quality_from_discrepancy(discrepancy: Tensor, gamma: float | str = "auto") -
     if discrepancy.ndim != 1:
         raise ValueError(f"Expected argument `discrepancy` to have shape (K,), but got {tuple(discrepancy.shape)}.")
     if gamma == "auto":
-        median = discrepancy.median() if discrepancy.numel() else discrepancy.new_tensor(0.0)
+        # the usual median (mean of the two middle values), not torch.median's lower middle
+        median = torch.quantile(discrepancy, 0.5) if discrepancy.numel() else discrepancy.new_tensor(0.0)
         gamma_value = torch.where(median > 0, 1.0 / median.clamp_min(1e-30), 0.0)
     elif isinstance(gamma, (int, float)) and not isinstance(gamma, bool) and gamma >= 0:
         gamma_value = discrepancy.new_tensor(float(gamma))
@@ -164,7 +170,7 @@ def weighted_average(
     w = _normalize(w)
     keys = list(state_dicts[0].keys())
     for index, state in enumerate(state_dicts[1:], start=1):
-        if list(state.keys()) != keys:
+        if set(state.keys()) != set(keys):
             raise ValueError(
                 f"Expected every state dict to have the keys of the first, but state dict {index} differs."
             )

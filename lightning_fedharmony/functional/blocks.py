@@ -21,7 +21,7 @@ def _kmeans(points: Tensor, num_clusters: int, generator: torch.Generator, num_i
         first = int(torch.randint(num_points, (1,), generator=generator))
         centers = points[first : first + 1]
         for _ in range(1, num_clusters):
-            dist = torch.cdist(points, centers).min(1).values.square()
+            dist = torch.cdist(points, centers).amin(1).square()
             total = dist.sum()
             probs = dist / total if total > 0 else torch.full_like(dist, 1.0 / num_points)
             nxt = int(torch.multinomial(probs, 1, generator=generator))
@@ -93,7 +93,8 @@ def spectral_label_blocks(
             f"Expected argument `consensus` to have shape (L, L) with L >= 1, but got {tuple(consensus.shape)}."
         )
     num_labels = consensus.shape[0]
-    if not (num_blocks == "auto" or (isinstance(num_blocks, int) and 1 <= num_blocks <= num_labels)):
+    valid_int = isinstance(num_blocks, int) and not isinstance(num_blocks, bool) and 1 <= num_blocks <= num_labels
+    if not (num_blocks == "auto" or valid_int):
         raise ValueError(
             f"Expected argument `num_blocks` to be 'auto' or an int in [1, {num_labels}], but got {num_blocks!r}."
         )

@@ -114,8 +114,9 @@ def leave_one_out_sums(
     own_support = w if valid is None else pair_validity(valid).to(torch.float64) * w
     loo_num = numerator - own_support * correlations.to(torch.float64)
     loo_den = denominator - own_support
-    # cancellation can leave tiny non-zero denominators where no other client has support
-    loo_den = torch.where(loo_den > 1e-12 * denominator.clamp_min(1.0), loo_den, 0.0)
+    # cancellation can leave rounding residue where no other client has support: a few float64 ulps of the total
+    residue = 16 * torch.finfo(torch.float64).eps * denominator
+    loo_den = torch.where(loo_den > residue, loo_den, 0.0)
     return loo_num, loo_den
 
 

@@ -24,7 +24,7 @@ def _check_normalization(normalization: str) -> None:
 
 
 def _check_eps(eps: float) -> None:
-    if not (isinstance(eps, (int, float)) and eps > 0):
+    if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and eps > 0):
         raise ValueError(f"Expected argument `eps` to be a positive float, but got {eps!r}.")
 
 
@@ -34,6 +34,8 @@ def phi_from_moments(
     sum_outer: Tensor,
     eps: float = 1e-6,
     normalization: Normalization = "bernoulli",
+    *,
+    detach_scale: bool = False,
 ) -> Tensor:
     """Soft phi correlation from accumulated sufficient statistics.
 
@@ -48,6 +50,8 @@ def phi_from_moments(
         sum_outer: ``(L, L)`` sum of the outer products ``F_n^T F_n``.
         eps: added to the denominator; keeps constant columns finite.
         normalization: ``"bernoulli"`` or ``"pearson"``.
+        detach_scale: stop gradients through the variances in the denominator, so the correlation cannot be moved
+            by changing the predictions' confidence alone (METHOD.md section 9, "flattening").
 
     Returns:
         ``(L, L)`` correlation in the dtype of ``sum_outer``, values in ``[-1, 1]``, diagonal 1. With ``N == 0`` the
@@ -72,30 +76,36 @@ def phi_from_moments(
         )
     dtype = sum_outer.dtype if sum_outer.is_floating_point() else torch.get_default_dtype()
     n = torch.as_tensor(num_samples, dtype=dtype, device=sum_outer.device)
-    num_labels = sum_preds.shape[0]
-    eye = torch.eye(num_labels, dtype=torch.bool, device=sum_outer.device)
     safe_n = n.clamp_min(1.0)
     p = sum_preds.to(dtype) / safe_n
-    p_outer = sum_outer.to(dtype) / safe_n
-    cov = p_outer - p[:, None] * p[None, :]
-    if normalization == "bernoulli":
-        var = p * (1 - p)
-    else:
-        var = torch.diagonal(cov)
-    std = var.clamp_min(0).sqrt()
-    corr = cov / (std[:, None] * std[None, :] + eps)
-    corr = corr.clamp(-1.0, 1.0).masked_fill(eye, 1.0)
+    cov = sum_outer.to(dtype) / safe_n - p[:, None] * p[None, :]
+    corr = _phi_from_cov(cov, p, eps, normalization, detach_scale)
     # no samples: no evidence of any correlation
-    return torch.where(n > 0, corr, eye.to(dtype))
+    return torch.where(n > 0, corr, torch.eye(p.shape[0], dtype=dtype, device=p.device))
 
 
-def soft_phi(preds: Tensor, eps: float = 1e-6, normalization: Normalization = "bernoulli") -> Tensor:
+def _phi_from_cov(cov: Tensor, p: Tensor, eps: float, normalization: str, detach_scale: bool) -> Tensor:
+    var = p * (1 - p) if normalization == "bernoulli" else torch.diagonal(cov)
+    if detach_scale:
+        var = var.detach()
+    # sqrt has an infinite slope at 0: a constant column would turn every gradient into NaN
+    tiny = torch.finfo(var.dtype).tiny
+    std = torch.where(var > tiny, var, tiny).sqrt()
+    corr = cov / (std[:, None] * std[None, :] + eps)
+    eye = torch.eye(p.shape[0], dtype=torch.bool, device=p.device)
+    return corr.clamp(-1.0, 1.0).masked_fill(eye, 1.0)
+
+
+def soft_phi(
+    preds: Tensor, eps: float = 1e-6, normalization: Normalization = "bernoulli", *, detach_scale: bool = False
+) -> Tensor:
     """Soft phi correlation of probabilities (the paper's ``R``), differentiable in ``preds``.
 
     Args:
         preds: ``(N, L)`` probabilities in ``[0, 1]``.
         eps: added to the denominator; keeps constant columns finite.
         normalization: ``"bernoulli"`` (the paper's) or ``"pearson"``; see :func:`phi_from_moments`.
+        detach_scale: stop gradients through the variances in the denominator.
 
     Returns:
         ``(L, L)`` correlation, diagonal 1.
@@ -115,4 +125,12 @@ def soft_phi(preds: Tensor, eps: float = 1e-6, normalization: Normalization = "b
             f"Expected argument `preds` to be a floating point tensor of shape (N, L), but got dtype {preds.dtype}"
             f" and shape {tuple(preds.shape)}."
         )
-    return phi_from_moments(preds.shape[0], preds.sum(0), preds.T @ preds, eps=eps, normalization=normalization)
+    _check_eps(eps)
+    _check_normalization(normalization)
+    if preds.shape[0] == 0:
+        return torch.eye(preds.shape[1], dtype=preds.dtype, device=preds.device)
+    p = preds.mean(0)
+    # centring before the product keeps float32 exact for saturated columns (moments would cancel catastrophically)
+    centered = preds - p
+    cov = centered.T @ centered / preds.shape[0]
+    return _phi_from_cov(cov, p, eps, normalization, detach_scale)
