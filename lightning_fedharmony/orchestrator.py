@@ -342,35 +342,15 @@ class Federation:
     def _train_client(
         self, server_round: int, client_id: str, client_index: int, instructions: ClientInstructions
     ) -> tuple[ClientUpdate, float, float]:
-        module = self.model
-        load_model_weights(module, instructions.weights)
-        callbacks: list[pl.Callback] = []
-        exchange: CorrelationExchange | None = None
-        if isinstance(module, FedHarmonyMixin):
-            module.fedharmony_set_teacher(instructions.teacher, instructions.mask)
-            module.fedharmony_configure(
-                alignment_weight=instructions.alignment_weight, proximal_mu=instructions.proximal_mu
-            )
-            if instructions.proximal_mu > 0:
-                module.fedharmony_set_anchor()
-            if self._collect_stats:
-                exchange = CorrelationExchange(client_id=client_id)
-                callbacks.append(exchange)
-        torch.manual_seed(derive_seed(self.seed, server_round, client_index))
-        t0 = time.perf_counter()
-        trainer = pl.Trainer(**self.trainer_kwargs, callbacks=callbacks)
-        setup = time.perf_counter() - t0
-        datamodule = self.clients[client_id]
-        trainer.fit(module, datamodule=datamodule)
-        num_samples = _num_train_samples(trainer, datamodule)
-        loss = trainer.callback_metrics.get("train/fedharmony_task_loss")
-        update = ClientUpdate(
-            client_id=client_id,
-            weights=model_weights(module),
-            num_samples=num_samples,
-            stats=None if exchange is None else exchange.stats,
+        return train_client(
+            self.model,
+            self.clients[client_id],
+            client_id,
+            instructions,
+            trainer_kwargs=self.trainer_kwargs,
+            seed=derive_seed(self.seed, server_round, client_index),
+            collect_stats=self._collect_stats,
         )
-        return update, float(loss) if loss is not None else float("nan"), setup
 
     @torch.no_grad()
     def evaluate(self, dataloader: DataLoader | None = None) -> dict[str, float]:
@@ -413,6 +393,55 @@ class Federation:
             parts.append(f"blocks {int(record.server_metrics['num_blocks'])}")
         parts.append(f"{record.seconds['total']:.2f}s")
         print(" | ".join(parts), file=self.stream or sys.stdout, flush=True)
+
+
+def train_client(
+    module: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    client_id: str,
+    instructions: ClientInstructions,
+    *,
+    trainer_kwargs: Mapping[str, Any],
+    seed: int,
+    collect_stats: bool,
+) -> tuple[ClientUpdate, float, float]:
+    """One client's local training for a round; the same steps wherever the client runs (here or on Flower).
+
+    Loads the instructed weights, installs the teacher, mask and loss weights (mixin modules), seeds torch, fits a
+    fresh Trainer built from ``trainer_kwargs`` and returns the update, the final task loss (``nan`` if not logged)
+    and the seconds spent building the Trainer.
+    """
+    load_model_weights(module, instructions.weights)
+    callbacks: list[pl.Callback] = []
+    exchange: CorrelationExchange | None = None
+    if isinstance(module, FedHarmonyMixin):
+        module.fedharmony_set_teacher(instructions.teacher, instructions.mask)
+        module.fedharmony_configure(
+            alignment_weight=instructions.alignment_weight, proximal_mu=instructions.proximal_mu
+        )
+        if instructions.proximal_mu > 0:
+            module.fedharmony_set_anchor()
+        if collect_stats:
+            exchange = CorrelationExchange(client_id=client_id)
+            callbacks.append(exchange)
+    elif instructions.teacher is not None or instructions.proximal_mu > 0:
+        raise TypeError(
+            f"Expected a model with FedHarmonyMixin to follow a teacher or a proximal term, but got"
+            f" {type(module).__name__}. HINT: declare `class MyModel(FedHarmonyMixin, L.LightningModule)`."
+        )
+    torch.manual_seed(seed)
+    started = time.perf_counter()
+    trainer = pl.Trainer(**trainer_kwargs, callbacks=callbacks)
+    setup = time.perf_counter() - started
+    trainer.fit(module, datamodule=datamodule)
+    loss = trainer.callback_metrics.get("train/fedharmony_task_loss")
+    update = ClientUpdate(
+        client_id=client_id,
+        weights=model_weights(module),
+        num_samples=_num_train_samples(trainer, datamodule),
+        stats=None if exchange is None else exchange.stats,
+    )
+    return update, float(loss) if loss is not None else float("nan"), setup
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
