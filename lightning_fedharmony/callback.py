@@ -6,11 +6,13 @@ import os
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_fedharmony.exchange import DirectoryExchange, Exchange, InMemoryExchange, check_client_id
 from lightning_fedharmony.mixin import FedHarmonyMixin
+from lightning_fedharmony.privacy import check_privacy_args, privatize_stats
 from lightning_fedharmony.stats import CorrelationStats
 
 
@@ -28,6 +30,10 @@ class CorrelationExchange(Callback):
             private in-memory exchange.
         client_id: this client's name in the exchange (letters, digits, ``_``, ``.``, ``-``).
         min_label_rate: labels predicted at a rate below this are invalid in the exported statistics.
+        stats_noise_multiplier: Gaussian noise on the exported statistics, in units of their sensitivity (0 = off);
+            see :mod:`lightning_fedharmony.privacy` for what this protects and what it does not.
+        stats_clip: per-sample L2 bound of the prediction vectors (``None``: ``sqrt(L)``, no clipping needed).
+        noise_seed: seed of the noise; ``None`` draws from torch's global generator.
 
     Example (LightningCLI YAML)::
 
@@ -42,8 +48,12 @@ class CorrelationExchange(Callback):
         exchange: Exchange | str | None = None,
         client_id: str = "0",
         min_label_rate: float = 1e-3,
+        stats_noise_multiplier: float = 0.0,
+        stats_clip: float | None = None,
+        noise_seed: int | None = None,
     ) -> None:
         self.client_id = check_client_id(client_id)
+        check_privacy_args(stats_noise_multiplier, stats_clip)
         if exchange is None:
             exchange = InMemoryExchange()
         elif isinstance(exchange, (str, os.PathLike)):
@@ -55,7 +65,12 @@ class CorrelationExchange(Callback):
             )
         self.exchange = exchange
         self.min_label_rate = min_label_rate
+        self.stats_noise_multiplier = stats_noise_multiplier
+        self.stats_clip = stats_clip
+        self._noise = None if noise_seed is None else torch.Generator().manual_seed(noise_seed)
         self.stats: CorrelationStats | None = None
+        #: what was last exported: ``stats``, or its noised copy when ``stats_noise_multiplier > 0``
+        self.published_stats: CorrelationStats | None = None
         self.teacher_version = -1
         self.exports = 0
 
@@ -96,7 +111,7 @@ class CorrelationExchange(Callback):
             )
         preds, target, observed = batch_stats
         if self.stats is None or self.stats.num_labels != preds.shape[1]:
-            self.stats = CorrelationStats(preds.shape[1], min_label_rate=self.min_label_rate)
+            self.stats = CorrelationStats(preds.shape[1], min_label_rate=self.min_label_rate, clip=self.stats_clip)
         self.stats.update(preds, target, observed)
 
     @override
@@ -104,7 +119,11 @@ class CorrelationExchange(Callback):
         if self.stats is None or float(self.stats.num_samples) == 0:
             return
         self.exports += 1
-        self.exchange.publish_stats(self.client_id, self.stats, version=self.exports)
+        published = self.stats
+        if self.stats_noise_multiplier > 0:
+            published = privatize_stats(self.stats, self.stats_noise_multiplier, self.stats_clip, self._noise)
+        self.published_stats = published
+        self.exchange.publish_stats(self.client_id, published, version=self.exports)
 
     @override
     def state_dict(self) -> dict[str, Any]:

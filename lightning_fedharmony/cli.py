@@ -18,8 +18,10 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from lightning_fedharmony.checkpoint import CheckpointMismatchError
 from lightning_fedharmony.config import ConfigError, load_config
 from lightning_fedharmony.experiment import TABLE_COLUMNS, prepare_data, run_methods, summarize, write_outputs
+from lightning_fedharmony.orchestrator import FederationError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -112,7 +114,13 @@ def _mean_std_table(aggregate: dict[str, dict[str, dict[str, float]]], num_seeds
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedharmony`` command; returns the exit code."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # dotted overrides may stand before or after options such as --quiet: argparse leaves the later ones over
+    args, extra = parser.parse_known_args(argv)
+    unknown = [item for item in extra if item.startswith("-") or "=" not in item]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*args.overrides, *extra]
     try:
         if args.command == "run":
             run_command(args)
@@ -121,9 +129,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"fedharmony: error: {err}", file=sys.stderr)
         return 2
-    except ModuleNotFoundError as err:
+    except (ModuleNotFoundError, CheckpointMismatchError) as err:
         print(f"fedharmony: error: {err}", file=sys.stderr)
         return 2
+    except FederationError as err:
+        print(f"fedharmony: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -69,7 +69,16 @@ class PartitionConfig:
 
 @dataclass
 class FederationConfig:
-    """The federation loop (see :class:`~lightning_fedharmony.orchestrator.Federation`)."""
+    """The federation loop (see :class:`~lightning_fedharmony.orchestrator.Federation`).
+
+    Attributes:
+        checkpoint_dir: save after every round into ``<checkpoint_dir>/<method>/``; rerunning the same command
+            resumes after the last finished round. ``None``: no checkpoints.
+        client_timeout: seconds a client may train per round before it counts as failed (``None``: no limit).
+        round_retries: retries of a round that got fewer than ``min_clients`` usable updates.
+        stats_noise_multiplier: Gaussian noise on the clients' exported statistics (0 = off).
+        stats_clip: per-sample L2 bound of the statistics' prediction vectors (``None``: ``sqrt(L)``).
+    """
 
     num_rounds: int = 30
     local_epochs: int = 1
@@ -77,6 +86,11 @@ class FederationConfig:
     min_clients: int = 1
     batch_size: int = 64
     eval_every: int = 1
+    checkpoint_dir: str | None = None
+    client_timeout: float | None = None
+    round_retries: int = 0
+    stats_noise_multiplier: float = 0.0
+    stats_clip: float | None = None
 
 
 def _default_model() -> dict[str, Any]:
@@ -130,9 +144,12 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: typing.Se
         if not file.is_file():
             raise ConfigError(f"--config: expected an existing YAML file, but {str(file)!r} does not exist.")
         try:
-            layers.append(OmegaConf.load(file))
+            loaded = OmegaConf.load(file)
         except Exception as err:  # yaml errors have no common base worth importing
             raise ConfigError(f"--config: {str(file)!r} is not valid YAML ({_one_line(err)}).") from None
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"--config: expected a mapping of keys in {str(file)!r}, but got a list.")
+        layers.append(loaded)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"Expected overrides of the form key=value, but got {item!r}.")
@@ -140,13 +157,29 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: typing.Se
         if overrides:
             layers.append(OmegaConf.from_dotlist(list(overrides)))
         cfg = OmegaConf.merge(*layers)
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None)
-        raise ConfigError(f"{key or 'config'}: {_omegaconf_message(err)}") from None
+    except (OmegaConfBaseException, TypeError) as err:  # TypeError: a list merged over a mapping (`model=[1]`)
+        key = getattr(err, "full_key", None) or _failing_key(schema, layers[1:])
+        message = _omegaconf_message(err) if isinstance(err, OmegaConfBaseException) else _one_line(err)
+        raise ConfigError(f"{key or 'config'}: {message}") from None
     if not isinstance(cfg, DictConfig):
         raise ConfigError("Expected the configuration to be a mapping.")
     validate_config(cfg)
     return cfg
+
+
+def _failing_key(schema: DictConfig, layers: typing.Sequence[Any]) -> str | None:
+    """The top-level key whose value alone fails to merge: OmegaConf names no key when a whole section is replaced
+    by a value of the wrong kind (``federation=3``)."""
+    for layer in layers:
+        container = OmegaConf.to_container(layer, resolve=False) if OmegaConf.is_config(layer) else layer
+        if not isinstance(container, dict):
+            continue
+        for key, value in container.items():
+            try:
+                OmegaConf.merge(schema, {key: value})
+            except (OmegaConfBaseException, TypeError) as err:
+                return str(getattr(err, "full_key", None) or key)
+    return None
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -158,6 +191,12 @@ def validate_config(cfg: DictConfig) -> None:
         ("federation.eval_every", cfg.federation.eval_every >= 1, "an int >= 1"),
         ("federation.fraction_fit", 0 < cfg.federation.fraction_fit <= 1, "in (0, 1]"),
         ("federation.min_clients", cfg.federation.min_clients >= 1, "an int >= 1"),
+        ("federation.round_retries", cfg.federation.round_retries >= 0, "an int >= 0"),
+        (
+            "federation.client_timeout",
+            cfg.federation.client_timeout is None or cfg.federation.client_timeout > 0,
+            "null or a float > 0",
+        ),
         ("partition.num_clients", cfg.partition.num_clients >= 1, "an int >= 1"),
         ("partition.kind", cfg.partition.kind in PARTITIONS, f"one of {PARTITIONS}"),
         ("partition.alpha", cfg.partition.alpha > 0, "a float > 0"),

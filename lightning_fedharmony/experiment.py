@@ -81,6 +81,7 @@ def run_methods(
     clients = prepared.clients(cfg.federation.batch_size, cfg.seed)
     test = prepared.test_loader()
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    fcfg = cfg.federation
     for name in names:
         if verbose:
             print(f"== {name}", file=stream, flush=True)
@@ -96,6 +97,11 @@ def run_methods(
             eval_dataloader=test,
             eval_every=cfg.federation.eval_every,
             trainer_kwargs=trainer if isinstance(trainer, dict) else {},  # type: ignore[arg-type]
+            checkpoint_dir=None if fcfg.checkpoint_dir is None else Path(fcfg.checkpoint_dir) / name,
+            client_timeout=fcfg.client_timeout,
+            round_retries=fcfg.round_retries,
+            stats_noise_multiplier=fcfg.stats_noise_multiplier,
+            stats_clip=fcfg.stats_clip,
             verbose=verbose,
             stream=stream,
         )
@@ -120,7 +126,7 @@ def summarize(result: FederationResult) -> dict[str, float]:
         "hamming_loss": final["hamming_loss"],
         "correlation_drift": final["correlation_drift"],
         "labels_without_positives": final["labels_without_positives"],
-        "seconds": float(result.config.get("seconds", sum(r.seconds["total"] for r in result.rounds))),
+        "seconds": float(sum(r.seconds["total"] for r in result.rounds)),
     }
 
 

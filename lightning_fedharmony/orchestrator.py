@@ -27,8 +27,16 @@ from lightning_fedharmony.aggregators.base import Aggregator, ClientInstructions
 from lightning_fedharmony.aggregators.fedavg import FedProx
 from lightning_fedharmony.aggregators.fedharmony import FedHarmony
 from lightning_fedharmony.callback import CorrelationExchange
+from lightning_fedharmony.checkpoint import (
+    CHECKPOINT_NAME,
+    CheckpointMismatchError,
+    load_checkpoint,
+    save_checkpoint,
+)
+from lightning_fedharmony.faults import screen_update, time_limit
 from lightning_fedharmony.metrics import MultilabelReport
 from lightning_fedharmony.mixin import FedHarmonyMixin, load_model_weights, model_weights
+from lightning_fedharmony.privacy import check_privacy_args
 
 _QUIET_LOGGERS = ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
 #: Trainer settings every client gets unless ``trainer_kwargs`` overrides them: no loggers, bars or checkpoints.
@@ -61,6 +69,7 @@ class RoundRecord:
         metrics: the global model's evaluation metrics after aggregation (empty if not evaluated this round).
         server_metrics: the aggregator's scalars (e.g. number of label blocks).
         seconds: wall time of the round's phases: ``clients``, ``trainer_setup``, ``server``, ``eval``, ``total``.
+        attempts: how many times the clients were trained this round (more than 1 after retries).
     """
 
     server_round: int
@@ -71,6 +80,7 @@ class RoundRecord:
     metrics: dict[str, float]
     server_metrics: dict[str, float]
     seconds: dict[str, float]
+    attempts: int = 1
 
 
 @dataclass
@@ -196,6 +206,14 @@ class Federation:
         eval_every: evaluate every this many rounds (and always after the last).
         trainer_kwargs: overrides of the client Trainer template (:data:`CLIENT_TRAINER_DEFAULTS`); ``max_epochs``
             is ``local_epochs``.
+        checkpoint_dir: after every round, save what is needed to continue there (atomically); :meth:`fit` resumes
+            after the last finished round when a checkpoint is found. ``None``: no checkpoints.
+        client_timeout: seconds a client may train per round before it is stopped and recorded as failed.
+        round_retries: times a round is retried (with fresh client seeds) when fewer than ``min_clients`` usable
+            updates arrive, before :class:`FederationError` ends the run.
+        stats_noise_multiplier: Gaussian noise on each client's exported statistics, in units of their sensitivity
+            (0 = off); see :mod:`lightning_fedharmony.privacy`.
+        stats_clip: per-sample L2 bound of the prediction vectors in the statistics (``None``: ``sqrt(L)``).
         verbose: print one progress line per round.
         stream: where progress lines go.
     """
@@ -214,6 +232,11 @@ class Federation:
         eval_dataloader: DataLoader | None = None,
         eval_every: int = 1,
         trainer_kwargs: Mapping[str, Any] | None = None,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        client_timeout: float | None = None,
+        round_retries: int = 0,
+        stats_noise_multiplier: float = 0.0,
+        stats_clip: float | None = None,
         verbose: bool = True,
         stream: TextIO | None = None,
     ) -> None:
@@ -222,6 +245,9 @@ class Federation:
         _check_int("local_epochs", local_epochs, 1)
         _check_int("eval_every", eval_every, 1)
         _check_int("min_clients", min_clients, 1)
+        _check_int("round_retries", round_retries, 0)
+        if client_timeout is not None and not client_timeout > 0:
+            raise ValueError(f"Expected argument `client_timeout` to be None or > 0, but got {client_timeout!r}.")
         if not self.clients:
             raise ValueError("Expected argument `clients` to hold at least one datamodule, but it is empty.")
         if min_clients > len(self.clients):
@@ -254,60 +280,119 @@ class Federation:
         self.verbose = verbose
         self.stream = stream
         self.global_weights = model_weights(model)
+        self.checkpoint_path = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME
+        self.client_timeout = client_timeout
+        self.round_retries = round_retries
+        check_privacy_args(stats_noise_multiplier, stats_clip)
+        self.stats_noise_multiplier = stats_noise_multiplier
+        self.stats_clip = stats_clip
         self.result = FederationResult()
         self._collect_stats = isinstance(aggregator, FedHarmony)
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> FederationResult:
-        """Run every remaining round and return the history."""
+        """Run every remaining round and return the history (resuming from ``checkpoint_dir`` when possible)."""
         self.aggregator.setup(self.num_rounds)
+        if self.checkpoint_path is not None and self.checkpoint_path.exists() and not self.result.rounds:
+            self.restore(self.checkpoint_path)
         start = len(self.result.rounds) + 1
         for server_round in range(start, self.num_rounds + 1):
             self.run_round(server_round)
         return self.result
 
+    # ------------------------------------------------------------------ checkpoints
+    def _fingerprint(self) -> dict[str, Any]:
+        return {
+            "clients": list(self.clients),
+            "aggregator": f"{type(self.aggregator).__module__}.{type(self.aggregator).__qualname__}",
+            "num_rounds": self.num_rounds,
+            "local_epochs": self.local_epochs,
+            "fraction_fit": self.fraction_fit,
+            "seed": self.seed,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue after the last finished round (tensors and plain values only)."""
+        return {
+            "server_round": len(self.result.rounds),
+            "global_weights": self.global_weights,
+            "aggregator": self.aggregator.state_dict(),
+            "history": self.result.to_dict(),
+            "fingerprint": self._fingerprint(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned; the federation's settings must match the saved ones."""
+        saved = dict(state["fingerprint"])
+        current = self._fingerprint()
+        for key, value in current.items():
+            if saved.get(key) != value:
+                raise CheckpointMismatchError(
+                    f"Expected the checkpoint to come from the same federation, but `{key}` differs: saved"
+                    f" {saved.get(key)!r}, now {value!r}. HINT: use another `checkpoint_dir` for another setup."
+                )
+        load_model_weights(self.model, state["global_weights"])
+        self.global_weights = model_weights(self.model)
+        self.aggregator.load_state_dict(state["aggregator"])
+        history = state["history"]
+        self.result = FederationResult(
+            rounds=[RoundRecord(**r) for r in history["rounds"]], config=dict(history.get("config", {}))
+        )
+
+    def save(self, path: str | os.PathLike[str] | None = None) -> Path:
+        """Write the federation's state atomically (default: ``checkpoint_dir``)."""
+        target = path if path is not None else self.checkpoint_path
+        if target is None:
+            raise ValueError("Expected a path or a `checkpoint_dir` to save the federation to, but got neither.")
+        return save_checkpoint(target, self.state_dict())
+
+    def restore(self, path: str | os.PathLike[str]) -> None:
+        """Continue from a checkpoint written by :meth:`save`."""
+        self.load_state_dict(load_checkpoint(path))
+        if self.verbose:
+            print(
+                f"resumed from {os.fspath(path)} after round {len(self.result.rounds)}",
+                file=self.stream or sys.stdout,
+                flush=True,
+            )
+
     def select_clients(self, server_round: int) -> list[str]:
         """The clients of a round: all, or a seeded sample of ``max(min_clients, ceil(fraction_fit * K))``."""
-        ids = list(self.clients)
-        count = min(len(ids), max(self.min_clients, math.ceil(self.fraction_fit * len(ids))))
-        if count == len(ids):
-            return ids
-        rng = np.random.default_rng([self.seed, server_round])
-        chosen = np.sort(rng.choice(len(ids), size=count, replace=False))
-        return [ids[i] for i in chosen]
+        return select_clients(
+            list(self.clients),
+            server_round,
+            fraction_fit=self.fraction_fit,
+            min_clients=self.min_clients,
+            seed=self.seed,
+        )
 
     def run_round(self, server_round: int) -> RoundRecord:
-        """One round: configure, train the selected clients, aggregate, evaluate."""
+        """One round: configure, train the selected clients, aggregate, evaluate, checkpoint.
+
+        Raises:
+            FederationError: if fewer than ``min_clients`` usable updates arrived in every attempt; the global model
+                (and the checkpoint on disk) stay those of the last finished round.
+        """
         t_start = time.perf_counter()
         selected = self.select_clients(server_round)
         instructions = self.aggregator.configure_round(server_round, selected, self.global_weights)
-        updates: list[ClientUpdate] = []
         failures: dict[str, str] = {}
-        losses: list[tuple[float, int]] = []
-        setup_seconds = 0.0
-        index = {cid: i for i, cid in enumerate(self.clients)}
-        with quiet_lightning():
-            for cid in selected:
-                try:
-                    update, loss, setup = self._train_client(server_round, cid, index[cid], instructions[cid])
-                except Exception as err:  # a failing client must not end the federation
-                    failures[cid] = f"{type(err).__name__}: {err}"
-                    continue
-                setup_seconds += setup
-                reason = _unusable(update)
-                if reason:
-                    failures[cid] = reason
-                    continue
-                updates.append(update)
-                if math.isfinite(loss):
-                    losses.append((loss, update.num_samples))
-        t_clients = time.perf_counter()
-        if len(updates) < self.min_clients:
-            raise FederationError(
-                f"Round {server_round}: {len(updates)} of {len(selected)} clients returned usable updates, fewer than"
-                f" `min_clients`={self.min_clients}. Failures: {failures}. The last good global model is kept in"
-                " `Federation.global_weights`."
+        for attempt in range(self.round_retries + 1):
+            updates, losses, setup_seconds, failures = self._collect_updates(
+                server_round, selected, instructions, attempt
             )
+            if len(updates) >= self.min_clients:
+                break
+        else:
+            where = ""
+            if self.checkpoint_path is not None:
+                where = f" The last good global model is in {os.fspath(self.checkpoint_path)}."
+            raise FederationError(
+                f"Round {server_round}: {len(updates)} of {len(selected)} clients returned usable updates in each of"
+                f" {self.round_retries + 1} attempt(s), fewer than `min_clients`={self.min_clients}. Failures:"
+                f" {failures}. `Federation.global_weights` keeps the model of round {server_round - 1}.{where}"
+            )
+        t_clients = time.perf_counter()
         aggregated = self.aggregator.aggregate_round(server_round, updates, self.global_weights)
         self.global_weights = aggregated.weights
         t_server = time.perf_counter()
@@ -333,14 +418,47 @@ class Federation:
                 "eval": t_end - t_server,
                 "total": t_end - t_start,
             },
+            attempts=attempt + 1,
         )
         self.result.rounds.append(record)
+        if self.checkpoint_path is not None:
+            self.save()
         if self.verbose:
             self._print_progress(record)
         return record
 
+    def _collect_updates(
+        self, server_round: int, selected: list[str], instructions: Mapping[str, ClientInstructions], attempt: int
+    ) -> tuple[list[ClientUpdate], list[tuple[float, int]], float, dict[str, str]]:
+        updates: list[ClientUpdate] = []
+        failures: dict[str, str] = {}
+        losses: list[tuple[float, int]] = []
+        setup_seconds = 0.0
+        index = {cid: i for i, cid in enumerate(self.clients)}
+        num_labels: int | None = None
+        with quiet_lightning():
+            for cid in selected:
+                seed_parts = (self.seed, server_round, index[cid]) + ((attempt,) if attempt else ())
+                try:
+                    with time_limit(self.client_timeout, cid):
+                        update, loss, setup = self._train_client(cid, instructions[cid], derive_seed(*seed_parts))
+                except Exception as err:  # a failing client must not end the federation
+                    failures[cid] = f"{type(err).__name__}: {' '.join(str(err).split())}"
+                    continue
+                setup_seconds += setup
+                reason = _unusable(update) or screen_update(update, self.global_weights, num_labels)
+                if reason:
+                    failures[cid] = reason
+                    continue
+                if update.stats is not None:
+                    num_labels = update.stats.num_labels
+                updates.append(update)
+                if math.isfinite(loss):
+                    losses.append((loss, update.num_samples))
+        return updates, losses, setup_seconds, failures
+
     def _train_client(
-        self, server_round: int, client_id: str, client_index: int, instructions: ClientInstructions
+        self, client_id: str, instructions: ClientInstructions, seed: int
     ) -> tuple[ClientUpdate, float, float]:
         return train_client(
             self.model,
@@ -348,8 +466,10 @@ class Federation:
             client_id,
             instructions,
             trainer_kwargs=self.trainer_kwargs,
-            seed=derive_seed(self.seed, server_round, client_index),
+            seed=seed,
             collect_stats=self._collect_stats,
+            stats_noise_multiplier=self.stats_noise_multiplier,
+            stats_clip=self.stats_clip,
         )
 
     @torch.no_grad()
@@ -358,21 +478,7 @@ class Federation:
         loader = dataloader if dataloader is not None else self.eval_dataloader
         if loader is None:
             raise ValueError("Expected an evaluation dataloader, but the federation has none.")
-        module = self.model
-        load_model_weights(module, self.global_weights)
-        was_training = module.training
-        module.eval()
-        report: MultilabelReport | None = None
-        for batch in loader:
-            x, y = batch[0], batch[1]
-            preds = torch.sigmoid(module(x.to(module.device))).float().cpu()
-            if report is None:
-                report = MultilabelReport(num_labels=preds.shape[1])
-            report.update(preds, y.cpu())
-        module.train(was_training)
-        if report is None:
-            raise ValueError("Expected the evaluation dataloader to yield batches, but it is empty.")
-        return {k: float(v) for k, v in report.compute().items()}
+        return evaluate_weights(self.model, self.global_weights, loader)
 
     def global_model(self) -> pl.LightningModule:
         """A copy of the model holding the current global weights."""
@@ -395,6 +501,48 @@ class Federation:
         print(" | ".join(parts), file=self.stream or sys.stdout, flush=True)
 
 
+def select_clients(
+    client_ids: Sequence[str], server_round: int, *, fraction_fit: float = 1.0, min_clients: int = 1, seed: int = 0
+) -> list[str]:
+    """The clients of a round: all, or a sample of ``max(min_clients, ceil(fraction_fit * K))`` seeded by the round.
+
+    The same rule wherever the server runs (:class:`Federation`, the Flower strategy), so both pick the same clients.
+    """
+    ids = list(client_ids)
+    count = min(len(ids), max(min_clients, math.ceil(fraction_fit * len(ids))))
+    if count == len(ids):
+        return ids
+    rng = np.random.default_rng([seed, server_round])
+    chosen = np.sort(rng.choice(len(ids), size=count, replace=False))
+    return [ids[i] for i in chosen]
+
+
+@torch.no_grad()
+def evaluate_weights(
+    module: pl.LightningModule, weights: Mapping[str, Tensor], dataloader: DataLoader
+) -> dict[str, float]:
+    """Load ``weights`` into ``module`` and compute the :class:`~lightning_fedharmony.metrics.MultilabelReport` on
+    ``dataloader``'s ``(x, y)`` batches; the same evaluation wherever the server runs.
+
+    Raises:
+        ValueError: if the dataloader yields no batch.
+    """
+    load_model_weights(module, weights)
+    was_training = module.training
+    module.eval()
+    report: MultilabelReport | None = None
+    for batch in dataloader:
+        x, y = batch[0], batch[1]
+        preds = torch.sigmoid(module(x.to(module.device))).float().cpu()
+        if report is None:
+            report = MultilabelReport(num_labels=preds.shape[1])
+        report.update(preds, y.cpu())
+    module.train(was_training)
+    if report is None:
+        raise ValueError("Expected the evaluation dataloader to yield batches, but it is empty.")
+    return {k: float(v) for k, v in report.compute().items()}
+
+
 def train_client(
     module: pl.LightningModule,
     datamodule: pl.LightningDataModule,
@@ -404,6 +552,8 @@ def train_client(
     trainer_kwargs: Mapping[str, Any],
     seed: int,
     collect_stats: bool,
+    stats_noise_multiplier: float = 0.0,
+    stats_clip: float | None = None,
 ) -> tuple[ClientUpdate, float, float]:
     """One client's local training for a round; the same steps wherever the client runs (here or on Flower).
 
@@ -416,13 +566,19 @@ def train_client(
     exchange: CorrelationExchange | None = None
     if isinstance(module, FedHarmonyMixin):
         module.fedharmony_set_teacher(instructions.teacher, instructions.mask)
+        module.fedharmony_reset_running()
         module.fedharmony_configure(
             alignment_weight=instructions.alignment_weight, proximal_mu=instructions.proximal_mu
         )
         if instructions.proximal_mu > 0:
             module.fedharmony_set_anchor()
         if collect_stats:
-            exchange = CorrelationExchange(client_id=client_id)
+            exchange = CorrelationExchange(
+                client_id=client_id,
+                stats_noise_multiplier=stats_noise_multiplier,
+                stats_clip=stats_clip,
+                noise_seed=seed,
+            )
             callbacks.append(exchange)
     elif instructions.teacher is not None or instructions.proximal_mu > 0:
         raise TypeError(
@@ -439,7 +595,7 @@ def train_client(
         client_id=client_id,
         weights=model_weights(module),
         num_samples=_num_train_samples(trainer, datamodule),
-        stats=None if exchange is None else exchange.stats,
+        stats=None if exchange is None else exchange.published_stats,
     )
     return update, float(loss) if loss is not None else float("nan"), setup
 

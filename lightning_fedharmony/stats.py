@@ -28,6 +28,8 @@ class CorrelationStats:
         num_labels: number of labels ``L``.
         min_label_rate: a label whose mean prediction is below this rate (or above ``1 - min_label_rate``) is invalid:
             its correlations carry no information.
+        clip: scale each sample's prediction vector to L2 norm at most this before adding it (bounds one sample's
+            influence for :func:`~lightning_fedharmony.privacy.privatize_stats`); ``None``: no clipping.
 
     Example:
         >>> import torch
@@ -39,12 +41,15 @@ class CorrelationStats:
         [True, True]
     """
 
-    def __init__(self, num_labels: int, *, min_label_rate: float = 1e-3) -> None:
+    def __init__(self, num_labels: int, *, min_label_rate: float = 1e-3, clip: float | None = None) -> None:
         _check_num_labels(num_labels)
         if not 0.0 <= min_label_rate < 0.5:
             raise ValueError(f"Expected argument `min_label_rate` to be in [0, 0.5), but got {min_label_rate!r}.")
+        if clip is not None and not clip > 0:
+            raise ValueError(f"Expected argument `stats_clip` to be None or > 0, but got {clip!r}.")
         self.num_labels = num_labels
         self.min_label_rate = min_label_rate
+        self.clip = clip
         self.reset()
 
     def reset(self) -> None:
@@ -70,21 +75,24 @@ class CorrelationStats:
             raise ValueError(
                 f"Expected argument `preds` to have shape (N, {self.num_labels}), but got {tuple(preds.shape)}."
             )
+        if target is not None and target.shape != preds.shape:
+            raise ValueError(
+                f"Expected argument `target` to have the shape of `preds` {tuple(preds.shape)},"
+                f" but got {tuple(target.shape)}."
+            )
         p = preds.detach().to(device="cpu", dtype=torch.float64)
+        if self.clip is not None:
+            norms = p.norm(dim=1, keepdim=True)
+            p = p * (self.clip / norms.clamp_min(self.clip)).clamp_max(1.0)
+        obs = torch.ones_like(p, dtype=torch.bool) if observed is None else observed.detach().cpu().bool()
+        obs = torch.broadcast_to(obs, p.shape)
         self.num_samples += p.shape[0]
         self.sum_preds += p.sum(0)
         self.sum_outer += p.T @ p
-        obs = torch.ones_like(p, dtype=torch.bool) if observed is None else observed.detach().cpu().bool()
-        obs = torch.broadcast_to(obs, p.shape)
         self.observed_count += obs.sum(0, dtype=torch.float64)
         if target is None:
             self.target_positives += obs.sum(0, dtype=torch.float64)  # no targets: only observation counts
         else:
-            if target.shape != preds.shape:
-                raise ValueError(
-                    f"Expected argument `target` to have the shape of `preds` {tuple(preds.shape)},"
-                    f" but got {tuple(target.shape)}."
-                )
             self.target_positives += ((target.detach().cpu() > 0.5) & obs).sum(0, dtype=torch.float64)
 
     def merge(self, other: CorrelationStats) -> CorrelationStats:
@@ -151,6 +159,11 @@ def validate_stats_state(state: Mapping[str, Tensor], num_labels: int | None = N
         raise ValueError(
             f"Expected statistics over {num_labels} labels, but got shape {tuple(state['sum_preds'].shape)}."
         )
+    if labels < 1:
+        raise ValueError(
+            f"Expected statistics entry `sum_preds` to have shape (L,) with L >= 1, but got"
+            f" {tuple(state['sum_preds'].shape)}."
+        )
     shapes = {
         "num_samples": (),
         "sum_preds": (labels,),
@@ -160,7 +173,7 @@ def validate_stats_state(state: Mapping[str, Tensor], num_labels: int | None = N
     }
     for name, shape in shapes.items():
         tensor = state[name]
-        if tuple(tensor.shape) != shape or labels < 1:
+        if tuple(tensor.shape) != shape:
             raise ValueError(
                 f"Expected statistics entry `{name}` to have shape {shape}, but got {tuple(tensor.shape)}."
             )
