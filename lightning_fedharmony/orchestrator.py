@@ -620,6 +620,4 @@ def _unusable(update: ClientUpdate) -> str | None:
     for name, tensor in update.weights.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             return f"non-finite weights in `{name}` (diverged or NaN loss)"
-    if update.stats is not None and not bool(torch.isfinite(update.stats.sum_outer).all()):
-        return "non-finite correlation statistics"
     return None
