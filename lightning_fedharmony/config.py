@@ -202,7 +202,7 @@ def validate_config(cfg: DictConfig) -> None:
         ("partition.alpha", cfg.partition.alpha > 0, "a float > 0"),
         ("data.test_size", 0 < cfg.data.test_size < 1, "in (0, 1)"),
         ("data.val_fraction", 0 <= cfg.data.val_fraction < 1, "in [0, 1)"),
-        ("data.top_labels", cfg.data.top_labels >= 0, "an int >= 0"),
+        ("data.top_labels", cfg.data.top_labels == 0 or cfg.data.top_labels >= 2, "0 (all) or an int >= 2"),
     ]
     for key, ok, rule in rules:
         if not ok:
@@ -219,6 +219,9 @@ def validate_config(cfg: DictConfig) -> None:
         )
     if not cfg.methods:
         raise ConfigError("methods: expected at least one method, but got none.")
+    import lightning.pytorch as pl  # here, not at the top: loading a configuration stays light
+
+    check_arguments(pl.Trainer, OmegaConf.to_container(cfg.trainer, resolve=True), "trainer")  # type: ignore[arg-type]
 
 
 def instantiate(spec: Any, base: type, key: str, **injected: Any) -> Any:
@@ -246,22 +249,7 @@ def instantiate(spec: Any, base: type, key: str, **injected: Any) -> Any:
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise ConfigError(f"{key}.class_path: expected a subclass of {base.__name__}, but got {spec['class_path']!r}.")
     init_args = dict(spec.get("init_args") or {})
-    params = inspect.signature(cls.__init__).parameters
-    accepted = {
-        name for name, p in params.items() if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-    }
-    for name in init_args:
-        if name not in accepted:
-            raise ConfigError(
-                f"{key}.init_args.{name}: not an argument of {cls.__name__}; expected one of {sorted(accepted)}."
-            )
-    hints = _type_hints(cls.__init__)
-    for name, value in init_args.items():
-        if name in hints and not _matches(value, hints[name]):
-            raise ConfigError(
-                f"{key}.init_args.{name}: expected {_type_name(hints[name])}, but got {value!r}"
-                f" ({type(value).__name__})."
-            )
+    accepted = check_arguments(cls, init_args, f"{key}.init_args")
     for name, value in injected.items():
         if name in accepted and name not in init_args:
             init_args[name] = value
@@ -269,6 +257,31 @@ def instantiate(spec: Any, base: type, key: str, **injected: Any) -> Any:
         return cls(**init_args)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"{key}.init_args: {_one_line(err)}") from None
+
+
+def check_arguments(cls: Any, arguments: typing.Mapping[str, Any], key: str) -> set[str]:
+    """Reject arguments that ``cls.__init__`` does not take or whose values do not fit its type hints.
+
+    Returns:
+        The names ``cls.__init__`` accepts.
+
+    Raises:
+        ConfigError: naming ``key.<argument>``.
+    """
+    params = inspect.signature(cls.__init__).parameters
+    accepted = {
+        name for name, p in params.items() if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
+    for name in arguments:
+        if name not in accepted:
+            raise ConfigError(f"{key}.{name}: not an argument of {cls.__name__}; expected one of {sorted(accepted)}.")
+    hints = _type_hints(cls.__init__)
+    for name, value in arguments.items():
+        if name in hints and not _matches(value, hints[name]):
+            raise ConfigError(
+                f"{key}.{name}: expected {_type_name(hints[name])}, but got {value!r} ({type(value).__name__})."
+            )
+    return accepted
 
 
 def import_class(path: str, key: str) -> Any:
@@ -313,8 +326,8 @@ def _matches(value: Any, hint: Any) -> bool:
     if hint is str:
         return isinstance(value, str)
     sequence_types = (list, tuple, collections.abc.Sequence, collections.abc.Iterable)
-    if origin in sequence_types and not isinstance(value, str):
-        if not isinstance(value, (list, tuple)):
+    if origin in sequence_types:
+        if not isinstance(value, (list, tuple)):  # a str is a Sequence, but never the sequence a config means
             return False
         item_hints = [a for a in args if a is not Ellipsis]
         return all(_matches(v, item_hints[0]) for v in value) if len(item_hints) == 1 else True
@@ -328,7 +341,7 @@ def _matches(value: Any, hint: Any) -> bool:
 def _type_name(hint: Any) -> str:
     if isinstance(hint, type):
         return hint.__name__
-    return str(hint).replace("typing.", "")
+    return str(hint).replace("typing.", "").replace("collections.abc.", "")
 
 
 def _one_line(err: BaseException) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,6 +51,20 @@ def prepare_data(cfg: DictConfig) -> FederatedData:
         )
     except FileNotFoundError as err:
         raise ConfigError(f"data.name: {' '.join(str(err).split())}") from None
+    except ValueError as err:  # e.g. more clients than the data can fill: name the key the message is about
+        message = " ".join(str(err).split())
+        named = re.findall(r"`(\w+)", message)
+        key = next((_DATA_KEYS[n] for n in named if n in _DATA_KEYS), "data.name")
+        raise ConfigError(f"{key}: {message}") from None
+
+
+#: Arguments of :func:`load_federated_data` -> the configuration key that sets them.
+_DATA_KEYS = {
+    **{name: f"partition.{name}" for name in ("num_clients", "min_samples", "alpha", "observed_fraction")},
+    **{name: f"data.{name}" for name in ("data_dir", "test_size", "val_fraction", "top_labels")},
+    "num_labels": "data.top_labels",
+    "partition": "partition.kind",
+}
 
 
 def build_model(cfg: DictConfig, prepared: FederatedData) -> pl.LightningModule:
