@@ -75,13 +75,16 @@ def encode_stats(stats: CorrelationStats) -> dict[str, np.ndarray]:
 
 def decode_stats(arrays: dict[str, np.ndarray], source: str, min_label_rate: float = 1e-3) -> CorrelationStats:
     """Validate and rebuild statistics; errors name ``source``."""
-    state = {name: torch.from_numpy(np.asarray(arrays[name])) for name in STATS_FIELDS if name in arrays}
     missing = [name for name in STATS_FIELDS if name not in arrays]
     if missing:
         raise PayloadError(f"{source}: expected statistics entries {list(STATS_FIELDS)}, but {missing} are missing.")
-    for name, tensor in state.items():
-        if tensor.dtype != torch.float64:
-            raise PayloadError(f"{source}: expected `{name}` to be float64, but got {tensor.dtype}.")
+    state = {}
+    for name in STATS_FIELDS:
+        array = np.asarray(arrays[name])
+        # check before converting: torch.from_numpy raises TypeError on string or object arrays
+        if array.dtype != np.float64:
+            raise PayloadError(f"{source}: expected `{name}` to be float64, but got {array.dtype}.")
+        state[name] = torch.from_numpy(array)
     try:
         validate_stats_state(state)
     except ValueError as err:
@@ -209,8 +212,13 @@ class DirectoryExchange(Exchange):
             return None
         source = str(path)
         try:
-            with np.load(path, allow_pickle=False) as archive:
+            loaded = np.load(path, allow_pickle=False)
+            if not isinstance(loaded, np.lib.npyio.NpzFile):
+                raise PayloadError(f"{source}: expected an .npz archive, but got a single {type(loaded).__name__}.")
+            with loaded as archive:
                 arrays = {name: archive[name] for name in archive.files}
+        except PayloadError:
+            raise
         except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
             raise PayloadError(f"{source}: not a readable payload ({type(err).__name__}: {err}).") from None
         meta = _parse_meta(arrays.pop(_META_KEY, None), source)

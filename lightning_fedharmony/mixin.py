@@ -15,7 +15,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_fedharmony.functional.consensus import pair_validity
-from lightning_fedharmony.functional.correlation import Normalization, _check_normalization, phi_from_moments
+from lightning_fedharmony.functional.correlation import (
+    Normalization,
+    _check_normalization,
+    phi_from_moments,
+    soft_phi,
+)
 from lightning_fedharmony.functional.losses import alignment_loss, proximal_term
 
 #: State-dict keys owned by FedHarmony: they travel with checkpoints but never with the averaged weights.
@@ -63,8 +68,9 @@ class FedHarmonyMixin:
         corr_normalization: ``"bernoulli"`` (the paper's soft phi) or ``"pearson"`` (scale-free; see
             :func:`~lightning_fedharmony.functional.phi_from_moments`).
         corr_momentum: mixes detached running moments into each batch's moments (0 = pure batch, the paper's).
-        detach_marginals: stop gradients through the label marginals ``p_c`` in the batch correlation, so the
-            alignment term cannot be lowered by flattening the predictions (METHOD.md section 9).
+        detach_marginals: stop gradients through the variances ``p_c (1 - p_c)`` that normalise the batch
+            correlation, so the alignment term cannot be lowered by flattening the predictions alone (METHOD.md
+            section 9).
         log_loss_parts: log ``fedharmony/*`` loss parts, positive rate and confidence with ``self.log``.
     """
 
@@ -144,6 +150,10 @@ class FedHarmonyMixin:
         module.fedharmony_teacher = teacher.detach().to(device=device, dtype=torch.float32).clone()
         module.fedharmony_mask = mask.detach().to(device=device, dtype=torch.bool).clone()
 
+    def fedharmony_reset_running(self) -> None:
+        """Forget the running moments of ``corr_momentum`` (a new client or round starts from its own batches)."""
+        self._fedharmony_running = None
+
     @property
     def fedharmony_has_teacher(self) -> bool:
         """Whether a teacher is installed."""
@@ -206,7 +216,12 @@ class FedHarmonyMixin:
             prox = proximal_term(params, self._fedharmony_anchor, self.fedharmony_proximal_mu)
             total = total + prox
 
-        if self.fedharmony_log_loss_parts and getattr(self, "_trainer", None) is not None:
+        # log only inside the Trainer's hooks: after fit `_trainer` stays set but `self.log` would raise
+        if (
+            self.fedharmony_log_loss_parts
+            and getattr(self, "_trainer", None) is not None
+            and getattr(self, "_current_fx_name", None) is not None
+        ):
             self._fedharmony_log(task, align, prox, preds, logits.shape[0])
         return total
 
@@ -230,21 +245,22 @@ class FedHarmonyMixin:
         return (elementwise * weight).sum() / weight.sum().clamp_min(1.0)
 
     def _fedharmony_batch_corr(self, preds: Tensor) -> Tensor:
-        num = preds.shape[0]
-        mean = preds.mean(0)
-        outer = preds.T @ preds / num
+        eps, normalization = self.fedharmony_corr_eps, self.fedharmony_corr_normalization
+        detach = self.fedharmony_detach_marginals
         momentum = self.fedharmony_corr_momentum
-        if momentum > 0:
-            if self._fedharmony_running is not None and self._fedharmony_running[0].shape == mean.shape:
-                run_mean, run_outer = self._fedharmony_running
-                mean = momentum * run_mean + (1 - momentum) * mean
-                outer = momentum * run_outer + (1 - momentum) * outer
-            self._fedharmony_running = (mean.detach(), outer.detach())
-        if self.fedharmony_detach_marginals:
-            mean = mean.detach()
-        return phi_from_moments(
-            1.0, mean, outer, eps=self.fedharmony_corr_eps, normalization=self.fedharmony_corr_normalization
-        )
+        if momentum == 0:
+            return soft_phi(preds, eps, normalization, detach_scale=detach)
+        # running moments in float64: moments of saturated columns cancel catastrophically in float32
+        wide = preds.double()
+        mean = wide.mean(0)
+        outer = wide.T @ wide / wide.shape[0]
+        running = self._fedharmony_running
+        if running is not None and running[0].shape == mean.shape:
+            mean = momentum * running[0] + (1 - momentum) * mean
+            outer = momentum * running[1] + (1 - momentum) * outer
+        self._fedharmony_running = (mean.detach(), outer.detach())
+        corr = phi_from_moments(1.0, mean, outer, eps=eps, normalization=normalization, detach_scale=detach)
+        return corr.to(preds.dtype)
 
     def _fedharmony_log(self, task: Tensor, align: Tensor | None, prox: Tensor | None, preds: Tensor, n: int) -> None:
         stage = "train" if self._fedharmony_module().training else "val"

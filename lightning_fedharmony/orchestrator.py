@@ -589,7 +589,12 @@ def train_client(
     started = time.perf_counter()
     trainer = pl.Trainer(**trainer_kwargs, callbacks=callbacks)
     setup = time.perf_counter() - started
-    trainer.fit(module, datamodule=datamodule)
+    try:
+        trainer.fit(module, datamodule=datamodule)
+    finally:
+        # Lightning leaves the Trainer attached to the datamodule; with many clients that keeps one Trainer (its
+        # loops, logged metrics and data loaders) alive per client, and memory grows until every client was seen
+        datamodule.trainer = None
     loss = trainer.callback_metrics.get("train/fedharmony_task_loss")
     update = ClientUpdate(
         client_id=client_id,

@@ -15,9 +15,7 @@ try:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 except ModuleNotFoundError as err:  # pragma: no cover - exercised only without the extra
-    raise ModuleNotFoundError(
-        "Pictures need matplotlib. HINT: pip install 'lightning-fedharmony[plots]'."
-    ) from err
+    raise ModuleNotFoundError("Pictures need matplotlib. HINT: pip install 'lightning-fedharmony[plots]'.") from err
 
 from lightning_fedharmony.orchestrator import FederationResult
 

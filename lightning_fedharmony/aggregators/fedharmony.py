@@ -217,6 +217,10 @@ class FedHarmony(Aggregator):
             weights = sample_weights(updates)
         for update, weight in zip(updates, weights.tolist()):
             self._clients[update.client_id].aggregation_weight = weight
+        if self.consensus_weighting == "previous_aggregation":
+            # the sums were built with the old aggregation weights: rebuild them with the new ones, so that teachers
+            # subtract the same own term that the sums hold and a reloaded state_dict gives the same teachers
+            consensus, cluster_ids = self._rebuild_consensus()
         metrics = {
             "num_blocks": float(int(cluster_ids.max()) + 1),
             "balance_factor": balance_factor(server_round, self._t0()) if self.quality_aggregation else 1.0,

@@ -1,0 +1,1 @@
+"""Tiny synthetic models and data shared by the tests."""
