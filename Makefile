@@ -2,7 +2,7 @@
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
-EXTRAS ?= dev,datasets,plots
+EXTRAS ?= dev,datasets,plots,flower
 
 .PHONY: run test lint install clean
 

@@ -32,7 +32,7 @@ class DataConfig:
     Attributes:
         name: ``"river:yeast"`` (shipped with the ``datasets`` extra), a folder name in ``data_dir``, or a path to an
             ``.arff`` (with its ``.xml``), ``.mat`` or ``.npz`` file.
-        data_dir: folder of named data sets; default ``$FEDHARMONY_DATA_DIR`` or ``../shared/data``.
+        data_dir: folder of named data sets; default ``$FEDHARMONY_DATA_DIR``, else ``./data``.
         test_size: test share when the data has no official split.
         val_fraction: share of the training data held out for validation (model selection), 0 = none.
         standardize: z-score features with the training set's mean and standard deviation.

@@ -90,7 +90,7 @@ class FedHarmonyMixin:
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        _check_normalization(corr_normalization)
+        _check_normalization(corr_normalization, "corr_normalization")
         if not 0.0 <= corr_momentum < 1.0:
             raise ValueError(f"Expected argument `corr_momentum` to be in [0, 1), but got {corr_momentum!r}.")
         if corr_eps <= 0:

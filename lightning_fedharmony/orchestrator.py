@@ -114,8 +114,8 @@ class FederationResult:
         return {"config": self.config, "rounds": [asdict(r) for r in self.rounds]}
 
     def to_json(self, path: str | os.PathLike[str]) -> None:
-        """Write the whole history as JSON."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, default=_json_default))
+        """Write the whole history as strict JSON (a NaN, such as a loss never logged, becomes ``null``)."""
+        Path(path).write_text(json.dumps(_strict(self.to_dict()), indent=2, default=_json_default, allow_nan=False))
 
     def to_csv(self, path: str | os.PathLike[str]) -> None:
         """One row per round: timings, train loss, evaluation and server metrics."""
@@ -142,7 +142,21 @@ class FederationResult:
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> FederationResult:
         data = json.loads(Path(path).read_text())
-        return cls(rounds=[RoundRecord(**r) for r in data["rounds"]], config=data.get("config", {}))
+        rounds = []
+        for r in data["rounds"]:
+            r["train_loss"] = float("nan") if r["train_loss"] is None else r["train_loss"]
+            rounds.append(RoundRecord(**r))
+        return cls(rounds=rounds, config=data.get("config", {}))
+
+
+def _strict(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
 
 
 def _json_default(value: Any) -> Any:

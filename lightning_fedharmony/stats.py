@@ -109,10 +109,12 @@ class CorrelationStats:
         """``(L, L)`` float64 soft phi correlation of everything seen."""
         return phi_from_moments(self.num_samples, self.sum_preds, self.sum_outer, eps=eps, normalization=normalization)
 
-    def valid_labels(self) -> Tensor:
-        """``(L,)`` bool: labels observed, with at least one positive, and a mean prediction inside the valid rate."""
+    def valid_labels(self, min_label_rate: float | None = None) -> Tensor:
+        """``(L,)`` bool: labels observed, with at least one positive, and a mean prediction inside the valid rate
+        (``min_label_rate`` overrides the statistics' own for this call)."""
+        threshold = self.min_label_rate if min_label_rate is None else min_label_rate
         rate = self.sum_preds / self.num_samples.clamp_min(1.0)
-        confident = (rate >= self.min_label_rate) & (rate <= 1.0 - self.min_label_rate)
+        confident = (rate >= threshold) & (rate <= 1.0 - threshold)
         return (self.observed_count > 0) & (self.target_positives > 0) & confident & (self.num_samples > 0)
 
     def state_dict(self) -> dict[str, Tensor]:

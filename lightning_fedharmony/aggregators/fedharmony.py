@@ -50,6 +50,10 @@ class _ClientRecord:
     aggregation_weight: float = 0.0
 
 
+def _is_number(value: Any, kinds: type | tuple[type, ...]) -> bool:
+    return isinstance(value, kinds) and not isinstance(value, bool)
+
+
 def _one_of(name: str, value: Any, options: Sequence[Any]) -> None:
     if value not in options:
         raise ValueError(f"Expected argument `{name}` to be one of {tuple(options)}, but got {value!r}.")
@@ -105,18 +109,25 @@ class FedHarmony(Aggregator):
     ) -> None:
         if not alignment_weight >= 0:
             raise ValueError(f"Expected argument `alignment_weight` to be >= 0, but got {alignment_weight!r}.")
-        if not (num_blocks == "auto" or (isinstance(num_blocks, int) and num_blocks >= 1)):
+        if not (
+            num_blocks == "auto"
+            or (isinstance(num_blocks, int) and not isinstance(num_blocks, bool) and num_blocks >= 1)
+        ):
             raise ValueError(f"Expected argument `num_blocks` to be 'auto' or an int >= 1, but got {num_blocks!r}.")
-        if not (gamma == "auto" or (isinstance(gamma, (int, float)) and gamma >= 0)):
+        if not (gamma == "auto" or (isinstance(gamma, (int, float)) and not isinstance(gamma, bool) and gamma >= 0)):
             raise ValueError(f"Expected argument `gamma` to be 'auto' or a float >= 0, but got {gamma!r}.")
         if t0 is not None and not t0 > 0:
             raise ValueError(f"Expected argument `t0` to be None or > 0, but got {t0!r}.")
         if not proximal_mu >= 0:
             raise ValueError(f"Expected argument `proximal_mu` to be >= 0, but got {proximal_mu!r}.")
+        if not (_is_number(min_label_rate, (int, float)) and 0 <= min_label_rate < 0.5):
+            raise ValueError(f"Expected argument `min_label_rate` to be in [0, 0.5), but got {min_label_rate!r}.")
+        if not (_is_number(corr_eps, (int, float)) and corr_eps > 0):
+            raise ValueError(f"Expected argument `corr_eps` to be > 0, but got {corr_eps!r}.")
         _one_of("quality_weighting", quality_weighting, ("additive", "product"))
         _one_of("consensus_weighting", consensus_weighting, ("samples", "uniform", "previous_aggregation"))
         _one_of("stale_stats", stale_stats, ("keep", "drop"))
-        _check_normalization(corr_normalization)
+        _check_normalization(corr_normalization, "corr_normalization")
         self.alignment_weight = float(alignment_weight)
         self.alignment = alignment
         self.block_alignment = block_alignment
@@ -190,17 +201,18 @@ class FedHarmony(Aggregator):
                         "stats.num_labels",
                         f"expected {known} labels, but got {update.stats.num_labels}.",
                     )
+        if self.quality_aggregation:
+            self._t0()  # fail before any state changes
         if self.stale_stats == "drop":
             self._clients = {}
         for update in updates:
             stats = update.stats
             if stats is None:  # checked above; keeps type checkers informed
                 continue
-            stats.min_label_rate = self.min_label_rate
             previous = self._clients.get(update.client_id)
             self._clients[update.client_id] = _ClientRecord(
                 corr=stats.compute(eps=self.corr_eps, normalization=self.corr_normalization).float(),
-                valid=stats.valid_labels(),
+                valid=stats.valid_labels(self.min_label_rate),
                 num_samples=float(update.num_samples),
                 aggregation_weight=previous.aggregation_weight if previous else 0.0,
             )

@@ -16,11 +16,9 @@ Normalization = Literal["bernoulli", "pearson"]
 _NORMALIZATIONS = ("bernoulli", "pearson")
 
 
-def _check_normalization(normalization: str) -> None:
+def _check_normalization(normalization: str, name: str = "normalization") -> None:
     if normalization not in _NORMALIZATIONS:
-        raise ValueError(
-            f"Expected argument `normalization` to be one of {_NORMALIZATIONS}, but got {normalization!r}."
-        )
+        raise ValueError(f"Expected argument `{name}` to be one of {_NORMALIZATIONS}, but got {normalization!r}.")
 
 
 def _check_eps(eps: float) -> None:

@@ -18,7 +18,7 @@ from lightning_fedharmony.functional.correlation import Normalization
 
 # Tiny tensors: one intra-op thread is faster, and on a busy 2-core machine two threads spin against other processes
 # (a 16-unit MLP step measured 5-20 ms with two threads, 0.5 ms with one).
-torch.set_num_threads(1)
+
 
 NUM_FEATURES = 8
 NUM_LABELS = 5

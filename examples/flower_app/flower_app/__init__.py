@@ -1,0 +1,1 @@
+"""FedHarmony on Flower: a ServerApp and a ClientApp around lightning-fedharmony."""

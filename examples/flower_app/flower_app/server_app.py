@@ -1,0 +1,35 @@
+"""The ServerApp: FedHarmonyStrategy around the library's aggregator, evaluation of the global model on the server."""
+
+from __future__ import annotations
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from flower_app import task
+from lightning_fedharmony.integrations.flower import FedHarmonyStrategy, make_evaluate_fn, weights_to_arrays
+from lightning_fedharmony.mixin import model_weights
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    config = context.run_config
+    data = task.load_data(config, num_partitions=int(config["min-available-clients"]))
+    model = task.model(config, data.train.num_features, data.train.num_labels)
+    strategy = FedHarmonyStrategy(
+        task.aggregator(config),
+        fraction_fit=float(config["fraction-fit"]),
+        min_clients=int(config["min-clients"]),
+        min_available_clients=int(config["min-available-clients"]),
+        local_epochs=int(config["local-epochs"]),
+        seed=int(config["seed"]),
+    )
+    strategy.start(
+        grid,
+        weights_to_arrays(model_weights(model)),
+        num_rounds=int(config["num-server-rounds"]),
+        evaluate_fn=make_evaluate_fn(model, data.test_loader()),
+    )
+    if config["result-path"]:
+        strategy.result.to_json(str(config["result-path"]))
