@@ -31,6 +31,14 @@ def _proc_status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field} line (Linux only).")
 
 
+def _slope(values: list[float]) -> float:
+    if len(values) < 2:
+        return 0.0
+    mean_x, mean_y = (len(values) - 1) / 2, sum(values) / len(values)
+    cov = sum((i - mean_x) * (v - mean_y) for i, v in enumerate(values))
+    return cov / sum((i - mean_x) ** 2 for i in range(len(values)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="tmc2007-500", help="data set name in --data-dir, a path, or river:yeast")
@@ -79,6 +87,8 @@ def main() -> None:
         "rss_mib_at": {str(r): rss[r - 1] / 1024 for r in marks},
         "peak_rss_mib": _proc_status_kib("VmHWM") / 1024,
         "growth_mib_round10_to_last": (rss[-1] - rss[min(10, args.rounds) - 1]) / 1024,
+        # least-squares slope from round 10 on: a leak shows as a steady positive slope, allocator noise does not
+        "slope_mib_per_round": _slope([kib / 1024 for kib in rss[9:]]),
         "final_map": federation.result.final.metrics.get("map"),
         "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
     }
@@ -86,12 +96,14 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "memory.json").write_text(json.dumps(report, indent=2))
     rows = [
-        "| data | clients | fraction | rounds | " + " | ".join(f"RSS round {r} (MiB)" for r in marks)
-        + " | peak RSS (MiB) | growth round 10 to last (MiB) |",
-        "|---|---:|---:|---:|" + "---:|" * len(marks) + "---:|---:|",
+        "| data | clients | fraction | rounds | "
+        + " | ".join(f"RSS round {r} (MiB)" for r in marks)
+        + " | peak RSS (MiB) | growth round 10 to last (MiB) | slope (MiB/round) |",
+        "|---|---:|---:|---:|" + "---:|" * len(marks) + "---:|---:|---:|",
         f"| {args.data} | {args.clients} | {args.fraction} | {args.rounds} | "
         + " | ".join(f"{report['rss_mib_at'][str(r)]:.1f}" for r in marks)
-        + f" | {report['peak_rss_mib']:.1f} | {report['growth_mib_round10_to_last']:+.1f} |",
+        + f" | {report['peak_rss_mib']:.1f} | {report['growth_mib_round10_to_last']:+.1f}"
+        + f" | {report['slope_mib_per_round']:+.3f} |",
     ]
     (out / "memory.md").write_text("\n".join(rows) + "\n")
     print("\n".join(rows))

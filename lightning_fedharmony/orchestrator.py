@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import gc
 import json
 import logging
 import math
@@ -301,6 +302,7 @@ class Federation:
         self.stats_noise_multiplier = stats_noise_multiplier
         self.stats_clip = stats_clip
         self.result = FederationResult()
+        self._last_gc, self._gc_seconds = 0.0, 0.0
         self._collect_stats = isinstance(aggregator, FedHarmony)
 
     # ------------------------------------------------------------------ the loop
@@ -435,11 +437,24 @@ class Federation:
             attempts=attempt + 1,
         )
         self.result.rounds.append(record)
+        self._collect_garbage()
         if self.checkpoint_path is not None:
             self.save()
         if self.verbose:
             self._print_progress(record)
         return record
+
+    def _collect_garbage(self) -> None:
+        # Every client fit leaves a Trainer behind in reference cycles, which Python's generational collector frees
+        # only once enough has piled up: memory then creeps up for dozens of rounds. A full collection costs tens of
+        # milliseconds on a heap holding torch and Lightning, so run one only when at least 50 times its last cost
+        # has passed since: memory stays flat and the cost stays under 2% of the wall time.
+        now = time.perf_counter()
+        if now - self._last_gc < 50 * self._gc_seconds:
+            return
+        gc.collect()
+        self._last_gc = time.perf_counter()
+        self._gc_seconds = self._last_gc - now
 
     def _collect_updates(
         self, server_round: int, selected: list[str], instructions: Mapping[str, ClientInstructions], attempt: int
