@@ -87,6 +87,8 @@ def run_methods(
     stream: TextIO | None = None,
 ) -> dict[str, Federation]:
     """Run each configured method on the same partition and seed; return the finished federations."""
+    if cfg.num_threads is not None:
+        torch.set_num_threads(cfg.num_threads)
     prepared = prepared or prepare_data(cfg)
     names = list(methods or cfg.methods.keys())
     # build every object first, so a bad configuration fails before any training

@@ -14,10 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_fedharmony.functional.blocks import block_layout
 from lightning_fedharmony.functional.consensus import pair_validity
 from lightning_fedharmony.functional.correlation import (
     Normalization,
     _check_normalization,
+    block_soft_phi,
     phi_from_moments,
     soft_phi,
 )
@@ -107,6 +109,9 @@ class FedHarmonyMixin:
         self._fedharmony_running: tuple[Tensor, Tensor] | None = None
         self._fedharmony_anchor: list[Tensor] | None = None
         self._fedharmony_batch: tuple[Tensor, Tensor, Tensor | None] | None = None
+        self._fedharmony_layout: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+        self._fedharmony_sums: dict[str, tuple[Tensor | float, int]] = {}
+        self._fedharmony_layout_key: tuple[int, int, torch.device] | None = None
 
     def _fedharmony_module(self) -> nn.Module:
         if not isinstance(self, nn.Module):
@@ -151,8 +156,21 @@ class FedHarmonyMixin:
         module.fedharmony_mask = mask.detach().to(device=device, dtype=torch.bool).clone()
 
     def fedharmony_reset_running(self) -> None:
-        """Forget the running moments of ``corr_momentum`` (a new client or round starts from its own batches)."""
+        """Forget the running moments of ``corr_momentum`` and the running loss means (a new client or round)."""
         self._fedharmony_running = None
+        self._fedharmony_sums = {}
+
+    def fedharmony_running_means(self) -> dict[str, float]:
+        """Sample-weighted means of the loss parts over training steps since :meth:`fedharmony_reset_running`.
+
+        Kept without ``self.log``, so a runner can read them with logging off (Lightning's per-step logging costs
+        several milliseconds per fit, which dominates clients with few batches).
+        """
+        return {name: float(total / count) for name, (total, count) in self._fedharmony_sums.items() if count > 0}
+
+    def _fedharmony_accumulate(self, name: str, value: Tensor, count: int) -> None:
+        total, seen = self._fedharmony_sums.get(name, (0.0, 0))
+        self._fedharmony_sums[name] = (total + value.detach() * count, seen + count)
 
     @property
     def fedharmony_has_teacher(self) -> bool:
@@ -205,10 +223,7 @@ class FedHarmonyMixin:
                     f"Expected a teacher over {logits.shape[1]} labels, but the installed one has"
                     f" {self.fedharmony_teacher.shape[0]}."
                 )
-            mask = self.fedharmony_mask
-            if obs is not None:
-                mask = mask & pair_validity(obs.any(0))
-            align = alignment_loss(self._fedharmony_batch_corr(preds), self.fedharmony_teacher, mask)
+            align = self._fedharmony_alignment(preds, None if obs is None else obs.any(0))
             total = total + self.fedharmony_alignment_weight * align
         prox = None
         if training and self.fedharmony_proximal_mu > 0 and self._fedharmony_anchor is not None:
@@ -217,6 +232,11 @@ class FedHarmonyMixin:
             total = total + prox
 
         # log only inside the Trainer's hooks: after fit `_trainer` stays set but `self.log` would raise
+        if training:
+            num = logits.shape[0]
+            self._fedharmony_accumulate("task_loss", task, num)
+            if align is not None:
+                self._fedharmony_accumulate("align_loss", align, num)
         if (
             self.fedharmony_log_loss_parts
             and getattr(self, "_trainer", None) is not None
@@ -243,6 +263,42 @@ class FedHarmonyMixin:
             )
         weight = obs.to(elementwise.dtype)
         return (elementwise * weight).sum() / weight.sum().clamp_min(1.0)
+
+    def _fedharmony_alignment(self, preds: Tensor, observed_labels: Tensor | None) -> Tensor:
+        layout = self._fedharmony_block_layout() if self.fedharmony_corr_momentum == 0 else None
+        if layout is None:
+            mask = self.fedharmony_mask
+            if observed_labels is not None:
+                mask = mask & pair_validity(observed_labels)
+            return alignment_loss(self._fedharmony_batch_corr(preds), self.fedharmony_teacher, mask)
+        # only the in-block correlations: N * G * S^2 work instead of N * L^2
+        index, valid, teacher, mask = layout
+        if observed_labels is not None:
+            mask = mask & pair_validity(observed_labels[index] & valid)
+        corr = block_soft_phi(
+            preds,
+            index,
+            self.fedharmony_corr_eps,
+            self.fedharmony_corr_normalization,
+            detach_scale=self.fedharmony_detach_marginals,
+        )
+        return alignment_loss(corr, teacher, mask)
+
+    def _fedharmony_block_layout(self) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
+        """Teacher and mask gathered per block, cached until either changes."""
+        teacher, mask = self.fedharmony_teacher, self.fedharmony_mask
+        key = (teacher.data_ptr(), mask.data_ptr(), teacher.device)
+        if self._fedharmony_layout_key != key:
+            layout = block_layout(mask)
+            if layout is None:
+                self._fedharmony_layout = None
+            else:
+                index, valid = layout
+                rows, cols = index[:, :, None], index[:, None, :]
+                pairs = mask[rows, cols] & valid[:, :, None] & valid[:, None, :]
+                self._fedharmony_layout = (index, valid, teacher[rows, cols], pairs)
+            self._fedharmony_layout_key = key
+        return self._fedharmony_layout
 
     def _fedharmony_batch_corr(self, preds: Tensor) -> Tensor:
         eps, normalization = self.fedharmony_corr_eps, self.fedharmony_corr_normalization

@@ -66,7 +66,8 @@ class RoundRecord:
         clients: the selected clients.
         failures: client id -> reason, for clients that returned no usable update.
         client_weights: aggregation weight of each client that contributed.
-        train_loss: clients' final-epoch task loss, weighted by their sample counts (``nan`` if not logged).
+        train_loss: clients' task loss over their local training, weighted by sample counts (``nan`` without the
+            mixin).
         metrics: the global model's evaluation metrics after aggregation (empty if not evaluated this round).
         server_metrics: the aggregator's scalars (e.g. number of label blocks).
         seconds: wall time of the round's phases: ``clients``, ``trainer_setup``, ``server``, ``eval``, ``total``.
@@ -592,10 +593,14 @@ def train_client(
     """
     load_model_weights(module, instructions.weights)
     callbacks: list[pl.Callback] = []
+    log_parts = True
     exchange: CorrelationExchange | None = None
     if isinstance(module, FedHarmonyMixin):
         module.fedharmony_set_teacher(instructions.teacher, instructions.mask)
         module.fedharmony_reset_running()
+        # nobody reads a client's logs here: skip Lightning's per-step logging (several ms per fit) and read the
+        # mixin's own running means instead
+        log_parts, module.fedharmony_log_loss_parts = module.fedharmony_log_loss_parts, False
         module.fedharmony_configure(
             alignment_weight=instructions.alignment_weight, proximal_mu=instructions.proximal_mu
         )
@@ -624,7 +629,9 @@ def train_client(
         # Lightning leaves the Trainer attached to the datamodule; with many clients that keeps one Trainer (its
         # loops, logged metrics and data loaders) alive per client, and memory grows until every client was seen
         datamodule.trainer = None
-    loss = trainer.callback_metrics.get("train/fedharmony_task_loss")
+        if isinstance(module, FedHarmonyMixin):
+            module.fedharmony_log_loss_parts = log_parts
+    loss = module.fedharmony_running_means().get("task_loss") if isinstance(module, FedHarmonyMixin) else None
     update = ClientUpdate(
         client_id=client_id,
         weights=model_weights(module),

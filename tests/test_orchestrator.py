@@ -221,12 +221,14 @@ def test_fedharmony_server_metrics_and_teachers_from_round_two():
     fed.aggregator.setup(fed.num_rounds)
     first = fed.run_round(1)
     assert first.server_metrics and all(math.isfinite(v) for v in first.server_metrics.values())
-    assert "train/fedharmony_align_loss" not in model.logged  # round 1: no teacher yet
+    assert "align_loss" not in model.fedharmony_running_means()  # round 1: no teacher yet
+    assert not model.logged  # the orchestrator turns the mixin's per-step logging off for client fits
     fed.run_round(2)
     assert model.fedharmony_has_teacher
     assert model.fedharmony_teacher.shape == (NUM_LABELS, NUM_LABELS)
-    # every client of round 2 logged an alignment term (one epoch-level value per fit step)
-    assert len(model.logged["train/fedharmony_align_loss"]) > 0
+    # the last client of round 2 trained with an alignment term
+    assert model.fedharmony_running_means()["align_loss"] > 0
+    assert model.fedharmony_log_loss_parts  # restored after the fit
     assert fed.result.rounds[1].server_metrics
 
 

@@ -85,6 +85,9 @@ class FedHarmony(Aggregator):
         corr_eps: ``eps`` of the soft phi denominator.
         corr_normalization: ``"bernoulli"`` (the paper's) or ``"pearson"``.
         proximal_mu: optional FedProx term for the clients (0 = off).
+        align_threshold: align (and score) only the pairs whose teacher correlation has ``|R*_k| >=`` this value:
+            the consensus teaches the co-occurrences it is confident about and leaves near-zero pairs, mostly
+            sampling noise, to the task loss. ``0`` keeps every pair (the paper's).
         seed: seed of the spectral clustering's k-means.
     """
 
@@ -105,6 +108,7 @@ class FedHarmony(Aggregator):
         corr_eps: float = 1e-6,
         corr_normalization: Normalization = "bernoulli",
         proximal_mu: float = 0.0,
+        align_threshold: float = 0.0,
         seed: int = 0,
     ) -> None:
         if not alignment_weight >= 0:
@@ -122,6 +126,8 @@ class FedHarmony(Aggregator):
             raise ValueError(f"Expected argument `proximal_mu` to be >= 0, but got {proximal_mu!r}.")
         if not (_is_number(min_label_rate, (int, float)) and 0 <= min_label_rate < 0.5):
             raise ValueError(f"Expected argument `min_label_rate` to be in [0, 0.5), but got {min_label_rate!r}.")
+        if not (_is_number(align_threshold, (int, float)) and 0 <= align_threshold < 1):
+            raise ValueError(f"Expected argument `align_threshold` to be in [0, 1), but got {align_threshold!r}.")
         if not (_is_number(corr_eps, (int, float)) and corr_eps > 0):
             raise ValueError(f"Expected argument `corr_eps` to be > 0, but got {corr_eps!r}.")
         _one_of("quality_weighting", quality_weighting, ("additive", "product"))
@@ -142,6 +148,7 @@ class FedHarmony(Aggregator):
         self.corr_eps = corr_eps
         self.corr_normalization: Normalization = corr_normalization
         self.proximal_mu = float(proximal_mu)
+        self.align_threshold = float(align_threshold)
         self.seed = seed
         self._clients: dict[str, _ClientRecord] = {}
         self._sums: tuple[Tensor, Tensor] | None = None
@@ -171,11 +178,15 @@ class FedHarmony(Aggregator):
         record = self._clients.get(client_id)
         blocks = block_mask(self.cluster_ids)
         if record is None:
-            return consensus_from_sums(numerator, denominator).float(), blocks & (denominator > 0)
-        weight = torch.tensor(self._consensus_weight(record), dtype=torch.float64)
-        loo_num, loo_den = leave_one_out_sums(numerator, denominator, record.corr, weight, record.valid)
-        mask = blocks & (loo_den > 0) & pair_validity(record.valid)
-        return consensus_from_sums(loo_num, loo_den).float(), mask
+            teacher, mask = consensus_from_sums(numerator, denominator).float(), blocks & (denominator > 0)
+        else:
+            weight = torch.tensor(self._consensus_weight(record), dtype=torch.float64)
+            loo_num, loo_den = leave_one_out_sums(numerator, denominator, record.corr, weight, record.valid)
+            mask = blocks & (loo_den > 0) & pair_validity(record.valid)
+            teacher = consensus_from_sums(loo_num, loo_den).float()
+        if self.align_threshold > 0:
+            mask = mask & (teacher.abs() >= self.align_threshold)
+        return teacher, mask
 
     @property
     def consensus(self) -> Tensor | None:
@@ -218,9 +229,8 @@ class FedHarmony(Aggregator):
             )
         consensus, cluster_ids = self._rebuild_consensus()
 
-        teachers, masks = zip(*(self.teacher(u.client_id) for u in updates))
-        corr = torch.stack([self._clients[u.client_id].corr for u in updates])
-        discrepancy = correlation_discrepancy(corr, torch.stack(teachers), torch.stack(masks))
+        # one client at a time: stacking every participant's teacher and mask would cost K x L^2 extra memory
+        discrepancy = torch.cat([self._discrepancy(u.client_id) for u in updates])
         quality = quality_from_discrepancy(discrepancy, self.gamma)
         n = torch.tensor([float(u.num_samples) for u in updates], dtype=torch.float64)
         if self.quality_aggregation:
@@ -241,6 +251,11 @@ class FedHarmony(Aggregator):
             "consensus_abs_mean": float(_off_diagonal_abs_mean(consensus)),
         }
         return weights, metrics
+
+    def _discrepancy(self, client_id: str) -> Tensor:
+        teacher, mask = self.teacher(client_id)
+        corr = self._clients[client_id].corr
+        return correlation_discrepancy(corr[None], teacher[None], mask)
 
     def _t0(self) -> float:
         if self.t0 is not None:

@@ -8,7 +8,7 @@ from lightning_fedharmony.functional.aggregation import (
     quality_from_discrepancy,
     weighted_average,
 )
-from lightning_fedharmony.functional.blocks import block_mask, spectral_label_blocks
+from lightning_fedharmony.functional.blocks import block_layout, block_mask, mask_components, spectral_label_blocks
 from lightning_fedharmony.functional.consensus import (
     consensus_from_sums,
     consensus_sums,
@@ -18,14 +18,16 @@ from lightning_fedharmony.functional.consensus import (
     leave_one_out_support,
     pair_validity,
 )
-from lightning_fedharmony.functional.correlation import phi_from_moments, soft_phi
+from lightning_fedharmony.functional.correlation import block_soft_phi, phi_from_moments, soft_phi
 from lightning_fedharmony.functional.losses import alignment_loss, proximal_term
 
 __all__ = [
     "aggregation_weights",
     "alignment_loss",
     "balance_factor",
+    "block_layout",
     "block_mask",
+    "block_soft_phi",
     "consensus_from_sums",
     "consensus_sums",
     "correlation_discrepancy",
@@ -34,6 +36,7 @@ __all__ = [
     "leave_one_out_consensus",
     "leave_one_out_sums",
     "leave_one_out_support",
+    "mask_components",
     "pair_validity",
     "phi_from_moments",
     "proximal_term",

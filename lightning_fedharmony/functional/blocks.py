@@ -144,3 +144,51 @@ def block_mask(cluster_ids: Tensor) -> Tensor:
         raise ValueError(f"Expected argument `cluster_ids` to have shape (L,), but got {tuple(cluster_ids.shape)}.")
     same = cluster_ids[:, None] == cluster_ids[None, :]
     return same & ~torch.eye(cluster_ids.shape[0], dtype=torch.bool, device=cluster_ids.device)
+
+
+def mask_components(mask: Tensor) -> Tensor:
+    """``(L,)`` component id per label in the graph whose edges are the ``True`` pairs of ``mask`` ``(L, L)``.
+
+    Ids are the smallest label index of each component (min-label propagation; as many sweeps as the graph's
+    diameter, one for block masks).
+    """
+    if mask.ndim != 2 or mask.shape[0] != mask.shape[1]:
+        raise ValueError(f"Expected argument `mask` to have shape (L, L), but got {tuple(mask.shape)}.")
+    num_labels = mask.shape[0]
+    adjacency = mask.bool() | mask.bool().T | torch.eye(num_labels, dtype=torch.bool, device=mask.device)
+    component = torch.arange(num_labels, device=mask.device)
+    while True:
+        spread = torch.where(adjacency, component[None, :], num_labels).amin(1)
+        if torch.equal(spread, component):
+            return component
+        component = spread
+
+
+def block_layout(mask: Tensor, max_cost: float = 0.5) -> tuple[Tensor, Tensor] | None:
+    """Padded label indices of the mask's connected components, for :func:`block_soft_phi`.
+
+    Args:
+        mask: ``(L, L)`` bool pairs to align.
+        max_cost: give up (return ``None``) when the blocks' ``sum(G * S_max^2)`` exceeds this share of ``L^2``:
+            then the dense computation is as cheap.
+
+    Returns:
+        ``(index (G, S), valid (G, S) bool)`` over the components with at least two labels, or ``None``.
+    """
+    component = mask_components(mask)
+    ids, counts = torch.unique(component, return_counts=True)
+    keep = counts >= 2
+    ids, counts = ids[keep], counts[keep]
+    if ids.numel() == 0:
+        return None
+    width = int(counts.max())
+    if ids.numel() * width * width > max_cost * mask.shape[0] ** 2:
+        return None
+    order = torch.argsort(component, stable=True)
+    index = torch.zeros(ids.numel(), width, dtype=torch.long, device=mask.device)
+    valid = torch.zeros(ids.numel(), width, dtype=torch.bool, device=mask.device)
+    for row, (label, count) in enumerate(zip(ids.tolist(), counts.tolist())):
+        members = order[component[order] == label]
+        index[row, :count] = members
+        valid[row, :count] = True
+    return index, valid

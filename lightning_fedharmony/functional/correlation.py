@@ -83,14 +83,15 @@ def phi_from_moments(
 
 
 def _phi_from_cov(cov: Tensor, p: Tensor, eps: float, normalization: str, detach_scale: bool) -> Tensor:
-    var = p * (1 - p) if normalization == "bernoulli" else torch.diagonal(cov)
+    # batched: p (..., L), cov (..., L, L)
+    var = p * (1 - p) if normalization == "bernoulli" else torch.diagonal(cov, dim1=-2, dim2=-1)
     if detach_scale:
         var = var.detach()
     # sqrt has an infinite slope at 0: a constant column would turn every gradient into NaN
     tiny = torch.finfo(var.dtype).tiny
     std = torch.where(var > tiny, var, tiny).sqrt()
-    corr = cov / (std[:, None] * std[None, :] + eps)
-    eye = torch.eye(p.shape[0], dtype=torch.bool, device=p.device)
+    corr = cov / (std[..., :, None] * std[..., None, :] + eps)
+    eye = torch.eye(p.shape[-1], dtype=torch.bool, device=p.device)
     return corr.clamp(-1.0, 1.0).masked_fill(eye, 1.0)
 
 
@@ -131,4 +132,39 @@ def soft_phi(
     # centring before the product keeps float32 exact for saturated columns (moments would cancel catastrophically)
     centered = preds - p
     cov = centered.T @ centered / preds.shape[0]
+    return _phi_from_cov(cov, p, eps, normalization, detach_scale)
+
+
+def block_soft_phi(
+    preds: Tensor,
+    index: Tensor,
+    eps: float = 1e-6,
+    normalization: Normalization = "bernoulli",
+    *,
+    detach_scale: bool = False,
+) -> Tensor:
+    """Soft phi inside label blocks only: ``(G, S, S)`` for the labels ``index`` ``(G, S)`` of each block.
+
+    Entry ``[g, i, j]`` equals ``soft_phi(preds)[index[g, i], index[g, j]]``, at a cost of ``N * G * S^2`` instead
+    of ``N * L^2``: with ``G`` balanced blocks the in-block correlations cost about ``1/G`` of all pairs, which is
+    where block-wise alignment saves time (the paper reports 28-32% less training time).
+
+    Args:
+        preds: ``(N, L)`` probabilities.
+        index: ``(G, S)`` long label indices per block (pad short blocks with any label and mask the padding out).
+        eps: added to the denominator.
+        normalization: ``"bernoulli"`` or ``"pearson"``.
+        detach_scale: stop gradients through the variances in the denominator.
+    """
+    _check_eps(eps)
+    _check_normalization(normalization)
+    if preds.ndim != 2 or index.ndim != 2:
+        raise ValueError(
+            f"Expected `preds` of shape (N, L) and `index` of shape (G, S), but got {tuple(preds.shape)} and"
+            f" {tuple(index.shape)}."
+        )
+    gathered = preds[:, index]  # (N, G, S)
+    p = gathered.mean(0)
+    centered = gathered - p
+    cov = torch.einsum("ngi,ngj->gij", centered, centered) / max(preds.shape[0], 1)
     return _phi_from_cov(cov, p, eps, normalization, detach_scale)

@@ -27,9 +27,9 @@ def alignment_loss(corr: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
         >>> alignment_loss(corr, torch.eye(2), ~torch.eye(2, dtype=torch.bool))
         tensor(0.2500)
     """
-    if corr.shape != teacher.shape or corr.shape != mask.shape or corr.ndim != 2:
+    if corr.shape != teacher.shape or corr.shape != mask.shape or corr.ndim < 2:
         raise ValueError(
-            "Expected `corr`, `teacher` and `mask` to share one (L, L) shape, but got"
+            "Expected `corr`, `teacher` and `mask` to share one (L, L) (or batched (..., L, L)) shape, but got"
             f" {tuple(corr.shape)}, {tuple(teacher.shape)} and {tuple(mask.shape)}."
         )
     weight = mask.to(corr.dtype)

@@ -1,0 +1,318 @@
+"""What FedHarmony costs: ratios measured in one run on one machine, median of repeats.
+
+1. ``round``: wall time per round in the orchestrator, FedHarmony vs FedAvg (same clients, seed, model).
+2. ``overhead``: the orchestrator (Lightning Trainers as clients) vs a plain PyTorch loop doing the same client steps.
+3. ``blocks``: local training with block-wise alignment vs all pairs (the paper reports 28-32% less time).
+4. ``server``: FedHarmony's server step (consensus, blocks, quality, weights) vs clients K and labels L: time and
+   peak memory, each cell in a fresh process.
+
+Writes ``speed.json`` and ``speed.md`` to ``--out``.
+
+    python benchmarks/speed.py --out results/speed            # everything
+    python benchmarks/speed.py --parts round,overhead --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lightning_fedharmony import FedAvg, FedHarmony
+from lightning_fedharmony.aggregators import ClientUpdate
+from lightning_fedharmony.data.federated import load_federated_data
+from lightning_fedharmony.functional import block_mask, soft_phi, spectral_label_blocks, weighted_average
+from lightning_fedharmony.mixin import load_model_weights, model_weights
+from lightning_fedharmony.models import MultilabelMLP
+from lightning_fedharmony.orchestrator import Federation, quiet_lightning
+from lightning_fedharmony.stats import CorrelationStats
+
+DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+PARTS = ("round", "overhead", "blocks", "server")
+
+
+def _model(data: Any, seed: int = 0) -> MultilabelMLP:
+    torch.manual_seed(seed)
+    return MultilabelMLP(data.train.num_features, data.train.num_labels, hidden=(256,))
+
+
+def _round_seconds(data: Any, aggregator: Any, rounds: int) -> float:
+    fed = Federation(_model(data), data.clients(), aggregator, rounds, verbose=False)
+    fed.fit()
+    # round 1 has no teacher yet: the steady state is rounds 2..R
+    return statistics.median(r.seconds["total"] for r in fed.result.rounds[1:])
+
+
+def bench_round(data: Any, repeats: int, rounds: int) -> dict[str, Any]:
+    fedavg = [_round_seconds(data, FedAvg(), rounds) for _ in range(repeats)]
+    fedharmony = [_round_seconds(data, FedHarmony(), rounds) for _ in range(repeats)]
+    return {
+        "fedavg_s_per_round": statistics.median(fedavg),
+        "fedharmony_s_per_round": statistics.median(fedharmony),
+        "ratio": statistics.median(fedharmony) / statistics.median(fedavg),
+        "target": "<= 1.10",
+        "runs": {"fedavg": fedavg, "fedharmony": fedharmony},
+    }
+
+
+def _plain_round(model: MultilabelMLP, clients: dict[str, Any], global_weights: dict[str, torch.Tensor]) -> Any:
+    """The same client steps without Lightning: load, Adam, BCE over the same shuffled batches, average."""
+    states, sizes = [], []
+    for index, datamodule in enumerate(clients.values()):
+        load_model_weights(model, global_weights)
+        torch.manual_seed(index)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        model.train()
+        for x, y in datamodule.train_dataloader():
+            optimizer.zero_grad()
+            loss = F.binary_cross_entropy_with_logits(model(x), y)
+            loss.backward()
+            optimizer.step()
+        states.append(model_weights(model))
+        sizes.append(datamodule.num_samples)
+    return weighted_average(states, sizes)
+
+
+def bench_overhead(data: Any, repeats: int, rounds: int) -> dict[str, Any]:
+    clients = data.clients()
+    plain, orchestrated = [], []
+    for _ in range(repeats):
+        model = _model(data)
+        weights = model_weights(model)
+        times = []
+        for _ in range(rounds):
+            started = time.perf_counter()
+            weights = _plain_round(model, clients, weights)
+            times.append(time.perf_counter() - started)
+        plain.append(statistics.median(times[1:]))
+        fed = Federation(_model(data), clients, FedAvg(), rounds, verbose=False)
+        fed.fit()
+        orchestrated.append(statistics.median(r.seconds["total"] for r in fed.result.rounds[1:]))
+        setup = statistics.median(r.seconds["trainer_setup"] for r in fed.result.rounds[1:])
+    steps = sum(len(dm.train_dataloader()) for dm in clients.values())
+    return {
+        "plain_s_per_round": statistics.median(plain),
+        "orchestrator_s_per_round": statistics.median(orchestrated),
+        "ratio": statistics.median(orchestrated) / statistics.median(plain),
+        "trainer_construction_s_per_round": setup,
+        "clients": len(clients),
+        "steps_per_round": steps,
+        "overhead_ms_per_client": 1000 * (statistics.median(orchestrated) - statistics.median(plain)) / len(clients),
+        "target": "<= 1.3",
+    }
+
+
+def bench_blocks(name: str, repeats: int, num_blocks: int, epochs: int) -> dict[str, Any]:
+    """One client's local epochs with the block mask vs all pairs (same teacher, same seed)."""
+    data = load_federated_data(name, data_dir=str(DATA_DIR), partition="iid", num_clients=10, seed=0)
+    labels = torch.from_numpy(data.train.Y).double()
+    consensus = soft_phi(labels).float()  # the label correlation as a stand-in consensus teacher
+    clusters = spectral_label_blocks(consensus, num_blocks=num_blocks)
+    masks = {"blocks": block_mask(clusters), "all_pairs": ~torch.eye(labels.shape[1], dtype=torch.bool)}
+    client = data.client(0)
+    results: dict[str, Any] = {}
+    for kind, mask in masks.items():
+        times, aligns = [], []
+        for _ in range(repeats):
+            model = _model(data)
+            model.fedharmony_set_teacher(consensus, mask)
+            model.fedharmony_configure(alignment_weight=1.0)
+            trainer_kwargs = {
+                "max_epochs": epochs,
+                "logger": False,
+                "enable_checkpointing": False,
+                "enable_progress_bar": False,
+                "enable_model_summary": False,
+                "accelerator": "cpu",
+                "limit_val_batches": 0,
+            }
+            import lightning.pytorch as pl
+
+            with quiet_lightning():
+                trainer = pl.Trainer(**trainer_kwargs)
+                started = time.perf_counter()
+                trainer.fit(model, datamodule=client)
+                times.append(time.perf_counter() - started)
+            aligns.append(float(trainer.callback_metrics["train/fedharmony_align_loss"]))
+        results[kind] = {"seconds": statistics.median(times), "align_loss": statistics.median(aligns)}
+    sizes = torch.bincount(clusters).tolist()
+    return {
+        "data": name,
+        "num_labels": int(labels.shape[1]),
+        "num_blocks": len(sizes),
+        "block_sizes": sizes,
+        "in_block_pairs_share": float(masks["blocks"].sum() / masks["all_pairs"].sum()),
+        "client_samples": client.num_samples,
+        "epochs": epochs,
+        **results,
+        "time_saved": 1 - results["blocks"]["seconds"] / results["all_pairs"]["seconds"],
+        "paper": "28-32% less time at equal accuracy",
+    }
+
+
+def _server_cell(num_clients: int, num_labels: int, repeats: int) -> dict[str, Any]:
+    """One server step of FedHarmony with K synthetic clients over L labels (runs in its own process)."""
+    import resource
+
+    generator = torch.Generator().manual_seed(0)
+    weights = {"w": torch.zeros(4)}
+    updates = []
+    for k in range(num_clients):
+        preds = torch.rand(32, num_labels, generator=generator)
+        stats = CorrelationStats(num_labels)
+        stats.update(preds, (preds > 0.5).float())
+        updates.append(ClientUpdate(str(k), {"w": torch.full((4,), float(k))}, 32, stats))
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = []
+    for _ in range(repeats):
+        aggregator = FedHarmony(t0=5)
+        started = time.perf_counter()
+        aggregator.aggregate_round(1, updates, weights)
+        aggregator.configure_round(2, [u.client_id for u in updates], weights)  # every client's teacher
+        times.append(time.perf_counter() - started)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "clients": num_clients,
+        "labels": num_labels,
+        "seconds": statistics.median(times),
+        "peak_rss_mib": peak / 1024,
+        "step_peak_extra_mib": (peak - baseline) / 1024,
+        "input_stats_mib": num_clients * num_labels * num_labels * 8 / 2**20,
+    }
+
+
+def bench_server(cells: list[tuple[int, int]], repeats: int) -> list[dict[str, Any]]:
+    rows = []
+    for num_clients, num_labels in cells:
+        code = (
+            "import json, sys; sys.path.insert(0, %r); from speed import _server_cell; "
+            "print(json.dumps(_server_cell(%d, %d, %d)))"
+            % (str(Path(__file__).parent), num_clients, num_labels, repeats)
+        )
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            rows.append({"clients": num_clients, "labels": num_labels, "error": done.stderr.strip().splitlines()[-1]})
+            continue
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(f"server K={num_clients} L={num_labels}: {rows[-1]['seconds']:.3f} s", flush=True)
+    return rows
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"Machine: {report['machine']}", ""]
+    if "round" in report:
+        r = report["round"]
+        lines += [
+            f"**Round time** ({report['data']}, 10 clients, 1 local epoch, median of {report['repeats']} runs):",
+            "",
+            "| FedAvg s/round | FedHarmony s/round | ratio | target |",
+            "|---:|---:|---:|---|",
+            f"| {r['fedavg_s_per_round']:.3f} | {r['fedharmony_s_per_round']:.3f} | {r['ratio']:.2f}x | {r['target']} |",
+            "",
+        ]
+    if "overhead" in report:
+        o = report["overhead"]
+        lines += [
+            f"**Orchestrator overhead** (FedAvg, {o['clients']} clients, {o['steps_per_round']} steps per round):",
+            "",
+            "| plain PyTorch s/round | orchestrator s/round | ratio | Trainer construction s/round | overhead per client"
+            " | target |",
+            "|---:|---:|---:|---:|---:|---|",
+            f"| {o['plain_s_per_round']:.3f} | {o['orchestrator_s_per_round']:.3f} | {o['ratio']:.2f}x"
+            f" | {o['trainer_construction_s_per_round']:.3f} | {o['overhead_ms_per_client']:.1f} ms | {o['target']} |",
+            "",
+        ]
+    if "blocks" in report:
+        lines += ["**Block-wise vs all-pairs alignment** (one client's local training, same teacher):", ""]
+        lines += [
+            "| data | L | blocks | in-block share of pairs | epochs | all pairs s | blocks s | time saved | paper |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for b in report["blocks"]:
+            lines.append(
+                f"| {b['data']} | {b['num_labels']} | {b['num_blocks']} | {b['in_block_pairs_share']:.2f}"
+                f" | {b['epochs']} | {b['all_pairs']['seconds']:.2f} | {b['blocks']['seconds']:.2f}"
+                f" | {100 * b['time_saved']:.0f}% | {b['paper']} |"
+            )
+        lines.append("")
+    if "server" in report:
+        lines += [
+            "**Server step** (consensus, blocks, quality, weights, and every client's teacher), fresh process per cell:",
+            "",
+        ]
+        lines += [
+            "| clients K | labels L | seconds | peak RSS MiB | extra MiB during the step | input statistics MiB |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
+        for s in report["server"]:
+            if "error" in s:
+                lines.append(f"| {s['clients']} | {s['labels']} | failed: {s['error']} | | | |")
+                continue
+            lines.append(
+                f"| {s['clients']} | {s['labels']} | {s['seconds']:.3f} | {s['peak_rss_mib']:.0f}"
+                f" | {s['step_peak_extra_mib']:.0f} | {s['input_stats_mib']:.0f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
+    parser.add_argument("--data", default="river:yeast", help="data of the round and overhead parts")
+    parser.add_argument("--block-data", default="delicious,rcv1subset1", help="data sets of the blocks part")
+    parser.add_argument("--num-blocks", type=int, default=16)
+    parser.add_argument("--block-epochs", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--server-cells",
+        default="10x100,100x100,1000x100,10x1000,100x1000,300x1000",
+        help="KxL cells of the server part",
+    )
+    parser.add_argument("--out", default="results/speed")
+    args = parser.parse_args()
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        parser.error(f"--parts: unknown {unknown}; expected names among {PARTS}")
+
+    report: dict[str, Any] = {
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
+        "data": args.data,
+        "repeats": args.repeats,
+    }
+    if {"round", "overhead"} & set(parts):
+        data = load_federated_data(args.data, data_dir=str(DATA_DIR), num_clients=10, seed=0)
+        if "round" in parts:
+            report["round"] = bench_round(data, args.repeats, args.rounds)
+            print(f"round: {report['round']['ratio']:.2f}x", flush=True)
+        if "overhead" in parts:
+            report["overhead"] = bench_overhead(data, args.repeats, args.rounds)
+            print(f"overhead: {report['overhead']['ratio']:.2f}x", flush=True)
+    if "blocks" in parts:
+        report["blocks"] = [
+            bench_blocks(name, args.repeats, args.num_blocks, args.block_epochs) for name in args.block_data.split(",")
+        ]
+        for b in report["blocks"]:
+            print(f"blocks {b['data']}: {100 * b['time_saved']:.0f}% saved", flush=True)
+    if "server" in parts:
+        cells = [tuple(int(v) for v in cell.split("x")) for cell in args.server_cells.split(",")]
+        report["server"] = bench_server(cells, max(1, min(args.repeats, 3)))  # type: ignore[arg-type]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "speed.json").write_text(json.dumps(report, indent=2))
+    (out / "speed.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Smoke test of benchmarks/quality.py: one tiny cell end to end, and what it writes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("FEDHARMONY_DATA_DIR", ROOT.parent / "shared" / "data"))
+
+
+def _quality() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("quality_benchmark", ROOT / "benchmarks" / "quality.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def quality() -> ModuleType:
+    return _quality()
+
+
+def test_quality_smoke_on_yeast(tmp_path: Path, quality: ModuleType) -> None:
+    if not (DATA_DIR / "yeast").is_dir():
+        pytest.skip(f"the shared yeast data is not at {DATA_DIR / 'yeast'} (set FEDHARMONY_DATA_DIR)")
+    out = tmp_path / "cell.json"
+    quality.main(
+        [
+            "--data", "yeast", "--data-dir", str(DATA_DIR), "--partition", "dirichlet", "--alpha", "0.1",
+            "--rounds", "2", "--seeds", "0", "--methods", "fedavg,fedharmony",
+            "--grid", "fedharmony.alignment_weight=1,10", "--out", str(out),
+        ]
+    )  # fmt: skip
+    report = json.loads(out.read_text())
+    assert report["settings"]["rounds"] == 2 and report["settings"]["seeds"] == [0]
+    # the grid ran on validation and its scores and choice are in the output
+    choice = report["selection"]["yeast/dirichlet0.1/E1"]["fedharmony"]
+    assert choice["configs"] == [{"alignment_weight": 1}, {"alignment_weight": 10}]
+    assert len(choice["val_final_map"]) == 2 and choice["chosen"] in choice["configs"]
+    assert choice["chosen"] == choice["configs"][max(range(2), key=lambda i: choice["val_final_map"][i])]
+    assert {r["method"] for r in report["grid_runs"]} == {"fedavg", "fedharmony"}
+    assert all("final" not in r for r in report["grid_runs"])  # no test metric of an unchosen configuration
+    # one record per (method, seed), with config, final, best and validation-stopped metrics and curves
+    records = report["records"]
+    assert [(r["method"], r["seed"]) for r in records] == [("fedavg", 0), ("fedharmony", 0)]
+    for record in records:
+        assert record["cell_settings"]["partition"] == "dirichlet" and record["cell_settings"]["alpha"] == 0.1
+        for part in ("final", "best", "val_selected"):
+            assert set(quality.METRICS) <= set(record[part])
+            assert 0.0 < record[part]["map"] <= 1.0
+        assert 1 <= record["best"]["round"] <= 2
+        assert len(record["curves"]["test_map"]) == 2 and len(record["curves"]["val_map"]) == 2
+        assert record["final"]["map"] == record["curves"]["test_map"][-1]
+        assert record["best"]["map"] == max(record["curves"]["test_map"])
+    assert records[1]["params"] == choice["chosen"]
+    table = out.with_suffix(".md").read_text()
+    assert "### yeast/dirichlet0.1/E1" in table and "| fedharmony | alignment_weight=" in table
+    assert "Target check" in table and "± " in table
+    assert (tmp_path / "cell_yeast_dirichlet0.1_E1.png").stat().st_size > 0
+
+
+def test_quality_argument_parsing(quality: ModuleType) -> None:
+    variants = quality.parse_variants(["fhp=fedharmony:corr_normalization=pearson,detach_marginals=true,t0=none"])
+    assert variants == {"fhp": ("fedharmony", {"corr_normalization": "pearson", "detach_marginals": True, "t0": None})}
+    grid = quality.parse_grid(["fedharmony.alignment_weight=0.1,1", "fhp.num_blocks=auto,2"])
+    assert grid == {"fedharmony": {"alignment_weight": [0.1, 1]}, "fhp": {"num_blocks": ["auto", 2]}}
+    # a variant inherits its base's grid, with its own overrides on top
+    configs = quality.method_grid("fhp", "fedharmony", "small", grid)
+    assert configs == [{"alignment_weight": a, "num_blocks": b} for a in (0.1, 1) for b in ("auto", 2)]
+    assert quality.method_grid("fedavg", "fedavg", "small", {}) == [{}]
+    with pytest.raises(ValueError, match=r"Expected `--variant NAME=BASE:key=value"):
+        quality.parse_variants(["x=fedavg:a=1"])
+    with pytest.raises(ValueError, match=r"Expected `--grid METHOD\.key=v1,v2`"):
+        quality.parse_grid(["alignment_weight=1"])
