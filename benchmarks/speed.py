@@ -193,10 +193,10 @@ def _server_cell(num_clients: int, num_labels: int, repeats: int) -> dict[str, A
 def bench_server(cells: list[tuple[int, int]], repeats: int) -> list[dict[str, Any]]:
     rows = []
     for num_clients, num_labels in cells:
+        here = str(Path(__file__).parent)
         code = (
-            "import json, sys; sys.path.insert(0, %r); from speed import _server_cell; "
-            "print(json.dumps(_server_cell(%d, %d, %d)))"
-            % (str(Path(__file__).parent), num_clients, num_labels, repeats)
+            f"import json, sys; sys.path.insert(0, {here!r}); from speed import _server_cell; "
+            f"print(json.dumps(_server_cell({num_clients}, {num_labels}, {repeats})))"
         )
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
         if done.returncode != 0:
@@ -210,27 +210,34 @@ def bench_server(cells: list[tuple[int, int]], repeats: int) -> list[dict[str, A
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"Machine: {report['machine']}", ""]
     if "round" in report:
-        r = report["round"]
         lines += [
-            f"**Round time** ({report['data']}, 10 clients, 1 local epoch, median of {report['repeats']} runs):",
+            f"**Round time** (10 clients, label-set Dirichlet 0.1, 1 local epoch, median of {report['repeats']} runs):",
             "",
-            "| FedAvg s/round | FedHarmony s/round | ratio | target |",
-            "|---:|---:|---:|---|",
-            f"| {r['fedavg_s_per_round']:.3f} | {r['fedharmony_s_per_round']:.3f} | {r['ratio']:.2f}x | {r['target']} |",
-            "",
+            "| data | FedAvg s/round | FedHarmony s/round | ratio | target |",
+            "|---|---:|---:|---:|---|",
         ]
+        for r in report["round"]:
+            lines.append(
+                f"| {r['data']} | {r['fedavg_s_per_round']:.3f} | {r['fedharmony_s_per_round']:.3f}"
+                f" | {r['ratio']:.2f}x | {r['target']} |"
+            )
+        lines.append("")
     if "overhead" in report:
-        o = report["overhead"]
         lines += [
-            f"**Orchestrator overhead** (FedAvg, {o['clients']} clients, {o['steps_per_round']} steps per round):",
+            "**Orchestrator overhead** (FedAvg through `Federation` vs the same client steps in a plain PyTorch loop):",
             "",
-            "| plain PyTorch s/round | orchestrator s/round | ratio | Trainer construction s/round | overhead per client"
-            " | target |",
-            "|---:|---:|---:|---:|---:|---|",
-            f"| {o['plain_s_per_round']:.3f} | {o['orchestrator_s_per_round']:.3f} | {o['ratio']:.2f}x"
-            f" | {o['trainer_construction_s_per_round']:.3f} | {o['overhead_ms_per_client']:.1f} ms | {o['target']} |",
-            "",
+            "| data | steps/round | plain s/round | orchestrator s/round | ratio | Trainer construction s/round"
+            " | overhead per client | target |",
+            "|---|---:|---:|---:|---:|---:|---:|---|",
         ]
+        for o in report["overhead"]:
+            lines.append(
+                f"| {o['data']} | {o['steps_per_round']} | {o['plain_s_per_round']:.3f}"
+                f" | {o['orchestrator_s_per_round']:.3f} | {o['ratio']:.2f}x"
+                f" | {o['trainer_construction_s_per_round']:.3f} | {o['overhead_ms_per_client']:.1f} ms"
+                f" | {o['target']} |"
+            )
+        lines.append("")
     if "blocks" in report:
         lines += ["**Block-wise vs all-pairs alignment** (one client's local training, same teacher):", ""]
         lines += [
@@ -246,7 +253,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append("")
     if "server" in report:
         lines += [
-            "**Server step** (consensus, blocks, quality, weights, and every client's teacher), fresh process per cell:",
+            "**Server step** (consensus, blocks, quality, weights and every client's teacher; a fresh process per cell):",
             "",
         ]
         lines += [
@@ -267,7 +274,9 @@ def markdown(report: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
-    parser.add_argument("--data", default="river:yeast", help="data of the round and overhead parts")
+    parser.add_argument(
+        "--data", default="river:yeast,tmc2007-500", help="data sets of the round and overhead parts (comma-separated)"
+    )
     parser.add_argument("--block-data", default="delicious,rcv1subset1", help="data sets of the blocks part")
     parser.add_argument("--num-blocks", type=int, default=16)
     parser.add_argument("--block-epochs", type=int, default=2)
@@ -278,8 +287,10 @@ def main() -> None:
         default="10x100,100x100,1000x100,10x1000,100x1000,300x1000",
         help="KxL cells of the server part",
     )
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (small models: 1 is fastest)")
     parser.add_argument("--out", default="results/speed")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     parts = [p for p in args.parts.split(",") if p]
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
@@ -287,17 +298,18 @@ def main() -> None:
 
     report: dict[str, Any] = {
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
-        "data": args.data,
         "repeats": args.repeats,
     }
-    if {"round", "overhead"} & set(parts):
-        data = load_federated_data(args.data, data_dir=str(DATA_DIR), num_clients=10, seed=0)
+    for name in args.data.split(","):
+        if not {"round", "overhead"} & set(parts):
+            break
+        data = load_federated_data(name, data_dir=str(DATA_DIR), num_clients=10, seed=0)
         if "round" in parts:
-            report["round"] = bench_round(data, args.repeats, args.rounds)
-            print(f"round: {report['round']['ratio']:.2f}x", flush=True)
+            report.setdefault("round", []).append({"data": name, **bench_round(data, args.repeats, args.rounds)})
+            print(f"round {name}: {report['round'][-1]['ratio']:.2f}x", flush=True)
         if "overhead" in parts:
-            report["overhead"] = bench_overhead(data, args.repeats, args.rounds)
-            print(f"overhead: {report['overhead']['ratio']:.2f}x", flush=True)
+            report.setdefault("overhead", []).append({"data": name, **bench_overhead(data, args.repeats, args.rounds)})
+            print(f"overhead {name}: {report['overhead'][-1]['ratio']:.2f}x", flush=True)
     if "blocks" in parts:
         report["blocks"] = [
             bench_blocks(name, args.repeats, args.num_blocks, args.block_epochs) for name in args.block_data.split(",")

@@ -8,7 +8,6 @@ import threading
 from collections.abc import Iterator, Mapping
 from types import FrameType
 
-import torch
 from torch import Tensor
 
 from lightning_fedharmony.aggregators.base import ClientUpdate, InconsistentClientUpdates, validate_updates
@@ -58,6 +57,4 @@ def screen_update(update: ClientUpdate, reference: Mapping[str, Tensor], num_lab
             return f"rejected statistics: {err}"
         if num_labels is not None and labels != num_labels:
             return f"rejected statistics: expected {num_labels} labels, but got {labels}."
-        if not bool(torch.isfinite(update.stats.compute()).all()):
-            return "rejected statistics: the correlation is not finite."
     return None

@@ -152,6 +152,7 @@ class FedHarmony(Aggregator):
         self.seed = seed
         self._clients: dict[str, _ClientRecord] = {}
         self._sums: tuple[Tensor, Tensor] | None = None
+        self._blocks = torch.zeros(0, 0, dtype=torch.bool)
         self.cluster_ids: Tensor | None = None
 
     # ------------------------------------------------------------------ server -> clients
@@ -176,11 +177,11 @@ class FedHarmony(Aggregator):
             raise RuntimeError("Expected client statistics from an earlier round, but the server has none yet.")
         numerator, denominator = self._sums
         record = self._clients.get(client_id)
-        blocks = block_mask(self.cluster_ids)
+        blocks = self._blocks
         if record is None:
             teacher, mask = consensus_from_sums(numerator, denominator).float(), blocks & (denominator > 0)
         else:
-            weight = torch.tensor(self._consensus_weight(record), dtype=torch.float64)
+            weight = torch.tensor(self._consensus_weight(record), dtype=numerator.dtype)
             loo_num, loo_den = leave_one_out_sums(numerator, denominator, record.corr, weight, record.valid)
             mask = blocks & (loo_den > 0) & pair_validity(record.valid)
             teacher = consensus_from_sums(loo_num, loo_den).float()
@@ -288,13 +289,15 @@ class FedHarmony(Aggregator):
             )
             numerator += num
             denominator += den
-        self._sums = (numerator, denominator)
+        # summed in float64, kept in float32: each client's teacher is then L^2 float32 work
+        self._sums = (numerator.float(), denominator.float())
         consensus = consensus_from_sums(numerator, denominator)
         if self.block_alignment:
             blocks = self.num_blocks if self.num_blocks == "auto" else min(int(self.num_blocks), num_labels)
             self.cluster_ids = spectral_label_blocks(consensus, blocks, seed=self.seed)
         else:
             self.cluster_ids = torch.zeros(num_labels, dtype=torch.long)
+        self._blocks = block_mask(self.cluster_ids)
         return consensus, self.cluster_ids
 
     # ------------------------------------------------------------------ checkpoints

@@ -108,14 +108,16 @@ def leave_one_out_sums(
     with only rounding error is set to 0 (no support).
 
     Returns:
-        ``(numerator, denominator)`` without the given clients, float64.
+        ``(numerator, denominator)`` without the given clients, in the sums' dtype (float32 sums halve a server's
+        memory traffic; their relative error after removing one of K clients stays near ``K * 6e-8``).
     """
-    w = weights.to(torch.float64)[..., None, None]
-    own_support = w if valid is None else pair_validity(valid).to(torch.float64) * w
-    loo_num = numerator - own_support * correlations.to(torch.float64)
+    dtype = numerator.dtype
+    w = weights.to(dtype)[..., None, None]
+    own_support = w if valid is None else pair_validity(valid).to(dtype) * w
+    loo_num = numerator - own_support * correlations.to(dtype)
     loo_den = denominator - own_support
-    # cancellation can leave rounding residue where no other client has support: a few float64 ulps of the total
-    residue = 16 * torch.finfo(torch.float64).eps * denominator
+    # cancellation can leave rounding residue where no other client has support: a few ulps of the total
+    residue = 16 * torch.finfo(dtype).eps * denominator
     loo_den = torch.where(loo_den > residue, loo_den, 0.0)
     return loo_num, loo_den
 
