@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -18,14 +19,15 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint written by a federation with other settings than the one asked to resume from it."""
 
 
-def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> Path:
-    """Write ``state`` (tensors and plain values only) atomically: readers see the old file or the new one."""
+def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], object]) -> Path:
+    """Write a file through ``write(handle)`` atomically: readers see the old file or the new one, never a torn one
+    (temporary file in the same folder, fsync, ``os.replace``)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save({"version": CHECKPOINT_VERSION, **state}, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, target)
@@ -33,6 +35,11 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> Path
         Path(tmp).unlink(missing_ok=True)
         raise
     return target
+
+
+def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> Path:
+    """Write ``state`` (tensors and plain values only) atomically."""
+    return atomic_write(path, lambda handle: torch.save({"version": CHECKPOINT_VERSION, **state}, handle))
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -12,7 +12,6 @@ import io
 import json
 import os
 import re
-import tempfile
 import zipfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_fedharmony.checkpoint import atomic_write
 from lightning_fedharmony.stats import STATS_FIELDS, CorrelationStats, validate_stats_state
 
 #: Version of the payload layout; a reader rejects any other.
@@ -191,20 +191,9 @@ class DirectoryExchange(Exchange):
 
     def _write(self, kind: str, client_id: str, arrays: dict[str, np.ndarray], version: int) -> None:
         meta = {"format_version": FORMAT_VERSION, "kind": kind, "client_id": client_id, "version": int(version)}
-        target = self.path(kind, client_id)
-        target.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         np.savez(buffer, **{**arrays, _META_KEY: np.array(json.dumps(meta))})  # type: ignore[arg-type]
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(buffer.getvalue())
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(self.path(kind, client_id), lambda handle: handle.write(buffer.getvalue()))
 
     def _read(self, kind: str, client_id: str) -> tuple[dict[str, np.ndarray], int, str] | None:
         path = self.path(kind, client_id)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import threading
 from collections.abc import Iterator, Mapping
 from types import FrameType
 
+import torch
 from torch import Tensor
 
 from lightning_fedharmony.aggregators.base import ClientUpdate, InconsistentClientUpdates, validate_updates
@@ -58,3 +60,52 @@ def screen_update(update: ClientUpdate, reference: Mapping[str, Tensor], num_lab
         if num_labels is not None and labels != num_labels:
             return f"rejected statistics: expected {num_labels} labels, but got {labels}."
     return None
+
+
+def unusable_weights(update: ClientUpdate) -> str | None:
+    """Why an update's weights cannot be used (non-finite: the client diverged), or ``None``."""
+    for name, tensor in update.weights.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return f"non-finite weights in `{name}` (diverged or NaN loss)"
+    return None
+
+
+class UpdateCollector:
+    """Screens a round's client updates as they arrive and keeps the usable ones, by the same rules wherever the
+    clients ran (here or on Flower): non-finite weights, malformed statistics or a label count unlike the others'
+    become a failure with the reason.
+
+    Args:
+        reference: the global weights the clients started from.
+    """
+
+    def __init__(self, reference: Mapping[str, Tensor]) -> None:
+        self.reference = reference
+        self.updates: list[ClientUpdate] = []
+        self.failures: dict[str, str] = {}
+        self.setup_seconds = 0.0
+        self._losses: list[tuple[float, int]] = []
+        self._num_labels: int | None = None
+
+    def fail(self, client_id: str, reason: str) -> None:
+        """Record a client that returned nothing usable."""
+        self.failures[client_id] = reason
+
+    def add(self, update: ClientUpdate, loss: float, setup_seconds: float = 0.0) -> None:
+        """Screen one update; keep it, or record why not."""
+        self.setup_seconds += setup_seconds
+        reason = unusable_weights(update) or screen_update(update, self.reference, self._num_labels)
+        if reason:
+            self.fail(update.client_id, reason)
+            return
+        if update.stats is not None:
+            self._num_labels = update.stats.num_labels
+        self.updates.append(update)
+        if math.isfinite(loss):
+            self._losses.append((loss, update.num_samples))
+
+    @property
+    def train_loss(self) -> float:
+        """The kept clients' training loss weighted by sample counts (``nan`` if none reported one)."""
+        total = sum(n for _, n in self._losses)
+        return sum(loss * n for loss, n in self._losses) / total if total else float("nan")

@@ -36,7 +36,7 @@ from lightning_fedharmony.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from lightning_fedharmony.faults import screen_update, time_limit
+from lightning_fedharmony.faults import UpdateCollector, time_limit
 from lightning_fedharmony.metrics import MultilabelReport
 from lightning_fedharmony.mixin import FedHarmonyMixin, load_model_weights, model_weights
 from lightning_fedharmony.privacy import check_privacy_args
@@ -421,24 +421,22 @@ class Federation:
         t_start = time.perf_counter()
         selected = self.select_clients(server_round)
         instructions = self.aggregator.configure_round(server_round, selected, self.global_weights)
-        failures: dict[str, str] = {}
         for attempt in range(self.round_retries + 1):
-            updates, losses, setup_seconds, failures = self._collect_updates(
-                server_round, selected, instructions, attempt
-            )
-            if len(updates) >= self.min_clients:
+            collected = self._collect_updates(server_round, selected, instructions, attempt)
+            if len(collected.updates) >= self.min_clients:
                 break
         else:
             where = ""
             if self.checkpoint_path is not None:
                 where = f" The last good global model is in {os.fspath(self.checkpoint_path)}."
             raise FederationError(
-                f"Round {server_round}: {len(updates)} of {len(selected)} clients returned usable updates in each of"
-                f" {self.round_retries + 1} attempt(s), fewer than `min_clients`={self.min_clients}. Failures:"
-                f" {failures}. `Federation.global_weights` keeps the model of round {server_round - 1}.{where}"
+                f"Round {server_round}: {len(collected.updates)} of {len(selected)} clients returned usable updates in"
+                f" each of {self.round_retries + 1} attempt(s), fewer than `min_clients`={self.min_clients}. Failures:"
+                f" {collected.failures}. `Federation.global_weights` keeps the model of round {server_round - 1}."
+                f"{where}"
             )
         t_clients = time.perf_counter()
-        aggregated = self.aggregator.aggregate_round(server_round, updates, self.global_weights)
+        aggregated = self.aggregator.aggregate_round(server_round, collected.updates, self.global_weights)
         self.global_weights = aggregated.weights
         t_server = time.perf_counter()
         metrics: dict[str, float] = {}
@@ -447,18 +445,17 @@ class Federation:
         ):
             metrics = self.evaluate()
         t_end = time.perf_counter()
-        total = sum(n for _, n in losses)
         record = RoundRecord(
             server_round=server_round,
             clients=selected,
-            failures=failures,
+            failures=collected.failures,
             client_weights=aggregated.client_weights,
-            train_loss=sum(loss * n for loss, n in losses) / total if total else float("nan"),
+            train_loss=collected.train_loss,
             metrics=metrics,
             server_metrics=aggregated.metrics,
             seconds={
                 "clients": t_clients - t_start,
-                "trainer_setup": setup_seconds,
+                "trainer_setup": collected.setup_seconds,
                 "server": t_server - t_clients,
                 "eval": t_end - t_server,
                 "total": t_end - t_start,
@@ -487,13 +484,9 @@ class Federation:
 
     def _collect_updates(
         self, server_round: int, selected: list[str], instructions: Mapping[str, ClientInstructions], attempt: int
-    ) -> tuple[list[ClientUpdate], list[tuple[float, int]], float, dict[str, str]]:
-        updates: list[ClientUpdate] = []
-        failures: dict[str, str] = {}
-        losses: list[tuple[float, int]] = []
-        setup_seconds = 0.0
+    ) -> UpdateCollector:
+        collected = UpdateCollector(self.global_weights)
         index = {cid: i for i, cid in enumerate(self.clients)}
-        num_labels: int | None = None
         with quiet_lightning():
             for cid in selected:
                 seed_parts = (self.seed, server_round, index[cid]) + ((attempt,) if attempt else ())
@@ -501,19 +494,10 @@ class Federation:
                     with time_limit(self.client_timeout, cid):
                         update, loss, setup = self._train_client(cid, instructions[cid], derive_seed(*seed_parts))
                 except Exception as err:  # a failing client must not end the federation
-                    failures[cid] = f"{type(err).__name__}: {' '.join(str(err).split())}"
+                    collected.fail(cid, f"{type(err).__name__}: {' '.join(str(err).split())}")
                     continue
-                setup_seconds += setup
-                reason = _unusable(update) or screen_update(update, self.global_weights, num_labels)
-                if reason:
-                    failures[cid] = reason
-                    continue
-                if update.stats is not None:
-                    num_labels = update.stats.num_labels
-                updates.append(update)
-                if math.isfinite(loss):
-                    losses.append((loss, update.num_samples))
-        return updates, losses, setup_seconds, failures
+                collected.add(update, loss, setup)
+        return collected
 
     def _train_client(
         self, client_id: str, instructions: ClientInstructions, seed: int
@@ -683,10 +667,3 @@ def _num_train_samples(trainer: pl.Trainer, datamodule: pl.LightningDataModule) 
         f"Expected the client's train dataloader to have a sized dataset, but {type(datamodule).__name__} gave"
         f" {type(loader).__name__}. HINT: clients need a sample count for weighting."
     )
-
-
-def _unusable(update: ClientUpdate) -> str | None:
-    for name, tensor in update.weights.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            return f"non-finite weights in `{name}` (diverged or NaN loss)"
-    return None

@@ -24,7 +24,6 @@ Clients are identified by their partition id (``node_config["partition-id"]``, s
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
@@ -42,13 +41,12 @@ from lightning_fedharmony.aggregators.base import (
     InconsistentClientUpdates,
 )
 from lightning_fedharmony.aggregators.fedharmony import FedHarmony
-from lightning_fedharmony.faults import screen_update
+from lightning_fedharmony.faults import UpdateCollector
 from lightning_fedharmony.orchestrator import (
     CLIENT_TRAINER_DEFAULTS,
     FederationError,
     FederationResult,
     RoundRecord,
-    _unusable,
     derive_seed,
     evaluate_weights,
     quiet_lightning,
@@ -479,25 +477,15 @@ class FedHarmonyStrategy(Strategy):
             if cid in by_client:
                 raise InconsistentClientUpdates(cid, Key.CLIENT_ID, "sent more than one reply this round.")
             by_client[cid] = self.parse_reply(reply, cid)
-        updates: list[ClientUpdate] = []
-        losses: list[tuple[float, int]] = []
-        setup_seconds = 0.0
-        num_labels: int | None = None
+        collected = UpdateCollector(self._global)
+        for cid, reason in failures.items():
+            collected.fail(cid, reason)
         for cid in self._selected:  # selection order, as in Federation: the same sums in the same order
             if cid not in by_client:
-                failures.setdefault(cid, "no reply")
+                collected.failures.setdefault(cid, "no reply")
                 continue
-            update, loss, setup = by_client[cid]
-            setup_seconds += setup
-            reason = _unusable(update) or screen_update(update, self._global, num_labels)
-            if reason:
-                failures[cid] = reason
-                continue
-            if update.stats is not None:
-                num_labels = update.stats.num_labels
-            updates.append(update)
-            if math.isfinite(loss):
-                losses.append((loss, update.num_samples))
+            collected.add(*by_client[cid])
+        failures, updates = collected.failures, collected.updates
         if failures:
             log(WARNING, "Round %d failures: %s", server_round, failures)
         if len(updates) < self.min_clients:
@@ -508,8 +496,7 @@ class FedHarmonyStrategy(Strategy):
         aggregated = self.aggregator.aggregate_round(server_round, updates, self._global)
         self._global = aggregated.weights
         t_end = time.perf_counter()
-        total = sum(n for _, n in losses)
-        train_loss = sum(loss * n for loss, n in losses) / total if total else float("nan")
+        train_loss = collected.train_loss
         self.result.rounds.append(
             RoundRecord(
                 server_round=server_round,
@@ -521,7 +508,7 @@ class FedHarmonyStrategy(Strategy):
                 server_metrics=aggregated.metrics,
                 seconds={
                     "clients": t_replies - self._round_started,
-                    "trainer_setup": setup_seconds,
+                    "trainer_setup": collected.setup_seconds,
                     "server": t_end - t_replies,
                     "eval": 0.0,
                     "total": t_end - self._round_started,
