@@ -253,7 +253,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append("")
     if "server" in report:
         lines += [
-            "**Server step** (consensus, blocks, quality, weights and every client's teacher; a fresh process per cell):",
+            "**Server step** (consensus, blocks, quality, weights and every client's teacher; one process per cell):",
             "",
         ]
         lines += [

@@ -81,7 +81,7 @@ def test_mixin_block_path_matches_dense_loss_and_gradients(observed: bool) -> No
 
 
 def test_layout_cache_follows_the_teacher() -> None:
-    preds, teacher, mask = _setup()
+    _, teacher, mask = _setup()
     model = TinyMLP(num_labels=30)
     model.fedharmony_set_teacher(teacher, mask)
     first = model._fedharmony_block_layout()

@@ -74,7 +74,10 @@ def test_alignment_loss_dtypes() -> None:
 def test_alignment_loss_invalid_shapes() -> None:
     corr = _matrix(3, 10)
     mask = torch.ones(3, 3, dtype=torch.bool)
-    match = r"Expected `corr`, `teacher` and `mask` to share one \(L, L\) \(or batched \(\.\.\., L, L\)\) shape, but got"
+    match = (
+        r"Expected `corr`, `teacher` and `mask` to share one \(L, L\) \(or batched \(\.\.\., L, L\)\) shape,"
+        r" but got"
+    )
     with pytest.raises(ValueError, match=match + r" \(3, 3\), \(2, 2\) and \(3, 3\)"):
         alignment_loss(corr, corr[:2, :2], mask)
     with pytest.raises(ValueError, match=match + r" \(3, 3\), \(3, 3\) and \(3, 2\)"):

@@ -26,7 +26,8 @@ def main(rounds: int = 5) -> None:
     )
     torch.manual_seed(0)
     model = TagClassifier(num_features=train.num_features, num_labels=train.num_labels)
-    federation = Federation(model, clients, FedHarmony(alignment_weight=1.0), num_rounds=rounds, eval_dataloader=test_loader)
+    aggregator = FedHarmony(alignment_weight=1.0)
+    federation = Federation(model, clients, aggregator, num_rounds=rounds, eval_dataloader=test_loader)
     result = federation.fit()
     print(f"final mAP {result.final.metrics['map']:.4f}")
 

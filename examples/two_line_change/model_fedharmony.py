@@ -2,7 +2,6 @@
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lightning_fedharmony import FedHarmonyMixin
