@@ -8,12 +8,15 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch import Tensor
 from typing_extensions import override
 
 from lightning_fedharmony.exchange import DirectoryExchange, Exchange, InMemoryExchange, check_client_id
 from lightning_fedharmony.mixin import FedHarmonyMixin
 from lightning_fedharmony.privacy import check_privacy_args, privatize_stats
 from lightning_fedharmony.stats import CorrelationStats
+
+_FLUSH_ROWS = 4096  # predictions buffered before they are added to the float64 statistics
 
 
 class CorrelationExchange(Callback):
@@ -71,6 +74,8 @@ class CorrelationExchange(Callback):
         self.stats: CorrelationStats | None = None
         #: what was last exported: ``stats``, or its noised copy when ``stats_noise_multiplier > 0``
         self.published_stats: CorrelationStats | None = None
+        self._pending: list[tuple[Tensor, Tensor, Tensor | None]] = []
+        self._pending_rows = 0
         self.teacher_version = -1
         self.exports = 0
 
@@ -97,6 +102,7 @@ class CorrelationExchange(Callback):
             self.teacher_version = payload.version
         if self.stats is not None:
             self.stats.reset()
+        self._pending, self._pending_rows = [], 0
         module.fedharmony_pop_batch()
 
     @override
@@ -109,13 +115,29 @@ class CorrelationExchange(Callback):
                 "Expected `training_step` to call `self.fedharmony_loss(logits, target)`, but no predictions reached"
                 " the CorrelationExchange callback in this step. HINT: compute the loss with `fedharmony_loss`."
             )
-        preds, target, observed = batch_stats
+        # buffered: one float64 update per few thousand rows costs far less per step than one per batch
+        self._pending.append(batch_stats)
+        self._pending_rows += batch_stats[0].shape[0]
+        if self._pending_rows >= _FLUSH_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        batches, self._pending, self._pending_rows = self._pending, [], 0
+        preds = torch.cat([b[0] for b in batches])
+        target = torch.cat([b[1] for b in batches])
+        masks = [b[2] for b in batches]
+        observed = None
+        if all(m is not None for m in masks):
+            observed = torch.cat([torch.broadcast_to(m, b[0].shape) for m, b in zip(masks, batches) if m is not None])
         if self.stats is None or self.stats.num_labels != preds.shape[1]:
             self.stats = CorrelationStats(preds.shape[1], min_label_rate=self.min_label_rate, clip=self.stats_clip)
         self.stats.update(preds, target, observed)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._flush()
         if self.stats is None or float(self.stats.num_samples) == 0:
             return
         self.exports += 1
@@ -127,6 +149,7 @@ class CorrelationExchange(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        self._flush()
         return {
             "client_id": self.client_id,
             "teacher_version": self.teacher_version,
