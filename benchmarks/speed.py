@@ -190,12 +190,13 @@ def _server_cell(num_clients: int, num_labels: int, repeats: int) -> dict[str, A
     }
 
 
-def bench_server(cells: list[tuple[int, int]], repeats: int) -> list[dict[str, Any]]:
+def bench_server(cells: list[tuple[int, int]], repeats: int, threads: int) -> list[dict[str, Any]]:
     rows = []
     for num_clients, num_labels in cells:
         here = str(Path(__file__).parent)
         code = (
-            f"import json, sys; sys.path.insert(0, {here!r}); from speed import _server_cell; "
+            f"import json, sys, torch; torch.set_num_threads({threads}); sys.path.insert(0, {here!r});"
+            " from speed import _server_cell; "
             f"print(json.dumps(_server_cell({num_clients}, {num_labels}, {repeats})))"
         )
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
@@ -318,7 +319,7 @@ def main() -> None:
             print(f"blocks {b['data']}: {100 * b['time_saved']:.0f}% saved", flush=True)
     if "server" in parts:
         cells = [tuple(int(v) for v in cell.split("x")) for cell in args.server_cells.split(",")]
-        report["server"] = bench_server(cells, max(1, min(args.repeats, 3)))  # type: ignore[arg-type]
+        report["server"] = bench_server(cells, max(1, min(args.repeats, 3)), args.threads)  # type: ignore[arg-type]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "speed.json").write_text(json.dumps(report, indent=2))
