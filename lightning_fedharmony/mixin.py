@@ -30,6 +30,10 @@ FEDHARMONY_PREFIX = "fedharmony_"
 _TEACHER, _MASK = "fedharmony_teacher", "fedharmony_mask"
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+# Below this many labels the dense (L, L) correlation is as cheap as gathering blocks: measured per alignment step
+# (64 rows, 16 blocks, one thread) dense vs blocks 0.45 vs 0.50 ms at L=101, 1.6 vs 0.65 ms at L=300, 22 vs 1.8 ms
+# at L=983.
+_BLOCK_KERNEL_MIN_LABELS = 128
 
 
 def model_weights(module: nn.Module) -> dict[str, Tensor]:
@@ -289,7 +293,7 @@ class FedHarmonyMixin:
         teacher, mask = self.fedharmony_teacher, self.fedharmony_mask
         key = (teacher.data_ptr(), mask.data_ptr(), teacher.device)
         if self._fedharmony_layout_key != key:
-            layout = block_layout(mask)
+            layout = block_layout(mask) if mask.shape[0] >= _BLOCK_KERNEL_MIN_LABELS else None
             if layout is None:
                 self._fedharmony_layout = None
             else:

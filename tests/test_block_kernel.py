@@ -58,10 +58,10 @@ def test_mask_components_and_layout() -> None:
 
 @pytest.mark.parametrize("observed", [False, True])
 def test_mixin_block_path_matches_dense_loss_and_gradients(observed: bool) -> None:
-    preds, teacher, mask = _setup()
+    preds, teacher, mask = _setup(num_labels=160)
     preds = preds.float()
-    labels = torch.rand(30, generator=torch.Generator().manual_seed(1)) > 0.3 if observed else None
-    model = TinyMLP(num_labels=30)
+    labels = torch.rand(160, generator=torch.Generator().manual_seed(1)) > 0.3 if observed else None
+    model = TinyMLP(num_labels=160)
     model.fedharmony_set_teacher(teacher, mask)
     assert model._fedharmony_block_layout() is not None
 
@@ -81,9 +81,16 @@ def test_mixin_block_path_matches_dense_loss_and_gradients(observed: bool) -> No
 
 
 def test_layout_cache_follows_the_teacher() -> None:
-    _, teacher, mask = _setup()
-    model = TinyMLP(num_labels=30)
+    _, teacher, mask = _setup(num_labels=160)
+    model = TinyMLP(num_labels=160)
     model.fedharmony_set_teacher(teacher, mask)
     first = model._fedharmony_block_layout()
-    model.fedharmony_set_teacher(teacher, ~torch.eye(30, dtype=torch.bool))
+    model.fedharmony_set_teacher(teacher, ~torch.eye(160, dtype=torch.bool))
     assert first is not None and model._fedharmony_block_layout() is None
+
+
+def test_few_labels_use_the_dense_path() -> None:
+    _, teacher, mask = _setup(num_labels=30)  # blocks would be no faster than one (30, 30) product
+    model = TinyMLP(num_labels=30)
+    model.fedharmony_set_teacher(teacher, mask)
+    assert block_layout(mask) is not None and model._fedharmony_block_layout() is None
