@@ -42,9 +42,14 @@ def plot_curves(results: Mapping[str, FederationResult], metric: str, path: str 
 def plot_consensus(consensus: Tensor, cluster_ids: Tensor, path: str | os.PathLike[str], title: str = "") -> Path:
     """Heatmap of the consensus correlation with labels ordered by block, block borders drawn."""
     order = torch.argsort(cluster_ids, stable=True)
-    matrix = consensus[order][:, order].detach().cpu().numpy()
+    matrix = consensus[order][:, order].detach().cpu().double()
+    # the diagonal is 1 by definition: leave it blank and scale the colours to the off-diagonal values, which the
+    # paper's soft phi keeps small (prediction confidence attenuates it)
+    matrix.fill_diagonal_(float("nan"))
+    off = matrix[~torch.isnan(matrix)]
+    scale = max(float(off.abs().max()) if off.numel() else 1.0, 1e-6)
     fig, ax = plt.subplots(figsize=(5.6, 4.8), dpi=120)
-    image = ax.imshow(matrix, cmap="RdBu_r", vmin=-1, vmax=1)
+    image = ax.imshow(matrix.numpy(), cmap="RdBu_r", vmin=-scale, vmax=scale)
     sizes = torch.bincount(cluster_ids).tolist()
     edge = -0.5
     for size in sizes[:-1]:
@@ -52,7 +57,7 @@ def plot_consensus(consensus: Tensor, cluster_ids: Tensor, path: str | os.PathLi
         ax.axhline(edge, color="black", linewidth=0.8)
         ax.axvline(edge, color="black", linewidth=0.8)
     ax.set_title(title or "consensus label correlation")
-    ax.set_xlabel(f"labels ordered by block ({len(sizes)} blocks)")
+    ax.set_xlabel(f"labels ordered by block ({len(sizes)} block{'s' if len(sizes) != 1 else ''}); diagonal blank")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     fig.savefig(path)
