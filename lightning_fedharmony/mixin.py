@@ -126,8 +126,17 @@ class FedHarmonyMixin:
         return self
 
     # ------------------------------------------------------------------ configuration by the server
-    def fedharmony_configure(self, *, alignment_weight: float | None = None, proximal_mu: float | None = None) -> None:
-        """Set the loss weights (``None`` keeps the current value)."""
+    def fedharmony_configure(
+        self,
+        *,
+        alignment_weight: float | None = None,
+        proximal_mu: float | None = None,
+        corr_normalization: str | None = None,
+    ) -> None:
+        """Set the loss weights and the batch correlation's normalisation (``None`` keeps the current value)."""
+        if corr_normalization is not None:
+            _check_normalization(corr_normalization, "corr_normalization")
+            self.fedharmony_corr_normalization = corr_normalization  # type: ignore[assignment]
         if alignment_weight is not None:
             if not alignment_weight >= 0:
                 raise ValueError(f"Expected argument `alignment_weight` to be >= 0, but got {alignment_weight!r}.")

@@ -614,7 +614,9 @@ def train_client(
         # mixin's own running means instead
         log_parts, module.fedharmony_log_loss_parts = module.fedharmony_log_loss_parts, False
         module.fedharmony_configure(
-            alignment_weight=instructions.alignment_weight, proximal_mu=instructions.proximal_mu
+            alignment_weight=instructions.alignment_weight,
+            proximal_mu=instructions.proximal_mu,
+            corr_normalization=instructions.corr_normalization,
         )
         if instructions.proximal_mu > 0:
             module.fedharmony_set_anchor()

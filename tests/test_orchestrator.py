@@ -313,3 +313,14 @@ def test_progress_line_and_timings():
 def test_constructor_errors(kwargs, error, match):
     with pytest.raises(error, match=match):
         federation(**kwargs)
+
+
+def test_clients_follow_the_servers_correlation_scale():
+    model = tiny_model()
+    assert model.fedharmony_corr_normalization == "bernoulli"
+    fed = federation(model, aggregator=FedHarmony(corr_normalization="pearson"), num_rounds=2)
+    fed.fit()
+    # the teacher is a Pearson correlation from round 2 on: the batch correlation must be one too
+    assert model.fedharmony_corr_normalization == "pearson"
+    with pytest.raises(ValueError, match="`corr_normalization` to be one of"):
+        model.fedharmony_configure(corr_normalization="spearman")

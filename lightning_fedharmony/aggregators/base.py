@@ -52,6 +52,8 @@ class ClientInstructions:
         mask: ``(L, L)`` bool pairs to align, or ``None``.
         alignment_weight: ``lambda`` for this round, or ``None`` to keep the module's own.
         proximal_mu: FedProx's ``mu`` (0 = off).
+        corr_normalization: the teacher's soft phi normalisation; the client's batch correlation must use the same
+            scale, so it follows the server's (``None`` keeps the module's own).
     """
 
     weights: dict[str, Tensor]
@@ -59,6 +61,7 @@ class ClientInstructions:
     mask: Tensor | None = None
     alignment_weight: float | None = None
     proximal_mu: float = 0.0
+    corr_normalization: str | None = None
 
 
 @dataclass

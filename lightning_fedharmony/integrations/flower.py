@@ -109,6 +109,7 @@ class Key:
     LOCAL_EPOCHS = "local-epochs"
     PROXIMAL_MU = "proximal-mu"
     ALIGNMENT_WEIGHT = "alignment-weight"
+    CORR_NORMALIZATION = "corr-normalization"
     COLLECT_STATS = "collect-stats"
     # entries of `metrics` (client -> server)
     NUM_EXAMPLES = "num-examples"
@@ -392,6 +393,8 @@ class FedHarmonyStrategy(Strategy):
             client_config[Key.COLLECT_STATS] = self.collect_stats
             if instr.alignment_weight is not None:
                 client_config[Key.ALIGNMENT_WEIGHT] = float(instr.alignment_weight)
+            if instr.corr_normalization is not None:
+                client_config[Key.CORR_NORMALIZATION] = instr.corr_normalization
             content = _instructions_to_content(instr, client_arrays, client_config)
             messages.append(
                 Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(server_round))
@@ -661,6 +664,7 @@ def make_client_app(
             mask=mask,
             alignment_weight=None if alignment is None else _number(config, Key.ALIGNMENT_WEIGHT, float),
             proximal_mu=_number(config, Key.PROXIMAL_MU, float) if Key.PROXIMAL_MU in config else 0.0,
+            corr_normalization=str(config[Key.CORR_NORMALIZATION]) if Key.CORR_NORMALIZATION in config else None,
         )
         module = model_fn(context)
         datamodule = datamodule_fn(index, context)
