@@ -298,14 +298,14 @@ def _mean_curves(curves: Sequence[list[dict[str, float]]]) -> list[dict[str, flo
 
 def run_task(task: Task) -> dict[str, Any]:
     """Train one task and return its record (per-round test and validation metrics, timings)."""
+    from lightning_fedharmony.data import TestDataModule
     from lightning_fedharmony.data.datamodule import ClientDataModule
-    from lightning_fedharmony.data.federated import dataset_loader
 
     settings = dict(task.settings)
     torch.set_num_threads(settings["threads"])
     started = time.perf_counter()
     data = _federated_data(task.cell, task.seed, _data_settings(settings))
-    loaders = (data.test_loader(), dataset_loader(data.val))
+    loaders = (data.test_loader(), TestDataModule.from_dataset(data.val, batch_size=1024).test_dataloader())
     batch = settings["batch_size"]
     if task.base == "local_only":
         runs = []

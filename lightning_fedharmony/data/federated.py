@@ -12,10 +12,9 @@ from functools import lru_cache
 
 import lightning.pytorch as pl
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
-from lightning_fedharmony.data.datamodule import ClientDataModule
+from lightning_fedharmony.data.datamodule import ClientDataModule, TestDataModule, client_datamodules
 from lightning_fedharmony.data.loaders import MultilabelDataset, load_dataset, load_yeast_from_river
 from lightning_fedharmony.data.partition import (
     Partition,
@@ -48,25 +47,20 @@ class FederatedData:
         """The datamodule of client ``index``."""
         if not 0 <= index < self.partition.num_clients:
             raise ValueError(f"Expected a client index in [0, {self.partition.num_clients}), but got {index!r}.")
-        rows = self.partition.client_indices[index]
         observed = None if self.partition.observed is None else self.partition.observed[index]
-        return ClientDataModule(
-            self.train.X[rows], self.train.Y[rows], observed=observed, batch_size=batch_size, seed=seed + index
+        rows = self.partition.client_indices[index]
+        return ClientDataModule.from_dataset(
+            self.train, rows, observed=observed, batch_size=batch_size, seed=seed + index
         )
 
     def clients(self, batch_size: int = 64, seed: int = 0) -> dict[str, ClientDataModule]:
         """Every client's datamodule, ids ``"0"``..``"K-1"``."""
-        return {str(k): self.client(k, batch_size, seed) for k in range(self.partition.num_clients)}
+        modules = client_datamodules(self.train, self.partition, batch_size=batch_size, seed=seed)
+        return {str(k): module for k, module in enumerate(modules)}
 
     def test_loader(self, batch_size: int = 1024) -> DataLoader:
-        """Batches ``(x, y)`` of the test set."""
-        return dataset_loader(self.test, batch_size)
-
-
-def dataset_loader(dataset: MultilabelDataset, batch_size: int = 1024) -> DataLoader:
-    """Batches ``(x, y)`` of a held-out set, in order."""
-    tensors = TensorDataset(torch.from_numpy(dataset.X).float(), torch.from_numpy(dataset.Y.astype(np.float32)))
-    return DataLoader(tensors, batch_size=batch_size, shuffle=False)
+        """Batches ``(x, y)`` of the test set, in order."""
+        return TestDataModule.from_dataset(self.test, batch_size=batch_size).test_dataloader()
 
 
 def load_federated_data(
