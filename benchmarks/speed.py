@@ -160,7 +160,13 @@ def bench_blocks(name: str, repeats: int, num_blocks: int, epochs: int) -> dict[
 
 
 def _server_cell(num_clients: int, num_labels: int, repeats: int) -> dict[str, Any]:
-    """One server step of FedHarmony with K synthetic clients over L labels (runs in its own process)."""
+    """One server step of FedHarmony with K synthetic clients over L labels (runs in its own process).
+
+    ``step``: ``aggregate_round`` (each client's correlation, the consensus, blocks, quality, weights), the part of
+    the round the server cannot hand out. ``teacher``: one client's leave-one-out teacher and mask, built when that
+    client is configured for the next round. ``state``: what the aggregator keeps between rounds, one float32
+    ``L x L`` correlation per client (the paper's teachers subtract each client's own latest term).
+    """
     import resource
 
     generator = torch.Generator().manual_seed(0)
@@ -172,20 +178,28 @@ def _server_cell(num_clients: int, num_labels: int, repeats: int) -> dict[str, A
         stats.update(preds, (preds > 0.5).float())
         updates.append(ClientUpdate(str(k), {"w": torch.full((4,), float(k))}, 32, stats))
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
+    step_times, teacher_times = [], []
+    aggregator = FedHarmony(t0=5)
     for _ in range(repeats):
         aggregator = FedHarmony(t0=5)
         started = time.perf_counter()
         aggregator.aggregate_round(1, updates, weights)
-        aggregator.configure_round(2, [u.client_id for u in updates], weights)  # every client's teacher
-        times.append(time.perf_counter() - started)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        step_times.append(time.perf_counter() - started)
+    step_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    sample = [u.client_id for u in updates[: min(num_clients, 50)]]
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for client_id in sample:
+            aggregator.teacher(client_id)
+        teacher_times.append((time.perf_counter() - started) / len(sample))
+    state = aggregator.state_dict()
     return {
         "clients": num_clients,
         "labels": num_labels,
-        "seconds": statistics.median(times),
-        "peak_rss_mib": peak / 1024,
-        "step_peak_extra_mib": (peak - baseline) / 1024,
+        "step_seconds": statistics.median(step_times),
+        "teacher_ms": 1000 * statistics.median(teacher_times),
+        "step_peak_extra_mib": (step_peak - baseline) / 1024,
+        "state_mib": state["corr"].numel() * state["corr"].element_size() / 2**20,
         "input_stats_mib": num_clients * num_labels * num_labels * 8 / 2**20,
     }
 
@@ -204,7 +218,7 @@ def bench_server(cells: list[tuple[int, int]], repeats: int, threads: int) -> li
             rows.append({"clients": num_clients, "labels": num_labels, "error": done.stderr.strip().splitlines()[-1]})
             continue
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(f"server K={num_clients} L={num_labels}: {rows[-1]['seconds']:.3f} s", flush=True)
+        print(f"server K={num_clients} L={num_labels}: {rows[-1]['step_seconds']:.3f} s", flush=True)
     return rows
 
 
@@ -254,21 +268,22 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append("")
     if "server" in report:
         lines += [
-            "**Server step** (consensus, blocks, quality, weights and every client's teacher; one process per cell):",
+            "**Server step** (`aggregate_round`: every client's correlation, consensus, blocks, quality, weights; one"
+            " process per cell; a teacher is built per client when it is configured for the next round):",
             "",
-        ]
-        lines += [
-            "| clients K | labels L | seconds | peak RSS MiB | extra MiB during the step | input statistics MiB |",
-            "|---:|---:|---:|---:|---:|---:|",
+            "| clients K | labels L | step s | teacher ms per client | extra MiB during the step | of which kept"
+            " state MiB | input statistics MiB |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for s in report["server"]:
             if "error" in s:
-                lines.append(f"| {s['clients']} | {s['labels']} | failed: {s['error']} | | | |")
+                lines.append(f"| {s['clients']} | {s['labels']} | failed: {s['error']} | | | | |")
                 continue
             lines.append(
-                f"| {s['clients']} | {s['labels']} | {s['seconds']:.3f} | {s['peak_rss_mib']:.0f}"
-                f" | {s['step_peak_extra_mib']:.0f} | {s['input_stats_mib']:.0f} |"
+                f"| {s['clients']} | {s['labels']} | {s['step_seconds']:.3f} | {s['teacher_ms']:.1f}"
+                f" | {s['step_peak_extra_mib']:.0f} | {s['state_mib']:.0f} | {s['input_stats_mib']:.0f} |"
             )
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 

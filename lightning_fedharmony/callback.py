@@ -82,7 +82,12 @@ class CorrelationExchange(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(client_id=self.client_id)
+        # Lightning formats this key around every hook call, several per step: build it once per client id
+        cached = self.__dict__.get("_state_key")
+        if cached is None or cached[0] != self.client_id:
+            cached = (self.client_id, self._generate_state_key(client_id=self.client_id))
+            self.__dict__["_state_key"] = cached
+        return cached[1]
 
     @staticmethod
     def _mixin(pl_module: pl.LightningModule) -> FedHarmonyMixin:

@@ -21,9 +21,8 @@ from lightning_fedharmony.functional.correlation import (
     _check_normalization,
     block_soft_phi,
     phi_from_moments,
-    soft_phi,
 )
-from lightning_fedharmony.functional.losses import alignment_loss, proximal_term
+from lightning_fedharmony.functional.losses import alignment_loss, proximal_term, soft_phi_alignment_loss
 
 #: State-dict keys owned by FedHarmony: they travel with checkpoints but never with the averaged weights.
 FEDHARMONY_PREFIX = "fedharmony_"
@@ -283,6 +282,15 @@ class FedHarmonyMixin:
             mask = self.fedharmony_mask
             if observed_labels is not None:
                 mask = mask & pair_validity(observed_labels)
+            if self.fedharmony_corr_momentum == 0:  # the batch's own correlation: one fused autograd node
+                return soft_phi_alignment_loss(
+                    preds,
+                    self.fedharmony_teacher,
+                    mask,
+                    self.fedharmony_corr_eps,
+                    self.fedharmony_corr_normalization,
+                    detach_scale=self.fedharmony_detach_marginals,
+                )
             return alignment_loss(self._fedharmony_batch_corr(preds), self.fedharmony_teacher, mask)
         # only the in-block correlations: N * G * S^2 work instead of N * L^2
         index, valid, teacher, mask = layout
@@ -314,11 +322,10 @@ class FedHarmonyMixin:
         return self._fedharmony_layout
 
     def _fedharmony_batch_corr(self, preds: Tensor) -> Tensor:
+        """The batch correlation mixed with detached running moments (`corr_momentum` > 0)."""
         eps, normalization = self.fedharmony_corr_eps, self.fedharmony_corr_normalization
         detach = self.fedharmony_detach_marginals
         momentum = self.fedharmony_corr_momentum
-        if momentum == 0:
-            return soft_phi(preds, eps, normalization, detach_scale=detach)
         # running moments in float64: moments of saturated columns cancel catastrophically in float32
         wide = preds.double()
         mean = wide.mean(0)

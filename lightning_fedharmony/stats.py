@@ -105,9 +105,13 @@ class CorrelationStats:
             getattr(self, name).add_(getattr(other, name))
         return self
 
-    def compute(self, eps: float = 1e-6, normalization: Normalization = "bernoulli") -> Tensor:
-        """``(L, L)`` float64 soft phi correlation of everything seen."""
-        return phi_from_moments(self.num_samples, self.sum_preds, self.sum_outer, eps=eps, normalization=normalization)
+    def compute(
+        self, eps: float = 1e-6, normalization: Normalization = "bernoulli", *, out: Tensor | None = None
+    ) -> Tensor:
+        """``(L, L)`` float64 soft phi correlation of everything seen (written into ``out`` when given)."""
+        return phi_from_moments(
+            self.num_samples, self.sum_preds, self.sum_outer, eps=eps, normalization=normalization, out=out
+        )
 
     def valid_labels(self, min_label_rate: float | None = None) -> Tensor:
         """``(L,)`` bool: labels observed, with at least one positive, and a mean prediction inside the valid rate

@@ -44,6 +44,9 @@ def test_state_key() -> None:
     assert callback.state_key == STATE_KEY
     assert callback.state_key == callback._generate_state_key(client_id="a")
     assert CorrelationExchange(client_id="b").state_key == "CorrelationExchange{'client_id': 'b'}"
+    # built once per client id (Lightning reads it around every hook), and rebuilt when the id changes
+    callback.client_id = "c"
+    assert callback.state_key == "CorrelationExchange{'client_id': 'c'}"
     assert isinstance(CorrelationExchange().exchange, InMemoryExchange)
 
 

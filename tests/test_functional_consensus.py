@@ -22,6 +22,7 @@ from lightning_fedharmony.functional import (
     leave_one_out_consensus,
     leave_one_out_sums,
     leave_one_out_support,
+    leave_one_out_teacher,
     pair_validity,
 )
 
@@ -181,6 +182,40 @@ def test_leave_one_out_sums_one_client_at_a_time() -> None:
     for k in range(4):
         loo_num, loo_den = leave_one_out_sums(numerator, denominator, corr[k], weights[k], valid[k])
         torch.testing.assert_close(consensus_from_sums(loo_num, loo_den), teachers[k])
+
+
+@pytest.mark.parametrize("case", ["all_valid", "some_invalid", "zero_weights", "dominant_weight", "float32_sums"])
+def test_leave_one_out_teacher_matches_the_batched_teachers(case: str) -> None:
+    """The server's one-client-at-a-time teacher equals :func:`leave_one_out_consensus` and its support."""
+    corr, weights = _correlations(5, 6, seed=17), _weights(5, seed=17)
+    valid = None if case in ("all_valid", "dominant_weight") else _valid(5, 6, seed=17, rate=0.6)
+    if case == "zero_weights":
+        weights[::2] = 0.0
+    if case == "dominant_weight":
+        weights = torch.tensor([1.0, 1e-9, 2e-9, 3e-9, 1e-9], dtype=torch.float64)
+    teachers = leave_one_out_consensus(corr, weights, valid)
+    support = leave_one_out_support(weights, valid, 6)
+    numerator, denominator = consensus_sums(list(corr), weights, valid)
+    if case == "float32_sums":
+        numerator, denominator = numerator.float(), denominator.float()
+    for k in range(5):
+        teacher, has_support = leave_one_out_teacher(
+            numerator, denominator, corr[k], weights[k], None if valid is None else valid[k]
+        )
+        assert teacher.dtype == numerator.dtype and has_support.dtype == torch.bool
+        off_diagonal = ~torch.eye(6, dtype=torch.bool)
+        np.testing.assert_array_equal((has_support & off_diagonal).numpy(), (support[k] & off_diagonal).numpy())
+        tolerance = 1e-5 if case in ("float32_sums", "dominant_weight") else 1e-12
+        torch.testing.assert_close(teacher.double(), teachers[k], atol=tolerance, rtol=0)
+
+
+def test_consensus_sums_takes_a_sequence_of_matrices() -> None:
+    corr, weights, valid = _correlations(4, 3, seed=18), _weights(4, seed=18), _valid(4, 3, seed=18)
+    stacked = consensus_sums(corr, weights, valid)
+    listed = consensus_sums([c.float() for c in corr], weights, valid)
+    torch.testing.assert_close(listed, stacked, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"`correlations` to hold \(L, L\) tensors of one shape, but got shapes"):
+        consensus_sums([corr[0], corr[1, :2, :2]], weights[:2])
 
 
 def test_consensus_from_sums_without_support() -> None:

@@ -107,6 +107,37 @@ def test_phi_from_moments_matches_reference(normalization: Normalization) -> Non
     torch.testing.assert_close(got_tensor_n, got)
 
 
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+def test_phi_from_moments_in_place_paths_match_the_autograd_path(normalization: Normalization) -> None:
+    """Without a gradient the result is built in one buffer (``out`` when given); the values do not change."""
+    preds = _preds(29, 7, seed=16)
+    sum_preds, sum_outer = preds.sum(0), preds.T @ preds
+    with_grad = phi_from_moments(29, sum_preds.requires_grad_(), sum_outer, normalization=normalization)
+    assert with_grad.requires_grad
+    no_grad = phi_from_moments(29, sum_preds.detach(), sum_outer, normalization=normalization)
+    out = torch.full((7, 7), float("nan"), dtype=torch.float64)
+    into = phi_from_moments(29, sum_preds.detach(), sum_outer, normalization=normalization, out=out)
+    assert into.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(no_grad, with_grad.detach(), atol=1e-15, rtol=0)
+    torch.testing.assert_close(into, with_grad.detach(), atol=1e-15, rtol=0)
+    # the input moments are left as they were
+    torch.testing.assert_close(sum_outer, preds.T @ preds)
+    # no samples: the identity, into the buffer too
+    empty = phi_from_moments(0, torch.zeros(7), torch.zeros(7, 7, dtype=torch.float64), out=out)
+    torch.testing.assert_close(empty, torch.eye(7).double())
+    torch.testing.assert_close(out, torch.eye(7).double())
+
+
+def test_phi_from_moments_invalid_out() -> None:
+    sum_preds, sum_outer = torch.ones(3, dtype=torch.float64), torch.eye(3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"`out` to be a \(3, 3\) torch.float64 tensor, but got \(2, 2\) torch.f"):
+        phi_from_moments(4, sum_preds, sum_outer, out=torch.empty(2, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"to be a \(3, 3\) torch.float64 tensor, but got \(3, 3\) torch.float32"):
+        phi_from_moments(4, sum_preds, sum_outer, out=torch.empty(3, 3))
+    with pytest.raises(ValueError, match=r"no gradient through `phi_from_moments\(..., out=...\)`, but an input needs"):
+        phi_from_moments(4, sum_preds.requires_grad_(), sum_outer, out=torch.empty(3, 3, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("eps", [1e-3, 0.5])
 def test_phi_from_moments_eps_matches_reference(eps: float) -> None:
     preds = _preds(10, 3, seed=7)

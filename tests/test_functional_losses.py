@@ -9,7 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import alignment_loss_ref, block_mask_ref, proximal_term_ref
 
-from lightning_fedharmony.functional import alignment_loss, block_mask, proximal_term, soft_phi
+from lightning_fedharmony.functional import (
+    alignment_loss,
+    block_mask,
+    proximal_term,
+    soft_phi,
+    soft_phi_alignment_loss,
+)
 
 
 def _matrix(num_labels: int, seed: int) -> torch.Tensor:
@@ -127,3 +133,50 @@ def test_property_alignment_loss_finite(num_labels: int, seed: int, density: flo
     got = alignment_loss(corr, teacher, mask)
     assert torch.isfinite(got)
     assert got.item() == pytest.approx(alignment_loss_ref(corr.numpy(), teacher.numpy(), mask.numpy()), abs=1e-12)
+
+
+@pytest.mark.parametrize("normalization", ["bernoulli", "pearson"])
+@pytest.mark.parametrize("detach_scale", [False, True])
+@pytest.mark.parametrize("case", ["symmetric", "asymmetric", "one_sample", "saturated_column", "float32", "empty_mask"])
+def test_soft_phi_alignment_loss_equals_the_composition(normalization: str, detach_scale: bool, case: str) -> None:
+    """The fused loss has the value and the gradient of ``alignment_loss(soft_phi(...))``."""
+    generator = torch.Generator().manual_seed(3)
+    num_samples = 1 if case == "one_sample" else 11
+    dtype = torch.float32 if case == "float32" else torch.float64
+    preds = torch.rand(num_samples, 6, generator=generator, dtype=torch.float64)
+    if case == "saturated_column":
+        preds[:, 2] = 1.0
+    preds = preds.to(dtype).requires_grad_()
+    teacher, mask = _matrix(6, 4).to(dtype), torch.rand(6, 6, generator=generator) < 0.6
+    if case != "asymmetric":
+        teacher, mask = 0.5 * (teacher + teacher.T), mask & mask.T
+    if case == "empty_mask":
+        mask = torch.zeros(6, 6, dtype=torch.bool)
+    expected = alignment_loss(soft_phi(preds, 1e-6, normalization, detach_scale=detach_scale), teacher, mask)
+    (expected_grad,) = torch.autograd.grad(expected, preds)
+    got = soft_phi_alignment_loss(preds, teacher, mask, 1e-6, normalization, detach_scale=detach_scale)
+    (got_grad,) = torch.autograd.grad(got, preds)
+    # a saturated column has gradients in the thousands: compare relative to them too
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(got.detach(), expected.detach(), atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(got_grad, expected_grad, atol=tolerance, rtol=tolerance)
+    assert got.dtype == dtype
+
+
+@pytest.mark.parametrize("normalization", ["bernoulli", "pearson"])
+def test_soft_phi_alignment_loss_gradcheck(normalization: str) -> None:
+    preds = torch.rand(7, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64).requires_grad_()
+    teacher, mask = _matrix(4, 6), ~torch.eye(4, dtype=torch.bool)
+    teacher = 0.5 * (teacher + teacher.T)
+    assert torch.autograd.gradcheck(lambda x: soft_phi_alignment_loss(x, teacher, mask, 1e-3, normalization), (preds,))
+
+
+def test_soft_phi_alignment_loss_without_samples_and_bad_input() -> None:
+    teacher, mask = torch.eye(3), ~torch.eye(3, dtype=torch.bool)
+    torch.testing.assert_close(soft_phi_alignment_loss(torch.zeros(0, 3), teacher, mask), torch.tensor(0.0))
+    with pytest.raises(ValueError, match=r"`preds` to be a floating point tensor of shape \(N, L\), but got dtype"):
+        soft_phi_alignment_loss(torch.zeros(4, 3, dtype=torch.long), teacher, mask)
+    with pytest.raises(ValueError, match=r"`teacher` and `mask` of shape \(3, 3\), but got \(2, 2\) and \(3, 3\)"):
+        soft_phi_alignment_loss(torch.rand(4, 3), torch.eye(2), mask)
+    with pytest.raises(ValueError, match="`normalization` to be one of"):
+        soft_phi_alignment_loss(torch.rand(4, 3), teacher, mask, normalization="spearman")  # type: ignore[arg-type]

@@ -32,14 +32,13 @@ from lightning_fedharmony.functional.blocks import block_mask, spectral_label_bl
 from lightning_fedharmony.functional.consensus import (
     consensus_from_sums,
     consensus_sums,
-    leave_one_out_sums,
+    leave_one_out_teacher,
     pair_validity,
 )
 from lightning_fedharmony.functional.correlation import Normalization, _check_normalization
 
 ConsensusWeighting = Literal["samples", "uniform", "previous_aggregation"]
 StaleStats = Literal["keep", "drop"]
-_CHUNK = 64  # clients summed at a time: bounds the server's float64 scratch memory to _CHUNK * L^2
 
 
 @dataclass
@@ -178,16 +177,17 @@ class FedHarmony(Aggregator):
             raise RuntimeError("Expected client statistics from an earlier round, but the server has none yet.")
         numerator, denominator = self._sums
         record = self._clients.get(client_id)
-        blocks = self._blocks
         if record is None:
-            teacher, mask = consensus_from_sums(numerator, denominator).float(), blocks & (denominator > 0)
+            teacher, mask = consensus_from_sums(numerator, denominator).float(), self._blocks & (denominator > 0)
         else:
-            weight = torch.tensor(self._consensus_weight(record), dtype=numerator.dtype)
-            loo_num, loo_den = leave_one_out_sums(numerator, denominator, record.corr, weight, record.valid)
-            mask = blocks & (loo_den > 0) & pair_validity(record.valid)
-            teacher = consensus_from_sums(loo_num, loo_den).float()
+            teacher, support = leave_one_out_teacher(
+                numerator, denominator, record.corr, self._consensus_weight(record), record.valid
+            )
+            mask = support.logical_and_(self._blocks)
+            if not bool(record.valid.all()):
+                mask.logical_and_(pair_validity(record.valid))
         if self.align_threshold > 0:
-            mask = mask & (teacher.abs() >= self.align_threshold)
+            mask.logical_and_(teacher.abs() >= self.align_threshold)
         return teacher, mask
 
     @property
@@ -218,13 +218,16 @@ class FedHarmony(Aggregator):
             self._t0()  # fail before any state changes
         if self.stale_stats == "drop":
             self._clients = {}
+        scratch = None  # one float64 buffer for every client's correlation: no per-client L x L temporaries
         for update in updates:
             stats = update.stats
             if stats is None:  # checked above; keeps type checkers informed
                 continue
+            if scratch is None or scratch.shape != stats.sum_outer.shape:
+                scratch = torch.empty_like(stats.sum_outer)
             previous = self._clients.get(update.client_id)
             self._clients[update.client_id] = _ClientRecord(
-                corr=stats.compute(eps=self.corr_eps, normalization=self.corr_normalization).float(),
+                corr=stats.compute(eps=self.corr_eps, normalization=self.corr_normalization, out=scratch).float(),
                 valid=stats.valid_labels(self.min_label_rate),
                 num_samples=float(update.num_samples),
                 aggregation_weight=previous.aggregation_weight if previous else 0.0,
@@ -279,17 +282,11 @@ class FedHarmony(Aggregator):
     def _rebuild_consensus(self) -> tuple[Tensor, Tensor]:
         records = list(self._clients.values())
         num_labels = records[0].corr.shape[0]
-        numerator = torch.zeros(num_labels, num_labels, dtype=torch.float64)
-        denominator = torch.zeros_like(numerator)
-        for start in range(0, len(records), _CHUNK):
-            chunk = records[start : start + _CHUNK]
-            num, den = consensus_sums(
-                torch.stack([r.corr for r in chunk]),
-                torch.tensor([self._consensus_weight(r) for r in chunk], dtype=torch.float64),
-                torch.stack([r.valid for r in chunk]),
-            )
-            numerator += num
-            denominator += den
+        numerator, denominator = consensus_sums(
+            [r.corr for r in records],
+            torch.tensor([self._consensus_weight(r) for r in records], dtype=torch.float64),
+            torch.stack([r.valid for r in records]),
+        )
         # summed in float64, kept in float32: each client's teacher is then L^2 float32 work
         self._sums = (numerator.float(), denominator.float())
         consensus = consensus_from_sums(numerator, denominator)

@@ -16,10 +16,11 @@ from lightning_fedharmony.functional.consensus import (
     leave_one_out_consensus,
     leave_one_out_sums,
     leave_one_out_support,
+    leave_one_out_teacher,
     pair_validity,
 )
 from lightning_fedharmony.functional.correlation import block_soft_phi, phi_from_moments, soft_phi
-from lightning_fedharmony.functional.losses import alignment_loss, proximal_term
+from lightning_fedharmony.functional.losses import alignment_loss, proximal_term, soft_phi_alignment_loss
 
 __all__ = [
     "aggregation_weights",
@@ -36,12 +37,14 @@ __all__ = [
     "leave_one_out_consensus",
     "leave_one_out_sums",
     "leave_one_out_support",
+    "leave_one_out_teacher",
     "mask_components",
     "pair_validity",
     "phi_from_moments",
     "proximal_term",
     "quality_from_discrepancy",
     "soft_phi",
+    "soft_phi_alignment_loss",
     "spectral_label_blocks",
     "weighted_average",
 ]

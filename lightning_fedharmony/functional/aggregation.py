@@ -37,9 +37,9 @@ def correlation_discrepancy(corr: Tensor, teacher: Tensor, mask: Tensor) -> Tens
             f"Expected argument `mask` to have shape {tuple(corr.shape[1:])} or {tuple(corr.shape)}, but got"
             f" {tuple(mask.shape)}."
         )
-    weight = torch.broadcast_to(mask, corr.shape).to(corr.dtype)
-    squared = (corr - teacher.to(corr.dtype)).square() * weight
-    return squared.sum((1, 2)) / weight.sum((1, 2)).clamp_min(1.0)
+    squared = (corr - teacher.to(corr.dtype)).square_().mul_(mask)
+    count = torch.broadcast_to(mask, corr.shape).sum((1, 2), dtype=corr.dtype)
+    return squared.sum((1, 2)) / count.clamp_min(1.0)
 
 
 def quality_from_discrepancy(discrepancy: Tensor, gamma: float | str = "auto") -> Tensor:

@@ -7,6 +7,8 @@ mean over the clients that have support for both labels.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -17,12 +19,21 @@ def pair_validity(valid: Tensor) -> Tensor:
     return valid[..., :, None] & valid[..., None, :]
 
 
-def _check_consensus_args(correlations: Tensor, weights: Tensor, valid: Tensor | None) -> None:
-    if correlations.ndim != 3 or correlations.shape[1] != correlations.shape[2]:
-        raise ValueError(
-            f"Expected argument `correlations` to have shape (K, L, L), but got {tuple(correlations.shape)}."
-        )
-    num_clients, num_labels = correlations.shape[:2]
+def _check_consensus_args(correlations: Tensor | Sequence[Tensor], weights: Tensor, valid: Tensor | None) -> None:
+    if isinstance(correlations, Tensor):
+        shape = tuple(correlations.shape)
+        num_clients = shape[0] if shape else 0
+    else:
+        num_clients = len(correlations)
+        shape = (num_clients, *correlations[0].shape) if num_clients else (0,)
+        if any(tuple(c.shape) != shape[1:] for c in correlations):
+            raise ValueError(
+                "Expected argument `correlations` to hold (L, L) tensors of one shape, but got shapes"
+                f" {sorted({tuple(c.shape) for c in correlations})}."
+            )
+    if len(shape) != 3 or shape[1] != shape[2]:
+        raise ValueError(f"Expected argument `correlations` to have shape (K, L, L), but got {shape}.")
+    num_labels = shape[1]
     if weights.shape != (num_clients,):
         raise ValueError(f"Expected argument `weights` to have shape ({num_clients},), but got {tuple(weights.shape)}.")
     if not torch.isfinite(weights).all() or (weights < 0).any():
@@ -33,20 +44,26 @@ def _check_consensus_args(correlations: Tensor, weights: Tensor, valid: Tensor |
         )
 
 
-def consensus_sums(correlations: Tensor, weights: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def consensus_sums(
+    correlations: Tensor | Sequence[Tensor], weights: Tensor, valid: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Weighted sums behind every consensus: ``(sum_j w_j V_j R_j, sum_j w_j V_j)``, each ``(L, L)`` float64.
 
-    Sums can be built incrementally (add one client at a time) and a client's leave-one-out teacher is the total
-    minus its own term, which is what keeps the server step at ``O(K L^2)`` time and ``O(L^2)`` extra memory.
+    A client's leave-one-out teacher is the total minus its own term (:func:`leave_one_out_teacher`), which keeps
+    the server step at ``O(K L^2)`` time and ``O(L^2)`` scratch memory: the clients are added one at a time, and
+    ``correlations`` may be a sequence of ``(L, L)`` tensors, so that no ``(K, L, L)`` stack is ever built.
     """
     _check_consensus_args(correlations, weights, valid)
     w = weights.to(torch.float64)
-    if valid is None:
-        support = w[:, None, None].expand(correlations.shape)
-    else:
-        support = pair_validity(valid).to(torch.float64) * w[:, None, None]
-    numerator = torch.einsum("kij,kij->ij", support, correlations.to(torch.float64))
-    return numerator, support.sum(0)
+    num_labels = correlations.shape[-1] if isinstance(correlations, Tensor) else correlations[0].shape[-1]
+    device = weights.device
+    rows = torch.ones(len(w), num_labels, dtype=torch.float64, device=device) if valid is None else valid.double()
+    denominator = (rows * w[:, None]).T @ rows
+    numerator = torch.zeros(num_labels, num_labels, dtype=torch.float64, device=device)
+    for k, corr in enumerate(correlations):
+        own = corr if valid is None or bool(valid[k].all()) else corr * pair_validity(valid[k])
+        numerator.add_(own, alpha=float(w[k]))
+    return numerator, denominator
 
 
 def consensus_from_sums(numerator: Tensor, denominator: Tensor) -> Tensor:
@@ -130,3 +147,41 @@ def leave_one_out_support(weights: Tensor, valid: Tensor | None, num_labels: int
     support = pair_validity(valid) & (weights > 0)[:, None, None]
     count = support.sum(0, dtype=torch.int64)
     return (count - support.long()) > 0
+
+
+def leave_one_out_teacher(
+    numerator: Tensor, denominator: Tensor, corr: Tensor, weight: float | Tensor, valid: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """One client's teacher from the sums of :func:`consensus_sums`, in ``O(L^2)`` time and memory.
+
+    ``R*_k = (S - w_k V_k R_k) / (D - w_k V_k)``: the same values as :func:`leave_one_out_sums` followed by
+    :func:`consensus_from_sums`, computed with two ``(L, L)`` temporaries, for a server that serves many clients.
+
+    Args:
+        numerator: ``(L, L)`` weighted sum of correlations.
+        denominator: ``(L, L)`` weighted support.
+        corr: ``(L, L)`` the client's own correlation, as it was added to the sums.
+        weight: the client's weight in the sums.
+        valid: optional ``(L,)`` bool, the client's valid labels.
+
+    Returns:
+        ``(teacher, support)``: the ``(L, L)`` teacher in the sums' dtype (0 on pairs no other client supports,
+        diagonal 1) and the ``(L, L)`` bool pairs some other client supports.
+    """
+    dtype = numerator.dtype
+    weight = float(weight)
+    if valid is None or bool(valid.all()):
+        own = corr
+        rows = torch.ones(corr.shape[-1], dtype=dtype, device=corr.device)
+    else:
+        own = corr * pair_validity(valid)
+        rows = valid.to(dtype)
+    teacher = torch.add(numerator, own.to(dtype), alpha=-weight)
+    loo_den = torch.addr(denominator, rows, rows, alpha=-weight)
+    # support: D - w V > tol D, i.e. D > w V / (1 - tol); the tolerance absorbs the rounding residue that
+    # cancellation leaves where no other client has support (a few ulps of the total)
+    own_share = weight / (1.0 - 16 * torch.finfo(dtype).eps)
+    support = denominator > (own_share if own is corr else torch.outer(rows, rows).mul_(own_share))
+    teacher.div_(loo_den.clamp_min_(torch.finfo(dtype).tiny)).mul_(support).clamp_(-1.0, 1.0)
+    torch.diagonal(teacher).fill_(1.0)
+    return teacher, support

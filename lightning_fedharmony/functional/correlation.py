@@ -14,6 +14,7 @@ from torch import Tensor
 
 Normalization = Literal["bernoulli", "pearson"]
 _NORMALIZATIONS = ("bernoulli", "pearson")
+_ROWS = 128  # rows per slab of in-place scaling
 
 
 def _check_normalization(normalization: str, name: str = "normalization") -> None:
@@ -34,6 +35,7 @@ def phi_from_moments(
     normalization: Normalization = "bernoulli",
     *,
     detach_scale: bool = False,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Soft phi correlation from accumulated sufficient statistics.
 
@@ -50,13 +52,16 @@ def phi_from_moments(
         normalization: ``"bernoulli"`` or ``"pearson"``.
         detach_scale: stop gradients through the variances in the denominator, so the correlation cannot be moved
             by changing the predictions' confidence alone (METHOD.md section 9, "flattening").
+        out: optional ``(L, L)`` buffer of ``sum_outer``'s dtype to write the result into, for callers that need no
+            gradient and convert many statistics in a row (a server reusing one buffer allocates nothing per client).
 
     Returns:
         ``(L, L)`` correlation in the dtype of ``sum_outer``, values in ``[-1, 1]``, diagonal 1. With ``N == 0`` the
         identity is returned.
 
     Raises:
-        ValueError: on shapes that do not fit or a non-positive ``eps``.
+        ValueError: on shapes that do not fit, a non-positive ``eps``, or an ``out`` that does not fit or would need a
+            gradient.
 
     Example:
         >>> import torch
@@ -74,22 +79,47 @@ def phi_from_moments(
         )
     dtype = sum_outer.dtype if sum_outer.is_floating_point() else torch.get_default_dtype()
     n = torch.as_tensor(num_samples, dtype=dtype, device=sum_outer.device)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (n, sum_preds, sum_outer))
+    if out is not None:
+        if needs_grad:
+            raise ValueError("Expected no gradient through `phi_from_moments(..., out=...)`, but an input needs one.")
+        if out.shape != sum_outer.shape or out.dtype != dtype:
+            raise ValueError(
+                f"Expected argument `out` to be a {tuple(sum_outer.shape)} {dtype} tensor, but got"
+                f" {tuple(out.shape)} {out.dtype}."
+            )
     safe_n = n.clamp_min(1.0)
     p = sum_preds.to(dtype) / safe_n
-    cov = sum_outer.to(dtype) / safe_n - p[:, None] * p[None, :]
-    corr = _phi_from_cov(cov, p, eps, normalization, detach_scale)
-    # no samples: no evidence of any correlation
-    return torch.where(n > 0, corr, torch.eye(p.shape[0], dtype=dtype, device=p.device))
+    if needs_grad:
+        cov = sum_outer.to(dtype) / safe_n - p[:, None] * p[None, :]
+        corr = _phi_from_cov(cov, p, eps, normalization, detach_scale)
+        # no samples: no evidence of any correlation
+        return torch.where(n > 0, corr, torch.eye(p.shape[0], dtype=dtype, device=p.device))
+    # no gradient: one buffer, updated in place (each fresh L x L temporary costs more than the arithmetic)
+    if not n > 0:
+        eye = torch.eye(p.shape[0], dtype=dtype, device=p.device)
+        return eye if out is None else out.copy_(eye)
+    cov = torch.addr(sum_outer.to(dtype), p, p, beta=1.0 / float(safe_n), alpha=-1.0, out=out)
+    return _phi_from_cov(cov, p, eps, normalization, detach_scale, inplace=True)
 
 
-def _phi_from_cov(cov: Tensor, p: Tensor, eps: float, normalization: str, detach_scale: bool) -> Tensor:
-    # batched: p (..., L), cov (..., L, L)
+def _phi_from_cov(
+    cov: Tensor, p: Tensor, eps: float, normalization: str, detach_scale: bool, *, inplace: bool = False
+) -> Tensor:
+    # batched: p (..., L), cov (..., L, L); `inplace` (no autograd) turns `cov` itself into the result
     var = p * (1 - p) if normalization == "bernoulli" else torch.diagonal(cov, dim1=-2, dim2=-1)
     if detach_scale:
         var = var.detach()
     # sqrt has an infinite slope at 0: a constant column would turn every gradient into NaN
     tiny = torch.finfo(var.dtype).tiny
     std = torch.where(var > tiny, var, tiny).sqrt()
+    if inplace:
+        for start in range(0, cov.shape[-2], _ROWS):  # row slabs keep the denominator's scratch small
+            rows = slice(start, start + _ROWS)
+            cov[..., rows, :].div_(std[..., rows, None] * std[..., None, :] + eps)
+        cov.clamp_(-1.0, 1.0)
+        torch.diagonal(cov, dim1=-2, dim2=-1).fill_(1.0)
+        return cov
     corr = cov / (std[..., :, None] * std[..., None, :] + eps)
     eye = torch.eye(p.shape[-1], dtype=torch.bool, device=p.device)
     return corr.clamp(-1.0, 1.0).masked_fill(eye, 1.0)

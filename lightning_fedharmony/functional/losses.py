@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from lightning_fedharmony.functional.correlation import Normalization, _check_eps, _check_normalization, soft_phi
 
 
 def alignment_loss(corr: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
@@ -36,6 +39,108 @@ def alignment_loss(corr: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
     count = weight.sum()
     squared = (corr - teacher.to(corr.dtype)).square() * weight
     return squared.sum() / count.clamp_min(1.0)
+
+
+def soft_phi_alignment_loss(
+    preds: Tensor,
+    teacher: Tensor,
+    mask: Tensor,
+    eps: float = 1e-6,
+    normalization: Normalization = "bernoulli",
+    *,
+    detach_scale: bool = False,
+) -> Tensor:
+    """``alignment_loss(soft_phi(preds, ...), teacher, mask)`` in one autograd node, for the training step.
+
+    The same value and gradient as the composition (tested against it, and with ``gradcheck``), in about half the
+    time on small label sets: the composition is some 25 small tensor operations forward and as many backward,
+    each costing more in dispatch than in arithmetic, while the closed-form backward below needs a dozen. The
+    gradient ignores the ``[-1, 1]`` clamp of :func:`soft_phi`, which only acts on rounding error (``|R| < 1``
+    whenever ``eps > 0``).
+
+    Args:
+        preds: ``(N, L)`` probabilities (differentiable).
+        teacher: ``(L, L)`` consensus of the other clients.
+        mask: ``(L, L)`` bool, the pairs to align.
+        eps: added to the phi denominator.
+        normalization: ``"bernoulli"`` or ``"pearson"``.
+        detach_scale: stop gradients through the variances in the denominator.
+
+    Returns:
+        Scalar loss.
+    """
+    if preds.ndim != 2 or not preds.is_floating_point():
+        raise ValueError(
+            f"Expected argument `preds` to be a floating point tensor of shape (N, L), but got dtype {preds.dtype}"
+            f" and shape {tuple(preds.shape)}."
+        )
+    num_labels = preds.shape[1]
+    if teacher.shape != (num_labels, num_labels) or mask.shape != teacher.shape:
+        raise ValueError(
+            f"Expected `teacher` and `mask` of shape ({num_labels}, {num_labels}), but got {tuple(teacher.shape)} and"
+            f" {tuple(mask.shape)}."
+        )
+    _check_eps(eps)
+    _check_normalization(normalization)
+    if preds.shape[0] == 0:  # no samples: soft_phi is the identity and nothing depends on the predictions
+        return alignment_loss(soft_phi(preds, eps, normalization, detach_scale=detach_scale), teacher, mask)
+    weight = mask.to(preds.dtype)
+    return _SoftPhiAlignment.apply(
+        preds, teacher.to(preds.dtype), weight, eps, normalization == "pearson", detach_scale
+    )
+
+
+class _SoftPhiAlignment(torch.autograd.Function):
+    """Forward: soft phi of ``preds`` (diagonal 1) and the masked mean squared gap to the teacher.
+
+    Backward, with ``X_c`` the centred predictions, ``C = X_c^T X_c / N``, ``s`` the standard deviations,
+    ``D = s s^T + eps``, ``R = C / D`` and ``G = dL/dR = 2 W (R - T) / |M|`` (zero on the constant diagonal):
+    ``Q = dL/dC = G / D`` plus, for Pearson, ``dL/dvar`` on its diagonal; ``dL/ds = -((G / D + (G / D)^T) R) s``;
+    ``dL/dvar = dL/ds / (2 s)``, which reaches ``p`` through ``var = p (1 - p)`` (Bernoulli) or the diagonal of
+    ``C`` (Pearson); ``dL/dX = X_c (Q + Q^T) / N + dL/dp / N`` (the mean's own path through the centring cancels
+    because the centred columns sum to zero).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, preds: Tensor, teacher: Tensor, weight: Tensor, eps: float, pearson: bool, detach_scale: bool
+    ) -> Tensor:
+        n = preds.shape[0]
+        p = preds.mean(0)
+        centered = preds - p
+        cov = torch.mm(centered.T, centered).div_(n)
+        var = cov.diagonal().clone() if pearson else p - p * p
+        std = var.clamp_min(torch.finfo(var.dtype).tiny).sqrt_()
+        den = torch.outer(std, std).add_(eps)
+        corr = (cov / den).clamp_(-1.0, 1.0)
+        corr.diagonal().fill_(1.0)
+        count = weight.sum().clamp_min(1.0)
+        gap = (corr - teacher).mul_(weight)
+        ctx.save_for_backward(centered, p, std, den, corr, gap, count)
+        ctx.pearson, ctx.detach_scale = pearson, detach_scale
+        return torch.dot(gap.view(-1), gap.view(-1)) / count
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        centered, p, std, den, corr, gap, count = ctx.saved_tensors
+        n = centered.shape[0]
+        d_corr = gap * (2 * grad / count)
+        d_corr.diagonal().zero_()  # the diagonal is the constant 1
+        d_cov = d_corr.div_(den)
+        d_sym = d_cov + d_cov.T  # Q + Q^T
+        d_p = None
+        if not ctx.detach_scale:
+            d_std = torch.mv(d_sym * corr, std).neg_()
+            d_var = d_std.div_(2 * std)
+            if ctx.pearson:
+                d_sym.diagonal().add_(d_var, alpha=2.0)
+            else:
+                d_p = d_var.mul_(1 - 2 * p)
+        d_preds = torch.mm(centered, d_sym).div_(n)
+        if d_p is not None:
+            d_preds.add_(d_p / n)
+        return d_preds, None, None, None, None, None
 
 
 def proximal_term(params: Iterable[Tensor], global_params: Iterable[Tensor], mu: float) -> Tensor:
