@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/quality.py: one tiny cell end to end, and what it writes."""
+"""Smoke tests of the benchmark scripts: one tiny cell of each end to end, and what they write."""
 
 from __future__ import annotations
 
@@ -81,3 +81,39 @@ def test_quality_argument_parsing(quality: ModuleType) -> None:
         quality.parse_variants(["x=fedavg:a=1"])
     with pytest.raises(ValueError, match=r"Expected `--grid METHOD\.key=v1,v2`"):
         quality.parse_grid(["alignment_weight=1"])
+
+
+def test_speed_server_part_writes_its_figures(tmp_path: Path) -> None:
+    """benchmarks/speed.py's server part, two tiny cells in their own processes: JSON fields and the markdown rows."""
+    import subprocess
+
+    out = tmp_path / "speed"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "speed.py"),
+            "--parts",
+            "server",
+            "--server-cells",
+            "4x6,3x9",
+            "--repeats",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads((out / "speed.json").read_text())
+    cells = {(row["clients"], row["labels"]): row for row in report["server"]}
+    assert set(cells) == {(4, 6), (3, 9)}
+    for (clients, labels), row in cells.items():
+        assert "error" not in row
+        assert row["step_seconds"] > 0 and row["teacher_ms"] > 0
+        assert row["state_mib"] == pytest.approx(clients * labels * labels * 4 / 2**20)
+        assert row["input_stats_mib"] == pytest.approx(clients * labels * labels * 8 / 2**20)
+    table = (out / "speed.md").read_text()
+    assert "| 4 | 6 |" in table and "| 3 | 9 |" in table
