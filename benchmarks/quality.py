@@ -577,11 +577,15 @@ def _target_lines(summary: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> lis
             prox = rows["fedprox"]["final.map"][0] if "fedprox" in rows else float("nan")
             central = rows["centralized"]["final.map"][0] if "centralized" in rows else float("nan")
             gap = central - avg
-            closed = (mine - avg) / gap if gap > 1e-9 else float("nan")
+            if math.isnan(central):
+                closed_text = "n/a (no centralized run)"
+            elif gap > 1e-9:
+                closed_text = f"{100 * (mine - avg) / gap:.0f}%"
+            else:
+                closed_text = "n/a (FedAvg >= centralized)"
             deltas.append((100 * (mine - avg), 100 * (mine - prox)))
             lines.append(
-                f"| {method} | {cell} | {100 * (mine - avg):+.2f} | {100 * (mine - prox):+.2f} |"
-                f" {'n/a (FedAvg >= centralized)' if math.isnan(closed) else f'{100 * closed:.0f}%'} |"
+                f"| {method} | {cell} | {100 * (mine - avg):+.2f} | {100 * (mine - prox):+.2f} | {closed_text} |"
             )
         if deltas:
             va, vp = zip(*deltas)
