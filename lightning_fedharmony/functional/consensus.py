@@ -155,7 +155,7 @@ def leave_one_out_teacher(
     """One client's teacher from the sums of :func:`consensus_sums`, in ``O(L^2)`` time and memory.
 
     ``R*_k = (S - w_k V_k R_k) / (D - w_k V_k)``: the same values as :func:`leave_one_out_sums` followed by
-    :func:`consensus_from_sums`, computed with two ``(L, L)`` temporaries, for a server that serves many clients.
+    :func:`consensus_from_sums`, computed in place with a few ``(L, L)`` temporaries, for a server serving many clients.
 
     Args:
         numerator: ``(L, L)`` weighted sum of correlations.
