@@ -98,10 +98,7 @@ class FedHarmonyMixin:
         _check_normalization(corr_normalization, "corr_normalization")
         if not 0.0 <= corr_momentum < 1.0:
             raise ValueError(f"Expected argument `corr_momentum` to be in [0, 1), but got {corr_momentum!r}.")
-        if corr_eps <= 0:
-            raise ValueError(f"Expected argument `corr_eps` to be positive, but got {corr_eps!r}.")
-        self.fedharmony_configure(alignment_weight=alignment_weight, proximal_mu=proximal_mu)
-        self.fedharmony_corr_eps = corr_eps
+        self.fedharmony_configure(alignment_weight=alignment_weight, proximal_mu=proximal_mu, corr_eps=corr_eps)
         self.fedharmony_corr_normalization: Normalization = corr_normalization
         self.fedharmony_corr_momentum = corr_momentum
         self.fedharmony_detach_marginals = detach_marginals
@@ -131,11 +128,17 @@ class FedHarmonyMixin:
         alignment_weight: float | None = None,
         proximal_mu: float | None = None,
         corr_normalization: str | None = None,
+        corr_eps: float | None = None,
     ) -> None:
-        """Set the loss weights and the batch correlation's normalisation (``None`` keeps the current value)."""
+        """Set the loss weights and the batch correlation's normalisation and ``eps`` (``None`` keeps the current
+        value)."""
         if corr_normalization is not None:
             _check_normalization(corr_normalization, "corr_normalization")
             self.fedharmony_corr_normalization = corr_normalization  # type: ignore[assignment]
+        if corr_eps is not None:
+            if isinstance(corr_eps, bool) or not (isinstance(corr_eps, (int, float)) and corr_eps > 0):
+                raise ValueError(f"Expected argument `corr_eps` to be > 0, but got {corr_eps!r}.")
+            self.fedharmony_corr_eps = float(corr_eps)
         if alignment_weight is not None:
             if not alignment_weight >= 0:
                 raise ValueError(f"Expected argument `alignment_weight` to be >= 0, but got {alignment_weight!r}.")

@@ -617,6 +617,7 @@ def train_client(
             alignment_weight=instructions.alignment_weight,
             proximal_mu=instructions.proximal_mu,
             corr_normalization=instructions.corr_normalization,
+            corr_eps=instructions.corr_eps,
         )
         if instructions.proximal_mu > 0:
             module.fedharmony_set_anchor()

@@ -205,6 +205,7 @@ def test_fedharmony_sends_each_client_its_own_teacher_and_delegates_the_math(tas
         assert torch.equal(torch.from_numpy(record[Key.MASK].numpy()), mask)
         assert msg.content[Key.CONFIG][Key.ALIGNMENT_WEIGHT] == 1.0
         assert msg.content[Key.CONFIG][Key.CORR_NORMALIZATION] == "bernoulli"  # the client follows the server's scale
+        assert msg.content[Key.CONFIG][Key.CORR_EPS] == reference.corr_eps
         teachers[cid] = teacher
     assert not torch.equal(teachers["0"], teachers["1"])  # leave-one-out: each client has its own
 

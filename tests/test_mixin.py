@@ -417,7 +417,7 @@ def test_corr_eps_must_be_positive() -> None:
     class Eps(FedHarmonyMixin, torch.nn.Module):
         pass
 
-    with pytest.raises(ValueError, match=r"Expected argument `corr_eps` to be positive, but got 0\.0"):
+    with pytest.raises(ValueError, match=r"Expected argument `corr_eps` to be > 0, but got 0\.0"):
         Eps(corr_eps=0.0)
 
 

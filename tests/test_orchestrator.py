@@ -317,10 +317,12 @@ def test_constructor_errors(kwargs, error, match):
 
 def test_clients_follow_the_servers_correlation_scale():
     model = tiny_model()
-    assert model.fedharmony_corr_normalization == "bernoulli"
-    fed = federation(model, aggregator=FedHarmony(corr_normalization="pearson"), num_rounds=2)
+    assert model.fedharmony_corr_normalization == "bernoulli" and model.fedharmony_corr_eps == 1e-6
+    fed = federation(model, aggregator=FedHarmony(corr_normalization="pearson", corr_eps=1e-4), num_rounds=2)
     fed.fit()
-    # the teacher is a Pearson correlation from round 2 on: the batch correlation must be one too
-    assert model.fedharmony_corr_normalization == "pearson"
+    # the teacher is a Pearson correlation from round 2 on: the batch correlation must be one too, with its eps
+    assert model.fedharmony_corr_normalization == "pearson" and model.fedharmony_corr_eps == 1e-4
     with pytest.raises(ValueError, match="`corr_normalization` to be one of"):
         model.fedharmony_configure(corr_normalization="spearman")
+    with pytest.raises(ValueError, match=r"Expected argument `corr_eps` to be > 0, but got 0.0"):
+        model.fedharmony_configure(corr_eps=0.0)

@@ -54,6 +54,8 @@ class ClientInstructions:
         proximal_mu: FedProx's ``mu`` (0 = off).
         corr_normalization: the teacher's soft phi normalisation; the client's batch correlation must use the same
             scale, so it follows the server's (``None`` keeps the module's own).
+        corr_eps: the teacher's soft phi ``eps``, followed by the client for the same reason (``None``: the
+            module's own).
     """
 
     weights: dict[str, Tensor]
@@ -62,6 +64,7 @@ class ClientInstructions:
     alignment_weight: float | None = None
     proximal_mu: float = 0.0
     corr_normalization: str | None = None
+    corr_eps: float | None = None
 
 
 @dataclass

@@ -163,6 +163,7 @@ class FedHarmony(Aggregator):
             instructions.teacher, instructions.mask = self.teacher(client_id)
             instructions.alignment_weight = self.alignment_weight
             instructions.corr_normalization = self.corr_normalization
+            instructions.corr_eps = self.corr_eps
         return instructions
 
     def teacher(self, client_id: str) -> tuple[Tensor, Tensor]:

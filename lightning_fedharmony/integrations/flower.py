@@ -110,6 +110,7 @@ class Key:
     PROXIMAL_MU = "proximal-mu"
     ALIGNMENT_WEIGHT = "alignment-weight"
     CORR_NORMALIZATION = "corr-normalization"
+    CORR_EPS = "corr-eps"
     COLLECT_STATS = "collect-stats"
     # entries of `metrics` (client -> server)
     NUM_EXAMPLES = "num-examples"
@@ -395,6 +396,8 @@ class FedHarmonyStrategy(Strategy):
                 client_config[Key.ALIGNMENT_WEIGHT] = float(instr.alignment_weight)
             if instr.corr_normalization is not None:
                 client_config[Key.CORR_NORMALIZATION] = instr.corr_normalization
+            if instr.corr_eps is not None:
+                client_config[Key.CORR_EPS] = float(instr.corr_eps)
             content = _instructions_to_content(instr, client_arrays, client_config)
             messages.append(
                 Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(server_round))
@@ -665,6 +668,7 @@ def make_client_app(
             alignment_weight=None if alignment is None else _number(config, Key.ALIGNMENT_WEIGHT, float),
             proximal_mu=_number(config, Key.PROXIMAL_MU, float) if Key.PROXIMAL_MU in config else 0.0,
             corr_normalization=str(config[Key.CORR_NORMALIZATION]) if Key.CORR_NORMALIZATION in config else None,
+            corr_eps=_number(config, Key.CORR_EPS, float) if Key.CORR_EPS in config else None,
         )
         module = model_fn(context)
         datamodule = datamodule_fn(index, context)
