@@ -29,10 +29,10 @@ FEDHARMONY_PREFIX = "fedharmony_"
 _TEACHER, _MASK = "fedharmony_teacher", "fedharmony_mask"
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
-# Below this many labels the dense (L, L) correlation is as cheap as gathering blocks: measured per alignment step
-# (64 rows, 16 blocks, one thread) dense vs blocks 0.45 vs 0.50 ms at L=101, 1.6 vs 0.65 ms at L=300, 22 vs 1.8 ms
-# at L=983.
-_BLOCK_KERNEL_MIN_LABELS = 128
+# Below this many labels the dense (L, L) correlation (the fused soft_phi_alignment_loss) is cheaper than gathering
+# blocks: measured per alignment step, forward and backward (64 rows, 16 blocks, one thread), dense vs blocks 0.34 vs
+# 0.55 ms at L=128, 0.48 vs 0.60 at L=200, 0.77 vs 0.68 at L=300, 1.3 vs 0.86 at L=400, 11.9 vs 2.1 at L=983.
+_BLOCK_KERNEL_MIN_LABELS = 256
 
 
 def model_weights(module: nn.Module) -> dict[str, Tensor]:

@@ -58,10 +58,10 @@ def test_mask_components_and_layout() -> None:
 
 @pytest.mark.parametrize("observed", [False, True])
 def test_mixin_block_path_matches_dense_loss_and_gradients(observed: bool) -> None:
-    preds, teacher, mask = _setup(num_labels=160)
+    preds, teacher, mask = _setup(num_labels=300)
     preds = preds.float()
-    labels = torch.rand(160, generator=torch.Generator().manual_seed(1)) > 0.3 if observed else None
-    model = TinyMLP(num_labels=160)
+    labels = torch.rand(300, generator=torch.Generator().manual_seed(1)) > 0.3 if observed else None
+    model = TinyMLP(num_labels=300)
     model.fedharmony_set_teacher(teacher, mask)
     assert model._fedharmony_block_layout() is not None
 
@@ -81,11 +81,11 @@ def test_mixin_block_path_matches_dense_loss_and_gradients(observed: bool) -> No
 
 
 def test_layout_cache_follows_the_teacher() -> None:
-    _, teacher, mask = _setup(num_labels=160)
-    model = TinyMLP(num_labels=160)
+    _, teacher, mask = _setup(num_labels=300)
+    model = TinyMLP(num_labels=300)
     model.fedharmony_set_teacher(teacher, mask)
     first = model._fedharmony_block_layout()
-    model.fedharmony_set_teacher(teacher, ~torch.eye(160, dtype=torch.bool))
+    model.fedharmony_set_teacher(teacher, ~torch.eye(300, dtype=torch.bool))
     assert first is not None and model._fedharmony_block_layout() is None
 
 
