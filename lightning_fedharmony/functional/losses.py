@@ -110,20 +110,21 @@ class _SoftPhiAlignment(torch.autograd.Function):
         centered = preds - p
         cov = torch.mm(centered.T, centered).div_(n)
         var = cov.diagonal().clone() if pearson else p - p * p
+        floored = var <= torch.finfo(var.dtype).tiny  # as in soft_phi: no gradient through a floored variance
         std = var.clamp_min(torch.finfo(var.dtype).tiny).sqrt_()
         den = torch.outer(std, std).add_(eps)
         corr = (cov / den).clamp_(-1.0, 1.0)
         corr.diagonal().fill_(1.0)
         count = weight.sum().clamp_min(1.0)
         gap = (corr - teacher).mul_(weight)
-        ctx.save_for_backward(centered, p, std, den, corr, gap, count)
+        ctx.save_for_backward(centered, p, std, floored, den, corr, gap, count)
         ctx.pearson, ctx.detach_scale = pearson, detach_scale
         return torch.dot(gap.view(-1), gap.view(-1)) / count
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        centered, p, std, den, corr, gap, count = ctx.saved_tensors
+        centered, p, std, floored, den, corr, gap, count = ctx.saved_tensors
         n = centered.shape[0]
         d_corr = gap * (2 * grad / count)
         d_corr.diagonal().zero_()  # the diagonal is the constant 1
@@ -132,7 +133,7 @@ class _SoftPhiAlignment(torch.autograd.Function):
         d_p = None
         if not ctx.detach_scale:
             d_std = torch.mv(d_sym * corr, std).neg_()
-            d_var = d_std.div_(2 * std)
+            d_var = d_std.div_(2 * std).masked_fill_(floored, 0.0)
             if ctx.pearson:
                 d_sym.diagonal().add_(d_var, alpha=2.0)
             else:
