@@ -179,8 +179,7 @@ def _server_cell(num_clients: int, num_labels: int, repeats: int) -> dict[str, A
         updates.append(ClientUpdate(str(k), {"w": torch.full((4,), float(k))}, 32, stats))
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     step_times, teacher_times = [], []
-    aggregator = FedHarmony(t0=5)
-    for _ in range(repeats):
+    for _ in range(max(repeats, 1)):
         aggregator = FedHarmony(t0=5)
         started = time.perf_counter()
         aggregator.aggregate_round(1, updates, weights)

@@ -78,16 +78,15 @@ class CorrelationExchange(Callback):
         self._pending_rows = 0
         self.teacher_version = -1
         self.exports = 0
+        self._state_key: tuple[str | None, str] | None = None  # (client id, key) it was built for
 
     @property
     @override
     def state_key(self) -> str:
         # Lightning formats this key around every hook call, several per step: build it once per client id
-        cached = self.__dict__.get("_state_key")
-        if cached is None or cached[0] != self.client_id:
-            cached = (self.client_id, self._generate_state_key(client_id=self.client_id))
-            self.__dict__["_state_key"] = cached
-        return cached[1]
+        if self._state_key is None or self._state_key[0] != self.client_id:
+            self._state_key = (self.client_id, self._generate_state_key(client_id=self.client_id))
+        return self._state_key[1]
 
     @staticmethod
     def _mixin(pl_module: pl.LightningModule) -> FedHarmonyMixin:

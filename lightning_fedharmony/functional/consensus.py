@@ -12,6 +12,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+#: Removing a client's own term leaves rounding residue where no other client has support: a denominator within this
+#: many ulps of the total counts as no support.
+_RESIDUE_ULPS = 16
+
 
 def pair_validity(valid: Tensor) -> Tensor:
     """Pairs of labels that are both valid: ``(..., L)`` -> ``(..., L, L)`` bool."""
@@ -133,8 +137,7 @@ def leave_one_out_sums(
     own_support = w if valid is None else pair_validity(valid).to(dtype) * w
     loo_num = numerator - own_support * correlations.to(dtype)
     loo_den = denominator - own_support
-    # cancellation can leave rounding residue where no other client has support: a few ulps of the total
-    residue = 16 * torch.finfo(dtype).eps * denominator
+    residue = _RESIDUE_ULPS * torch.finfo(dtype).eps * denominator
     loo_den = torch.where(loo_den > residue, loo_den, 0.0)
     return loo_num, loo_den
 
@@ -178,9 +181,8 @@ def leave_one_out_teacher(
         rows = valid.to(dtype)
     teacher = torch.add(numerator, own.to(dtype), alpha=-weight)
     loo_den = torch.addr(denominator, rows, rows, alpha=-weight)
-    # support: D - w V > tol D, i.e. D > w V / (1 - tol); the tolerance absorbs the rounding residue that
-    # cancellation leaves where no other client has support (a few ulps of the total)
-    own_share = weight / (1.0 - 16 * torch.finfo(dtype).eps)
+    # support: D - w V > tol D (leave_one_out_sums' rule), i.e. D > w V / (1 - tol), with no (L, L) temporary
+    own_share = weight / (1.0 - _RESIDUE_ULPS * torch.finfo(dtype).eps)
     support = denominator > (own_share if own is corr else torch.outer(rows, rows).mul_(own_share))
     teacher.div_(loo_den.clamp_min_(torch.finfo(dtype).tiny)).mul_(support).clamp_(-1.0, 1.0)
     torch.diagonal(teacher).fill_(1.0)
