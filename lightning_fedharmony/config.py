@@ -18,6 +18,8 @@ from typing import Any, Literal, Union
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lightning_fedharmony.aggregators.fedharmony import PAPER_SETTINGS
+
 PARTITIONS = ("dirichlet", "kmeans", "masking", "iid")
 
 
@@ -101,7 +103,9 @@ def _default_methods() -> dict[str, Any]:
     return {
         "fedavg": {"class_path": "lightning_fedharmony.FedAvg"},
         "fedprox": {"class_path": "lightning_fedharmony.FedProx", "init_args": {"proximal_mu": 0.001}},
-        "fedharmony": {"class_path": "lightning_fedharmony.FedHarmony", "init_args": {"alignment_weight": 1.0}},
+        "fedharmony": {"class_path": "lightning_fedharmony.FedHarmony"},
+        # the paper's reading, spelled out so that a YAML shows it: FedHarmony.paper() builds the same object
+        "fedharmony_paper": {"class_path": "lightning_fedharmony.FedHarmony", "init_args": dict(PAPER_SETTINGS)},
     }
 
 

@@ -8,13 +8,13 @@ current batch's predictions and the consensus of the other clients (the teacher)
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_fedharmony.functional.blocks import block_layout
+from lightning_fedharmony.functional.blocks import BLOCK_KERNEL_MIN_LABELS, block_layout
 from lightning_fedharmony.functional.consensus import pair_validity
 from lightning_fedharmony.functional.correlation import (
     Normalization,
@@ -29,10 +29,6 @@ FEDHARMONY_PREFIX = "fedharmony_"
 _TEACHER, _MASK = "fedharmony_teacher", "fedharmony_mask"
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
-# Below this many labels the dense (L, L) correlation (the fused soft_phi_alignment_loss) is cheaper than gathering
-# blocks: measured per alignment step, forward and backward (64 rows, 16 blocks, one thread), dense vs blocks 0.34 vs
-# 0.55 ms at L=128, 0.48 vs 0.60 at L=200, 0.77 vs 0.68 at L=300, 1.3 vs 0.86 at L=400, 11.9 vs 2.1 at L=983.
-_BLOCK_KERNEL_MIN_LABELS = 256
 
 
 def model_weights(module: nn.Module) -> dict[str, Tensor]:
@@ -67,12 +63,18 @@ class FedHarmonyMixin:
     of :func:`model_weights`, so they are not averaged.
 
     Args:
+    The defaults are :class:`~lightning_fedharmony.FedHarmony`'s validated ones; a FedHarmony server sends its own
+    settings with every teacher (:meth:`FedHarmony.paper` sends the paper's), so these matter for a module trained
+    without one.
+
+    Args:
         alignment_weight: ``lambda``, the weight of the alignment term; an aggregator may override it per round.
-        proximal_mu: FedProx's ``mu``; 0 turns the proximal term off.
+        proximal_mu: FedProx's ``mu``; 0 turns the proximal term off. Runners set it with each round's instructions.
         corr_eps: ``eps`` of the soft phi denominator.
-        corr_normalization: ``"bernoulli"`` (the paper's soft phi) or ``"pearson"`` (scale-free; see
-            :func:`~lightning_fedharmony.functional.phi_from_moments`).
-        corr_momentum: mixes detached running moments into each batch's moments (0 = pure batch, the paper's).
+        corr_normalization: ``"pearson"`` (scale-free; see :func:`~lightning_fedharmony.functional.phi_from_moments`)
+            or ``"bernoulli"`` (the paper's soft phi).
+        corr_momentum: mixes detached running moments into each batch's moments (0 = pure batch, the paper's): at
+            0.9 the batch correlation's sampling noise is about a tenth.
         detach_marginals: stop gradients through the variances ``p_c (1 - p_c)`` that normalise the batch
             correlation, so the alignment term cannot be lowered by flattening the predictions alone (METHOD.md
             section 9).
@@ -81,27 +83,29 @@ class FedHarmonyMixin:
 
     fedharmony_teacher: Tensor
     fedharmony_mask: Tensor
+    fedharmony_corr_normalization: Normalization
 
     def __init__(
         self,
         *args: Any,
-        alignment_weight: float = 1.0,
+        alignment_weight: float = 0.1,
         proximal_mu: float = 0.0,
         corr_eps: float = 1e-6,
-        corr_normalization: Normalization = "bernoulli",
-        corr_momentum: float = 0.0,
-        detach_marginals: bool = False,
+        corr_normalization: Normalization = "pearson",
+        corr_momentum: float = 0.9,
+        detach_marginals: bool = True,
         log_loss_parts: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        _check_normalization(corr_normalization, "corr_normalization")
-        if not 0.0 <= corr_momentum < 1.0:
-            raise ValueError(f"Expected argument `corr_momentum` to be in [0, 1), but got {corr_momentum!r}.")
-        self.fedharmony_configure(alignment_weight=alignment_weight, proximal_mu=proximal_mu, corr_eps=corr_eps)
-        self.fedharmony_corr_normalization: Normalization = corr_normalization
-        self.fedharmony_corr_momentum = corr_momentum
-        self.fedharmony_detach_marginals = detach_marginals
+        self.fedharmony_configure(
+            alignment_weight=alignment_weight,
+            proximal_mu=proximal_mu,
+            corr_eps=corr_eps,
+            corr_normalization=corr_normalization,
+            corr_momentum=corr_momentum,
+            detach_marginals=detach_marginals,
+        )
         self.fedharmony_log_loss_parts = log_loss_parts
         module = self._fedharmony_module()
         module.register_buffer(_TEACHER, torch.empty(0, 0))
@@ -129,12 +133,23 @@ class FedHarmonyMixin:
         proximal_mu: float | None = None,
         corr_normalization: str | None = None,
         corr_eps: float | None = None,
+        corr_momentum: float | None = None,
+        detach_marginals: bool | None = None,
     ) -> None:
-        """Set the loss weights and the batch correlation's normalisation and ``eps`` (``None`` keeps the current
-        value)."""
+        """Set the loss weights and the batch correlation's settings (``None`` keeps the current value)."""
+        if corr_momentum is not None:
+            if isinstance(corr_momentum, bool) or not (
+                isinstance(corr_momentum, (int, float)) and 0.0 <= corr_momentum < 1.0
+            ):
+                raise ValueError(f"Expected argument `corr_momentum` to be in [0, 1), but got {corr_momentum!r}.")
+            self.fedharmony_corr_momentum = float(corr_momentum)
+        if detach_marginals is not None:
+            if not isinstance(detach_marginals, bool):
+                raise TypeError(f"Expected argument `detach_marginals` to be a bool, but got {detach_marginals!r}.")
+            self.fedharmony_detach_marginals = detach_marginals
         if corr_normalization is not None:
             _check_normalization(corr_normalization, "corr_normalization")
-            self.fedharmony_corr_normalization = corr_normalization  # type: ignore[assignment]
+            self.fedharmony_corr_normalization = cast(Normalization, corr_normalization)
         if corr_eps is not None:
             if isinstance(corr_eps, bool) or not (isinstance(corr_eps, (int, float)) and corr_eps > 0):
                 raise ValueError(f"Expected argument `corr_eps` to be > 0, but got {corr_eps!r}.")
@@ -313,7 +328,7 @@ class FedHarmonyMixin:
         teacher, mask = self.fedharmony_teacher, self.fedharmony_mask
         key = (teacher.data_ptr(), mask.data_ptr(), teacher.device)
         if self._fedharmony_layout_key != key:
-            layout = block_layout(mask) if mask.shape[0] >= _BLOCK_KERNEL_MIN_LABELS else None
+            layout = block_layout(mask) if mask.shape[0] >= BLOCK_KERNEL_MIN_LABELS else None
             if layout is None:
                 self._fedharmony_layout = None
             else:

@@ -42,11 +42,11 @@ class MultilabelMLP(FedHarmonyMixin, pl.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         *,
-        alignment_weight: float = 1.0,
+        alignment_weight: float = 0.1,
         proximal_mu: float = 0.0,
-        corr_normalization: Normalization = "bernoulli",
-        corr_momentum: float = 0.0,
-        detach_marginals: bool = False,
+        corr_normalization: Normalization = "pearson",
+        corr_momentum: float = 0.9,
+        detach_marginals: bool = True,
     ) -> None:
         super().__init__(
             alignment_weight=alignment_weight,

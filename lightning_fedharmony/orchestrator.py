@@ -618,6 +618,8 @@ def train_client(
             proximal_mu=instructions.proximal_mu,
             corr_normalization=instructions.corr_normalization,
             corr_eps=instructions.corr_eps,
+            corr_momentum=instructions.corr_momentum,
+            detach_marginals=instructions.detach_marginals,
         )
         if instructions.proximal_mu > 0:
             module.fedharmony_set_anchor()

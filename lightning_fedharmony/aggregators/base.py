@@ -56,6 +56,9 @@ class ClientInstructions:
             scale, so it follows the server's (``None`` keeps the module's own).
         corr_eps: the teacher's soft phi ``eps``, followed by the client for the same reason (``None``: the
             module's own).
+        detach_marginals: whether the client's batch correlation stops gradients through its variances (``None``:
+            the module's own).
+        corr_momentum: the client's running-moment momentum for the batch correlation (``None``: the module's own).
     """
 
     weights: dict[str, Tensor]
@@ -65,6 +68,8 @@ class ClientInstructions:
     proximal_mu: float = 0.0
     corr_normalization: str | None = None
     corr_eps: float | None = None
+    detach_marginals: bool | None = None
+    corr_momentum: float | None = None
 
 
 @dataclass
@@ -75,11 +80,17 @@ class AggregationResult:
         weights: the new global weights.
         client_weights: the weight each participating client got (sums to 1).
         metrics: server-side scalars of the round (e.g. mean correlation discrepancy, number of blocks).
+        client_metrics: per participating client, the aggregator's scalars about it (FedHarmony: ``num_samples``,
+            ``discrepancy``, ``sampling_discrepancy``, ``quality``); empty for aggregators that score nothing.
+        client_pairs: per participating client, the label pairs where its correlation departs most from its teacher,
+            as ``(label_a, label_b, client_corr, teacher_corr)``, largest gap first.
     """
 
     weights: dict[str, Tensor]
     client_weights: dict[str, float]
     metrics: dict[str, float] = field(default_factory=dict)
+    client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    client_pairs: dict[str, list[tuple[int, int, float, float]]] = field(default_factory=dict)
 
 
 def validate_updates(updates: Sequence[ClientUpdate], reference: Mapping[str, Tensor] | None = None) -> None:
@@ -165,15 +176,22 @@ class Aggregator(ABC):
         _check_round(server_round)
         validate_updates(updates, global_weights)
         client_weights, metrics = self.client_weights(server_round, updates)
+        client_metrics, client_pairs = self.client_report()
         return AggregationResult(
             weights=weighted_average([u.weights for u in updates], client_weights),
             client_weights={u.client_id: float(w) for u, w in zip(updates, client_weights)},
             metrics=metrics,
+            client_metrics=client_metrics,
+            client_pairs=client_pairs,
         )
 
     @abstractmethod
     def client_weights(self, server_round: int, updates: Sequence[ClientUpdate]) -> tuple[Tensor, dict[str, float]]:
         """``(K,)`` weights of the participating clients summing to 1, and server-side metrics of the round."""
+
+    def client_report(self) -> tuple[dict[str, dict[str, float]], dict[str, list[tuple[int, int, float, float]]]]:
+        """Per-client scalars and label pairs of the latest :meth:`client_weights` call (none by default)."""
+        return {}, {}
 
     def state_dict(self) -> dict[str, Any]:
         """Cross-round state (plain tensors and values)."""

@@ -27,8 +27,9 @@ from lightning_fedharmony.functional.aggregation import (
     balance_factor,
     correlation_discrepancy,
     quality_from_discrepancy,
+    sampling_discrepancy,
 )
-from lightning_fedharmony.functional.blocks import block_mask, spectral_label_blocks
+from lightning_fedharmony.functional.blocks import auto_block_range, block_mask, spectral_label_blocks
 from lightning_fedharmony.functional.consensus import (
     consensus_from_sums,
     consensus_sums,
@@ -39,6 +40,21 @@ from lightning_fedharmony.functional.correlation import Normalization, _check_no
 
 ConsensusWeighting = Literal["samples", "uniform", "previous_aggregation"]
 StaleStats = Literal["keep", "drop"]
+DiscrepancyBaseline = Literal["sampling", "none"]
+#: The paper's reading (:meth:`FedHarmony.paper`): the arguments that differ from today's defaults.
+PAPER_SETTINGS: dict[str, Any] = {
+    "alignment_weight": 1.0,
+    "num_blocks": "eigengap",
+    "quality_weighting": "additive",
+    "gamma": "auto",
+    "discrepancy_baseline": "none",
+    "corr_normalization": "bernoulli",
+    "proximal_mu": 0.0,
+    "detach_marginals": False,
+    "corr_momentum": 0.0,
+}
+#: How many label pairs per client :meth:`FedHarmony.client_report` names.
+NUM_REPORTED_PAIRS = 5
 
 
 @dataclass
@@ -63,18 +79,32 @@ class FedHarmony(Aggregator):
 
     Each round: the clients' statistics give their correlations ``R_k``; the weighted consensus gives every client
     a leave-one-out teacher ``R*_k`` and the global consensus gives label blocks (spectral clustering); clients are
-    scored by ``q_k = exp(-gamma s_k)`` and models averaged with weights that move from data quantity to
-    correlation quality (``alpha_t = max(0, 1 - t / T0)``). Next round each client receives its teacher and the
-    pairs to align: in-block, supported by another client, and valid for itself.
+    scored by ``q_k = exp(-gamma s_k)`` and models averaged with weights that mix data quantity and correlation
+    quality. Next round each client receives its teacher and the pairs to align: in-block, supported by another
+    client, and valid for itself.
+
+    The defaults are the configuration that won on validation splits across the benchmark's data sets
+    (``benchmarks/results_quality.md``): Pearson-scaled correlations with detached variances and running moments,
+    ``lambda = 0.1``, weights ``w_k ~ n_k q_k`` scored on the discrepancy beyond sampling noise, and FedProx's
+    proximal term (``mu = 0.01``), which controls the weight drift of several local Adam steps that correlation
+    alignment alone does not. :meth:`paper` gives the paper's exact reading.
 
     Args:
         alignment_weight: ``lambda`` sent to the clients with their teachers.
         alignment: send teachers (the consensus-guided loss); ``False`` is the "aggregation only" ablation.
         block_alignment: align within label blocks; ``False`` aligns all pairs (the "no blocks" ablation).
-        num_blocks: number of label blocks, or ``"auto"`` (largest eigengap).
+        num_blocks: number of label blocks; ``"auto"``: one block below
+            :data:`~lightning_fedharmony.functional.blocks.BLOCK_KERNEL_MIN_LABELS` labels (blocks would cost time
+            there), the largest eigengap within :func:`~lightning_fedharmony.functional.blocks.auto_block_range`
+            above; ``"eigengap"``: the largest eigengap among the first 32 eigenvalues at any size (the paper
+            preset's, which in practice picks one block).
         quality_aggregation: weight models by correlation quality; ``False`` uses sample counts ("loss only").
-        quality_weighting: ``"additive"`` (the paper's) or ``"product"`` (``w_k ~ n_k q_k``).
+        quality_weighting: ``"additive"`` (the paper's) or ``"product"`` (``w_k ~ n_k q_k``: client size keeps
+            counting in every round).
         gamma: quality temperature, or ``"auto"`` = ``1 / median_k s_k``.
+        discrepancy_baseline: ``"sampling"`` scores ``max(0, s_k - b_k)``, the discrepancy beyond what sampling
+            alone gives (:func:`~lightning_fedharmony.functional.sampling_discrepancy`), so that a client is not
+            down-weighted for having few samples; ``"none"`` scores ``s_k`` (the paper's).
         t0: round at which quantity stops counting in the additive weights; ``None`` = half of the rounds.
         consensus_weighting: client weights in the consensus: ``"samples"``, ``"uniform"`` or
             ``"previous_aggregation"`` (each client's last aggregation weight).
@@ -83,40 +113,56 @@ class FedHarmony(Aggregator):
         min_label_rate: labels predicted below this rate are invalid for a client.
         corr_eps: ``eps`` of the soft phi denominator.
         corr_normalization: ``"bernoulli"`` (the paper's) or ``"pearson"``.
-        proximal_mu: optional FedProx term for the clients (0 = off).
+        proximal_mu: FedProx's ``mu`` for the clients (0 = off).
         align_threshold: align (and score) only the pairs whose teacher correlation has ``|R*_k| >=`` this value:
             the consensus teaches the co-occurrences it is confident about and leaves near-zero pairs, mostly
             sampling noise, to the task loss. ``0`` keeps every pair (the paper's).
+        detach_marginals: sent with each teacher: the clients' batch correlation stops gradients through its
+            variances (``None``: each module keeps its own setting).
+        corr_momentum: sent with each teacher: the clients' running-moment momentum (``None``: the module's own).
         seed: seed of the spectral clustering's k-means.
+
+    Example:
+        >>> FedHarmony().proximal_mu, FedHarmony.paper().proximal_mu
+        (0.01, 0.0)
     """
 
     def __init__(
         self,
-        alignment_weight: float = 1.0,
+        alignment_weight: float = 0.1,
         *,
         alignment: bool = True,
         block_alignment: bool = True,
         num_blocks: int | str = "auto",
         quality_aggregation: bool = True,
-        quality_weighting: QualityWeighting = "additive",
-        gamma: float | str = "auto",
+        quality_weighting: QualityWeighting = "product",
+        gamma: float | str = 3.0,
+        discrepancy_baseline: DiscrepancyBaseline = "sampling",
         t0: float | None = None,
         consensus_weighting: ConsensusWeighting = "samples",
         stale_stats: StaleStats = "keep",
         min_label_rate: float = 1e-3,
         corr_eps: float = 1e-6,
-        corr_normalization: Normalization = "bernoulli",
-        proximal_mu: float = 0.0,
+        corr_normalization: Normalization = "pearson",
+        proximal_mu: float = 0.01,
         align_threshold: float = 0.0,
+        detach_marginals: bool | None = True,
+        corr_momentum: float | None = 0.9,
         seed: int = 0,
     ) -> None:
         if not alignment_weight >= 0:
             raise ValueError(f"Expected argument `alignment_weight` to be >= 0, but got {alignment_weight!r}.")
         if not (
-            num_blocks == "auto"
+            num_blocks in ("auto", "eigengap")
             or (isinstance(num_blocks, int) and not isinstance(num_blocks, bool) and num_blocks >= 1)
         ):
-            raise ValueError(f"Expected argument `num_blocks` to be 'auto' or an int >= 1, but got {num_blocks!r}.")
+            raise ValueError(
+                f"Expected argument `num_blocks` to be 'auto', 'eigengap' or an int >= 1, but got {num_blocks!r}."
+            )
+        if corr_momentum is not None and not (_is_number(corr_momentum, (int, float)) and 0 <= corr_momentum < 1):
+            raise ValueError(f"Expected argument `corr_momentum` to be None or in [0, 1), but got {corr_momentum!r}.")
+        if detach_marginals is not None and not isinstance(detach_marginals, bool):
+            raise TypeError(f"Expected argument `detach_marginals` to be None or a bool, but got {detach_marginals!r}.")
         if not (gamma == "auto" or (isinstance(gamma, (int, float)) and not isinstance(gamma, bool) and gamma >= 0)):
             raise ValueError(f"Expected argument `gamma` to be 'auto' or a float >= 0, but got {gamma!r}.")
         if t0 is not None and not t0 > 0:
@@ -132,6 +178,7 @@ class FedHarmony(Aggregator):
         _one_of("quality_weighting", quality_weighting, ("additive", "product"))
         _one_of("consensus_weighting", consensus_weighting, ("samples", "uniform", "previous_aggregation"))
         _one_of("stale_stats", stale_stats, ("keep", "drop"))
+        _one_of("discrepancy_baseline", discrepancy_baseline, ("sampling", "none"))
         _check_normalization(corr_normalization, "corr_normalization")
         self.alignment_weight = float(alignment_weight)
         self.alignment = alignment
@@ -140,6 +187,7 @@ class FedHarmony(Aggregator):
         self.quality_aggregation = quality_aggregation
         self.quality_weighting: QualityWeighting = quality_weighting
         self.gamma = gamma
+        self.discrepancy_baseline: DiscrepancyBaseline = discrepancy_baseline
         self.t0 = t0
         self.consensus_weighting = consensus_weighting
         self.stale_stats = stale_stats
@@ -148,11 +196,32 @@ class FedHarmony(Aggregator):
         self.corr_normalization: Normalization = corr_normalization
         self.proximal_mu = float(proximal_mu)
         self.align_threshold = float(align_threshold)
+        self.detach_marginals = detach_marginals
+        self.corr_momentum = None if corr_momentum is None else float(corr_momentum)
         self.seed = seed
         self._clients: dict[str, _ClientRecord] = {}
         self._sums: tuple[Tensor, Tensor] | None = None
         self._blocks = torch.zeros(0, 0, dtype=torch.bool)
         self.cluster_ids: Tensor | None = None
+        self._report: tuple[dict[str, dict[str, float]], dict[str, list[tuple[int, int, float, float]]]] = ({}, {})
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> FedHarmony:
+        """FedHarmony as the paper reads (Kou et al., CVPR 2026), with this project's earlier choices where it is
+        silent: :data:`PAPER_SETTINGS`.
+
+        The paper's soft phi (Bernoulli-normalised, gradients through the marginals, batch moments only),
+        ``lambda = 1``, its additive weights ``w_k = alpha_t n_k / sum n + (1 - alpha_t) q_k / sum q`` with
+        ``gamma = 1 / median s_k`` scored on the raw discrepancy, the plain eigengap for the number of blocks, and no
+        proximal term. These were this class's defaults before the validated ones.
+
+        Args:
+            overrides: any constructor argument, e.g. ``FedHarmony.paper(alignment_weight=10.0)``.
+
+        Returns:
+            A configured :class:`FedHarmony`.
+        """
+        return cls(**{**PAPER_SETTINGS, **overrides})
 
     # ------------------------------------------------------------------ server -> clients
     def client_instructions(
@@ -164,6 +233,8 @@ class FedHarmony(Aggregator):
             instructions.alignment_weight = self.alignment_weight
             instructions.corr_normalization = self.corr_normalization
             instructions.corr_eps = self.corr_eps
+            instructions.detach_marginals = self.detach_marginals
+            instructions.corr_momentum = self.corr_momentum
         return instructions
 
     def teacher(self, client_id: str) -> tuple[Tensor, Tensor]:
@@ -236,15 +307,29 @@ class FedHarmony(Aggregator):
         consensus, cluster_ids = self._rebuild_consensus()
 
         # one client at a time: stacking every participant's teacher and mask would cost K x L^2 extra memory
-        discrepancy = torch.cat([self._discrepancy(u.client_id) for u in updates])
-        quality = quality_from_discrepancy(discrepancy, self.gamma)
+        total_samples = sum(r.num_samples for r in self._clients.values())
+        scored = [self._score(u.client_id, total_samples) for u in updates]
+        discrepancy = torch.tensor([s[0] for s in scored], dtype=torch.float64)
+        baseline = torch.tensor([s[1] for s in scored], dtype=torch.float64)
+        if self.discrepancy_baseline == "sampling":
+            quality = quality_from_discrepancy((discrepancy - baseline).clamp_min(0.0), self.gamma)
+        else:
+            quality = quality_from_discrepancy(discrepancy.float(), self.gamma).double()
         n = torch.tensor([float(u.num_samples) for u in updates], dtype=torch.float64)
         if self.quality_aggregation:
             weights = aggregation_weights(n, quality, server_round, self._t0(), mode=self.quality_weighting)
         else:
             weights = sample_weights(updates)
-        for update, weight in zip(updates, weights.tolist()):
+        report: dict[str, dict[str, float]] = {}
+        for update, weight, score, base, q in zip(updates, weights.tolist(), discrepancy, baseline, quality):
             self._clients[update.client_id].aggregation_weight = weight
+            report[update.client_id] = {
+                "num_samples": float(update.num_samples),
+                "discrepancy": float(score),
+                "sampling_discrepancy": float(base),
+                "quality": float(q),
+            }
+        self._report = (report, {u.client_id: s[2] for u, s in zip(updates, scored)})
         if self.consensus_weighting == "previous_aggregation":
             # the sums were built with the old aggregation weights: rebuild them with the new ones, so that teachers
             # subtract the same own term that the sums hold and a reloaded state_dict gives the same teachers
@@ -258,10 +343,28 @@ class FedHarmony(Aggregator):
         }
         return weights, metrics
 
-    def _discrepancy(self, client_id: str) -> Tensor:
+    def _score(self, client_id: str, total_samples: float) -> tuple[float, float, list[tuple[int, int, float, float]]]:
+        """The client's discrepancy ``s_k``, its sampling baseline and the pairs where it departs most."""
         teacher, mask = self.teacher(client_id)
-        corr = self._clients[client_id].corr
-        return correlation_discrepancy(corr[None], teacher[None], mask)
+        record = self._clients[client_id]
+        corr = record.corr
+        discrepancy = correlation_discrepancy(corr[None], teacher[None], mask)
+        n = torch.tensor([record.num_samples], dtype=torch.float32)
+        baseline = sampling_discrepancy(corr[None], teacher[None], mask, n, torch.tensor([total_samples]) - n)
+        gap = (corr - teacher).abs_().mul_(torch.triu(mask, diagonal=1))
+        top = torch.topk(gap.flatten(), min(NUM_REPORTED_PAIRS, int(gap.count_nonzero())))
+        num_labels = corr.shape[0]
+        pairs = [
+            (index // num_labels, index % num_labels, float(corr.flatten()[index]), float(teacher.flatten()[index]))
+            for index in top.indices.tolist()
+        ]
+        return float(discrepancy), float(baseline), pairs
+
+    def client_report(self) -> tuple[dict[str, dict[str, float]], dict[str, list[tuple[int, int, float, float]]]]:
+        """Per participating client of the latest round: ``num_samples``, ``discrepancy`` (``s_k``),
+        ``sampling_discrepancy`` (what sampling alone would give), ``quality`` (``q_k``); and up to five label pairs
+        ``(a, b, R_k, R*_k)`` where its correlation departs most from its teacher, largest gap first."""
+        return self._report
 
     def _t0(self) -> float:
         if self.t0 is not None:
@@ -291,9 +394,13 @@ class FedHarmony(Aggregator):
         # summed in float64, kept in float32: each client's teacher is then L^2 float32 work
         self._sums = (numerator.float(), denominator.float())
         consensus = consensus_from_sums(numerator, denominator)
-        if self.block_alignment:
-            blocks = self.num_blocks if self.num_blocks == "auto" else min(int(self.num_blocks), num_labels)
-            self.cluster_ids = spectral_label_blocks(consensus, blocks, seed=self.seed)
+        if self.block_alignment and self.num_blocks == "auto":
+            low, high = auto_block_range(num_labels)
+            self.cluster_ids = spectral_label_blocks(consensus, "auto", seed=self.seed, min_blocks=low, max_blocks=high)
+        elif self.block_alignment and self.num_blocks == "eigengap":
+            self.cluster_ids = spectral_label_blocks(consensus, "auto", seed=self.seed)
+        elif self.block_alignment:
+            self.cluster_ids = spectral_label_blocks(consensus, min(int(self.num_blocks), num_labels), seed=self.seed)
         else:
             self.cluster_ids = torch.zeros(num_labels, dtype=torch.long)
         self._blocks = block_mask(self.cluster_ids)

@@ -42,6 +42,54 @@ def correlation_discrepancy(corr: Tensor, teacher: Tensor, mask: Tensor) -> Tens
     return squared.sum((1, 2)) / count.clamp_min(1.0)
 
 
+def sampling_discrepancy(
+    corr: Tensor, teacher: Tensor, mask: Tensor, num_samples: Tensor, teacher_samples: Tensor
+) -> Tensor:
+    """The ``s_k`` that sampling alone would give: what a client shows even when it agrees with its teacher.
+
+    A correlation estimated from ``n`` samples has variance about ``(1 - R^2)^2 / n`` (Pearson's large-sample
+    variance), and the client's estimate and its teacher's are independent, so the expected squared gap on a pair
+    is ``(1 - R_k^2)^2 / n_k + (1 - R*_k^2)^2 / n*_k``. Scoring ``s_k`` minus this baseline keeps a small honest client
+    from being read as a disagreeing one only because its estimate is noisy. On the Bernoulli scale (soft phi, which
+    is smaller than Pearson's) the baseline is an upper bound, so it errs on the side of keeping weight.
+
+    Args:
+        corr: ``(K, L, L)`` client correlations.
+        teacher: ``(K, L, L)`` their teachers.
+        mask: ``(L, L)`` or ``(K, L, L)`` bool pairs that are scored.
+        num_samples: ``(K,)`` samples behind each client's correlation.
+        teacher_samples: ``(K,)`` samples behind each teacher (the other clients' total).
+
+    Returns:
+        ``(K,)`` float; 0 for a client with no scored pair.
+
+    Example:
+        >>> import torch
+        >>> corr = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+        >>> pairs = ~torch.eye(2, dtype=torch.bool)
+        >>> sampling_discrepancy(corr, corr, pairs, torch.tensor([100.0]), torch.tensor([900.0]))
+        tensor([0.0111])
+    """
+    if corr.ndim != 3 or corr.shape != teacher.shape:
+        raise ValueError(
+            "Expected `corr` and `teacher` to share one (K, L, L) shape, but got"
+            f" {tuple(corr.shape)} and {tuple(teacher.shape)}."
+        )
+    num_clients = corr.shape[0]
+    for name, value in (("num_samples", num_samples), ("teacher_samples", teacher_samples)):
+        if value.shape != (num_clients,):
+            raise ValueError(
+                f"Expected argument `{name}` to have shape ({num_clients},), but got {tuple(value.shape)}."
+            )
+    inv_n = 1.0 / num_samples.to(corr.dtype).clamp_min(1.0)
+    inv_teacher = torch.where(teacher_samples > 0, 1.0 / teacher_samples.to(corr.dtype).clamp_min(1.0), 0.0)
+    own = (1.0 - corr.square()).square_().mul_(inv_n[:, None, None])
+    other = (1.0 - teacher.to(corr.dtype).square()).square_().mul_(inv_teacher[:, None, None])
+    expected = own.add_(other).mul_(mask)
+    count = torch.broadcast_to(mask, corr.shape).sum((1, 2), dtype=corr.dtype)
+    return expected.sum((1, 2)) / count.clamp_min(1.0)
+
+
 def quality_from_discrepancy(discrepancy: Tensor, gamma: float | str = "auto") -> Tensor:
     """``q_k = exp(-gamma s_k)``; ``gamma="auto"`` is ``1 / median_k s_k`` (all ones when the median is 0)."""
     if discrepancy.ndim != 1:

@@ -111,6 +111,8 @@ class Key:
     ALIGNMENT_WEIGHT = "alignment-weight"
     CORR_NORMALIZATION = "corr-normalization"
     CORR_EPS = "corr-eps"
+    CORR_MOMENTUM = "corr-momentum"
+    DETACH_MARGINALS = "detach-marginals"
     COLLECT_STATS = "collect-stats"
     # entries of `metrics` (client -> server)
     NUM_EXAMPLES = "num-examples"
@@ -398,6 +400,10 @@ class FedHarmonyStrategy(Strategy):
                 client_config[Key.CORR_NORMALIZATION] = instr.corr_normalization
             if instr.corr_eps is not None:
                 client_config[Key.CORR_EPS] = float(instr.corr_eps)
+            if instr.corr_momentum is not None:
+                client_config[Key.CORR_MOMENTUM] = float(instr.corr_momentum)
+            if instr.detach_marginals is not None:
+                client_config[Key.DETACH_MARGINALS] = bool(instr.detach_marginals)
             content = _instructions_to_content(instr, client_arrays, client_config)
             messages.append(
                 Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(server_round))
@@ -669,6 +675,8 @@ def make_client_app(
             proximal_mu=_number(config, Key.PROXIMAL_MU, float) if Key.PROXIMAL_MU in config else 0.0,
             corr_normalization=str(config[Key.CORR_NORMALIZATION]) if Key.CORR_NORMALIZATION in config else None,
             corr_eps=_number(config, Key.CORR_EPS, float) if Key.CORR_EPS in config else None,
+            corr_momentum=_number(config, Key.CORR_MOMENTUM, float) if Key.CORR_MOMENTUM in config else None,
+            detach_marginals=_flag(config, Key.DETACH_MARGINALS) if Key.DETACH_MARGINALS in config else None,
         )
         module = model_fn(context)
         datamodule = datamodule_fn(index, context)
@@ -727,3 +735,14 @@ def _number(record: ConfigRecord, key: str, kind: type[_N]) -> _N:
             " HINT: run the server with `FedHarmonyStrategy`."
         )
     return kind(value)
+
+
+def _flag(record: ConfigRecord, key: str) -> bool:
+    """``record[key]`` as a bool; a missing or non-bool entry is a malformed message."""
+    value = record.get(key)
+    if not isinstance(value, bool):
+        raise RuntimeError(
+            f"Expected entry `{key}` of the message to be bool, but got {value!r}."
+            " HINT: run the server with `FedHarmonyStrategy`."
+        )
+    return value
