@@ -7,7 +7,9 @@ global model is evaluated after every round on the test set and on a validation 
 (``--select-seeds``, default the first seed), the configuration with the highest mean final-round validation mAP
 wins and runs on the remaining seeds. Test metrics of configurations that were not chosen are never written.
 
-Methods: ``fedavg``, ``fedprox`` (grid over ``proximal_mu``), ``fedharmony``, ``fedharmony_noblocks``
+Methods: ``fedavg``, ``fedprox`` (grid over ``proximal_mu``), ``fedharmony`` (the library's defaults, no grid: what a
+user who changes nothing gets), ``fedharmony_paper`` (``FedHarmony.paper()``, grid over ``alignment_weight``),
+``fedharmony_noblocks``
 (``block_alignment=False``), ``loss_only`` (``quality_aggregation=False``), ``aggregation_only``
 (``alignment=False``), ``local_only`` (each client trains its own model on its own data for the same epochs; metrics
 averaged over clients) and ``centralized`` (the pooled training data, one client, same epochs). ``--variant`` adds
@@ -56,13 +58,14 @@ BASE_METHODS: dict[str, dict[str, Any]] = {
     "fedavg": {},
     "fedprox": {},
     "fedharmony": {},
+    "fedharmony_paper": {},
     "fedharmony_noblocks": {"block_alignment": False},
     "loss_only": {"quality_aggregation": False},
     "aggregation_only": {"alignment": False},
     "local_only": {},
     "centralized": {},
 }
-FEDHARMONY_FAMILY = ("fedharmony", "fedharmony_noblocks", "loss_only", "aggregation_only")
+FEDHARMONY_FAMILY = ("fedharmony", "fedharmony_paper", "fedharmony_noblocks", "loss_only", "aggregation_only")
 #: Keys that configure the client model (the mixin); ``corr_normalization`` and ``corr_eps`` go to both sides.
 MODEL_KEYS = ("corr_normalization", "corr_momentum", "detach_marginals", "corr_eps")
 SHARED_KEYS = ("corr_normalization", "corr_eps")
@@ -71,14 +74,14 @@ SHARED_KEYS = ("corr_normalization", "corr_eps")
 PRESETS: dict[str, dict[str, dict[str, list[Any]]]] = {
     "small": {
         "fedprox": {"proximal_mu": [1e-3, 1e-2, 1e-1]},
-        "fedharmony": {"alignment_weight": [0.1, 1.0, 10.0, 100.0]},
+        "fedharmony_paper": {"alignment_weight": [0.1, 1.0, 10.0, 100.0]},
         "fedharmony_noblocks": {"alignment_weight": [0.1, 1.0, 10.0, 100.0]},
         "loss_only": {"alignment_weight": [0.1, 1.0, 10.0, 100.0]},
         "aggregation_only": {"t0": [None, "rounds"]},
     },
     "full": {
         "fedprox": {"proximal_mu": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]},
-        "fedharmony": {
+        "fedharmony_paper": {
             "alignment_weight": [0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0],
             "num_blocks": ["auto", 2, 4],
             "gamma": ["auto", 1.0, 10.0],
@@ -240,10 +243,12 @@ def _federated_data(cell: Cell, seed: int, settings: Mapping[str, Any]) -> Any:
 def _build(task: Task, data: Any) -> tuple[Any, Any]:
     """The model and aggregator of a task."""
     from lightning_fedharmony import FedAvg, FedHarmony, FedProx
+    from lightning_fedharmony.aggregators.fedharmony import PAPER_SETTINGS
     from lightning_fedharmony.models import MultilabelMLP
 
     settings = dict(task.settings)
-    params = {**BASE_METHODS.get(task.base, {}), **task.param_dict}
+    paper = task.base == "fedharmony_paper"
+    params = {**(PAPER_SETTINGS if paper else {}), **BASE_METHODS.get(task.base, {}), **task.param_dict}
     model_kwargs = {k: params[k] for k in MODEL_KEYS if k in params}
     agg_kwargs = {k: v for k, v in params.items() if k not in MODEL_KEYS or k in SHARED_KEYS}
     torch.manual_seed(task.seed)
@@ -259,7 +264,7 @@ def _build(task: Task, data: Any) -> tuple[Any, Any]:
     elif task.base in FEDHARMONY_FAMILY:
         if agg_kwargs.get("t0") == "rounds":
             agg_kwargs["t0"] = float(settings["rounds"])
-        aggregator = FedHarmony(seed=task.seed, **agg_kwargs)
+        aggregator = (FedHarmony.paper if paper else FedHarmony)(seed=task.seed, **agg_kwargs)
     else:
         aggregator = FedAvg()
     return model, aggregator
@@ -284,12 +289,14 @@ def _run_federation(model: Any, clients: Mapping[str, Any], aggregator: Any, tas
     test_curve: list[dict[str, float]] = []
     val_curve: list[dict[str, float]] = []
     server: list[dict[str, float]] = []
+    client_seconds: list[float] = []
     for server_round in range(1, fed.num_rounds + 1):
         record = fed.run_round(server_round)
         test_curve.append({k: record.metrics[k] for k in METRICS})
         val_curve.append({k: v for k, v in fed.evaluate(val_loader).items() if k in METRICS})
         server.append(dict(record.server_metrics))
-    return {"test": test_curve, "val": val_curve, "server": server}
+        client_seconds.append(record.seconds["clients"])
+    return {"test": test_curve, "val": val_curve, "server": server, "client_seconds": client_seconds}
 
 
 def _mean_curves(curves: Sequence[list[dict[str, float]]]) -> list[dict[str, float]]:
@@ -314,6 +321,7 @@ def run_task(task: Task) -> dict[str, Any]:
             runs.append(_run_federation(model, {"0": data.client(index, batch, task.seed)}, aggregator, task, loaders))
         curves = {"test": _mean_curves([r["test"] for r in runs]), "val": _mean_curves([r["val"] for r in runs])}
         curves["server"] = []
+        curves["client_seconds"] = [sum(values) for values in zip(*(r["client_seconds"] for r in runs))]
     elif task.base == "centralized":
         rows = np.concatenate(data.partition.client_indices)
         observed = None
@@ -347,6 +355,8 @@ def run_task(task: Task) -> dict[str, Any]:
         "num_train": int(data.train.num_samples),
         "num_labels": int(data.train.num_labels),
         "seconds": time.perf_counter() - started,
+        # local training of every selected client, per round (round 1 has no teacher: it is left out)
+        "client_seconds_per_round": float(np.median(curves["client_seconds"][1:] or curves["client_seconds"])),
     }
 
 

@@ -20,7 +20,7 @@ from lightning_fedharmony.functional.correlation import (
     Normalization,
     _check_normalization,
     block_soft_phi,
-    phi_from_moments,
+    phi_from_means,
 )
 from lightning_fedharmony.functional.losses import alignment_loss, proximal_term, soft_phi_alignment_loss
 
@@ -110,7 +110,7 @@ class FedHarmonyMixin:
         module = self._fedharmony_module()
         module.register_buffer(_TEACHER, torch.empty(0, 0))
         module.register_buffer(_MASK, torch.empty(0, 0, dtype=torch.bool))
-        self._fedharmony_running: tuple[Tensor, Tensor] | None = None
+        self._fedharmony_running: tuple[Tensor, Tensor, Tensor | None] | None = None
         self._fedharmony_anchor: list[Tensor] | None = None
         self._fedharmony_batch: tuple[Tensor, Tensor, Tensor | None] | None = None
         self._fedharmony_layout: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
@@ -295,32 +295,27 @@ class FedHarmonyMixin:
         return (elementwise * weight).sum() / weight.sum().clamp_min(1.0)
 
     def _fedharmony_alignment(self, preds: Tensor, observed_labels: Tensor | None) -> Tensor:
-        layout = self._fedharmony_block_layout() if self.fedharmony_corr_momentum == 0 else None
+        layout = self._fedharmony_block_layout()
+        eps, normalization = self.fedharmony_corr_eps, self.fedharmony_corr_normalization
+        detach, momentum = self.fedharmony_detach_marginals, self.fedharmony_corr_momentum
         if layout is None:
             mask = self.fedharmony_mask
             if observed_labels is not None:
                 mask = mask & pair_validity(observed_labels)
-            if self.fedharmony_corr_momentum == 0:  # the batch's own correlation: one fused autograd node
+            if momentum == 0:  # the batch's own correlation: one fused autograd node
                 return soft_phi_alignment_loss(
-                    preds,
-                    self.fedharmony_teacher,
-                    mask,
-                    self.fedharmony_corr_eps,
-                    self.fedharmony_corr_normalization,
-                    detach_scale=self.fedharmony_detach_marginals,
+                    preds, self.fedharmony_teacher, mask, eps, normalization, detach_scale=detach
                 )
-            return alignment_loss(self._fedharmony_batch_corr(preds), self.fedharmony_teacher, mask)
+            corr = self._fedharmony_running_corr(preds[:, None, :], None)[0]
+            return alignment_loss(corr, self.fedharmony_teacher, mask)
         # only the in-block correlations: N * G * S^2 work instead of N * L^2
         index, valid, teacher, mask = layout
         if observed_labels is not None:
             mask = mask & pair_validity(observed_labels[index] & valid)
-        corr = block_soft_phi(
-            preds,
-            index,
-            self.fedharmony_corr_eps,
-            self.fedharmony_corr_normalization,
-            detach_scale=self.fedharmony_detach_marginals,
-        )
+        if momentum == 0:
+            corr = block_soft_phi(preds, index, eps, normalization, detach_scale=detach)
+        else:
+            corr = self._fedharmony_running_corr(preds[:, index], index)
         return alignment_loss(corr, teacher, mask)
 
     def _fedharmony_block_layout(self) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
@@ -339,22 +334,31 @@ class FedHarmonyMixin:
             self._fedharmony_layout_key = key
         return self._fedharmony_layout
 
-    def _fedharmony_batch_corr(self, preds: Tensor) -> Tensor:
-        """The batch correlation mixed with detached running moments (`corr_momentum` > 0)."""
-        eps, normalization = self.fedharmony_corr_eps, self.fedharmony_corr_normalization
-        detach = self.fedharmony_detach_marginals
+    def _fedharmony_running_corr(self, gathered: Tensor, index: Tensor | None) -> Tensor:
+        """``(G, S, S)`` correlations of the column groups ``gathered`` ``(N, G, S)`` (one group of all ``L`` labels
+        on the dense path), from the batch's moments mixed with detached running moments (`corr_momentum` > 0)."""
         momentum = self.fedharmony_corr_momentum
         # running moments in float64: moments of saturated columns cancel catastrophically in float32
-        wide = preds.double()
+        wide = gathered.double()
         mean = wide.mean(0)
-        outer = wide.T @ wide / wide.shape[0]
+        outer = torch.einsum("ngi,ngj->gij", wide, wide) / wide.shape[0]
         running = self._fedharmony_running
-        if running is not None and running[0].shape == mean.shape:
+        # moments of other columns (a new block layout) must not be mixed in
+        same_columns = (index is None and running is not None and running[2] is None) or (
+            index is not None and running is not None and running[2] is not None and torch.equal(running[2], index)
+        )
+        if running is not None and same_columns and running[0].shape == mean.shape:
             mean = momentum * running[0] + (1 - momentum) * mean
             outer = momentum * running[1] + (1 - momentum) * outer
-        self._fedharmony_running = (mean.detach(), outer.detach())
-        corr = phi_from_moments(1.0, mean, outer, eps=eps, normalization=normalization, detach_scale=detach)
-        return corr.to(preds.dtype)
+        self._fedharmony_running = (mean.detach(), outer.detach(), index)
+        corr = phi_from_means(
+            mean,
+            outer,
+            self.fedharmony_corr_eps,
+            self.fedharmony_corr_normalization,
+            detach_scale=self.fedharmony_detach_marginals,
+        )
+        return corr.to(gathered.dtype)
 
     def _fedharmony_log(self, task: Tensor, align: Tensor | None, prox: Tensor | None, preds: Tensor, n: int) -> None:
         stage = "train" if self._fedharmony_module().training else "val"

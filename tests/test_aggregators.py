@@ -148,7 +148,7 @@ def test_round_one_instructions_have_no_teacher() -> None:
 
 def test_teachers_and_masks_after_a_round() -> None:
     updates = _three_clients()
-    aggregator = FedHarmony(alignment_weight=2.0, t0=2)
+    aggregator = FedHarmony.paper(alignment_weight=2.0, t0=2)
     result = aggregator.aggregate_round(1, updates, _weights(0))
     corr, valid, n = _client_arrays(updates)
     assert valid.tolist() == [[True] * 6, [True] * 5 + [False], [True] * 4 + [False] * 2]
@@ -185,7 +185,7 @@ def test_teachers_and_masks_after_a_round() -> None:
 
 def test_unseen_client_gets_the_global_consensus() -> None:
     updates = _three_clients()
-    aggregator = FedHarmony(t0=2)
+    aggregator = FedHarmony.paper(t0=2)
     aggregator.aggregate_round(1, updates)
     corr, valid, n = _client_arrays(updates)
     teacher, mask = aggregator.teacher("never-seen")
@@ -204,7 +204,7 @@ def _expected_client_weights(aggregator: FedHarmony, updates: list[ClientUpdate]
 @pytest.mark.parametrize("server_round", [1, 2, 3])
 def test_additive_weights(server_round: int) -> None:
     updates = _three_clients()
-    aggregator = FedHarmony(t0=3)
+    aggregator = FedHarmony.paper(t0=3)
     result = aggregator.aggregate_round(server_round, updates)
     n, quality = _expected_client_weights(aggregator, updates)
     assert len(set(quality.tolist())) == 3  # the qualities differ
@@ -221,7 +221,7 @@ def test_additive_weights(server_round: int) -> None:
 
 def test_product_weights() -> None:
     updates = _three_clients()
-    aggregator = FedHarmony(t0=2, quality_weighting="product")
+    aggregator = FedHarmony.paper(t0=2, quality_weighting="product")
     result = aggregator.aggregate_round(5, updates)
     n, quality = _expected_client_weights(aggregator, updates)
     expected = n * quality / (n * quality).sum()
@@ -236,7 +236,7 @@ def test_without_quality_aggregation_weights_are_sample_shares() -> None:
 
 
 def test_without_alignment_no_teacher_is_sent() -> None:
-    aggregator = FedHarmony(alignment=False, t0=2)
+    aggregator = FedHarmony.paper(alignment=False, t0=2)
     aggregator.aggregate_round(1, _three_clients())
     for inst in aggregator.configure_round(2, ["a", "b"], _weights(0)).values():
         assert inst.teacher is None and inst.mask is None and inst.alignment_weight is None
@@ -244,7 +244,7 @@ def test_without_alignment_no_teacher_is_sent() -> None:
 
 def test_without_blocks_every_pair_is_aligned() -> None:
     updates = _three_clients()
-    aggregator = FedHarmony(block_alignment=False, t0=2)
+    aggregator = FedHarmony.paper(block_alignment=False, t0=2)
     result = aggregator.aggregate_round(1, updates)
     assert aggregator.cluster_ids is not None and aggregator.cluster_ids.tolist() == [0] * NUM_LABELS
     assert result.metrics["num_blocks"] == 1.0
@@ -254,10 +254,10 @@ def test_without_blocks_every_pair_is_aligned() -> None:
     for k, cid in enumerate("abc"):
         assert torch.equal(aggregator.teacher(cid)[1], off_diagonal & support[k] & pair_validity(valid[k]))
     # fixing G = 1 has the same effect; G = 2 finds the planted blocks
-    single = FedHarmony(num_blocks=1, t0=2)
+    single = FedHarmony.paper(num_blocks=1, t0=2)
     single.aggregate_round(1, updates)
     assert single.cluster_ids is not None and single.cluster_ids.tolist() == [0] * NUM_LABELS
-    two = FedHarmony(num_blocks=2, t0=2)
+    two = FedHarmony.paper(num_blocks=2, t0=2)
     two.aggregate_round(1, updates)
     assert two.cluster_ids is not None and two.cluster_ids.tolist() == [0, 0, 0, 1, 1, 1]
 
@@ -275,7 +275,7 @@ def test_t0_from_setup_or_error() -> None:
 @pytest.mark.parametrize("consensus_weighting", ["samples", "uniform", "previous_aggregation"])
 def test_consensus_weighting(consensus_weighting: str) -> None:
     updates = _three_clients()
-    aggregator = FedHarmony(t0=2, consensus_weighting=consensus_weighting)  # type: ignore[arg-type]
+    aggregator = FedHarmony.paper(t0=2, consensus_weighting=consensus_weighting)  # type: ignore[arg-type]
     result = aggregator.aggregate_round(1, updates)
     corr, valid, n = _client_arrays(updates)
     if consensus_weighting == "samples":
@@ -294,7 +294,7 @@ def test_consensus_weightings_differ() -> None:
     updates = _three_clients()
     teachers = {}
     for weighting in ("samples", "uniform"):
-        aggregator = FedHarmony(t0=2, consensus_weighting=weighting)  # type: ignore[arg-type]
+        aggregator = FedHarmony.paper(t0=2, consensus_weighting=weighting)  # type: ignore[arg-type]
         aggregator.aggregate_round(1, updates)
         teachers[weighting] = aggregator.teacher("a")[0]
     assert (teachers["samples"] - teachers["uniform"]).abs().max() > 1e-3
@@ -303,7 +303,7 @@ def test_consensus_weightings_differ() -> None:
 @pytest.mark.parametrize("stale_stats", ["keep", "drop"])
 def test_stale_stats_with_partial_participation(stale_stats: str) -> None:
     first = [_update("a", 100, 1), _update("b", 200, 2, sign=-1.0), _update("c", 150, 3)]
-    aggregator = FedHarmony(t0=2, stale_stats=stale_stats)  # type: ignore[arg-type]
+    aggregator = FedHarmony.paper(t0=2, stale_stats=stale_stats)  # type: ignore[arg-type]
     aggregator.aggregate_round(1, first)
     second = [_update("a", 100, 4), _update("b", 200, 5, sign=-1.0)]  # c sits this round out
     aggregator.aggregate_round(2, second)
@@ -439,8 +439,8 @@ def test_no_updates_and_bad_rounds() -> None:
     ("kwargs", "match"),
     [
         ({"alignment_weight": -1.0}, "Expected argument `alignment_weight` to be >= 0, but got -1.0"),
-        ({"num_blocks": 0}, "Expected argument `num_blocks` to be 'auto' or an int >= 1, but got 0"),
-        ({"num_blocks": "many"}, "`num_blocks` to be 'auto' or an int >= 1, but got 'many'"),
+        ({"num_blocks": 0}, "Expected argument `num_blocks` to be 'auto', 'eigengap' or an int >= 1, but got 0"),
+        ({"num_blocks": "many"}, "`num_blocks` to be 'auto', 'eigengap' or an int >= 1, but got 'many'"),
         ({"gamma": -1.0}, "Expected argument `gamma` to be 'auto' or a float >= 0, but got -1.0"),
         ({"gamma": "median"}, "`gamma` to be 'auto' or a float >= 0, but got 'median'"),
         ({"t0": 0}, "Expected argument `t0` to be None or > 0, but got 0"),

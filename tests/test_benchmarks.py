@@ -117,3 +117,16 @@ def test_speed_server_part_writes_its_figures(tmp_path: Path) -> None:
         assert row["input_stats_mib"] == pytest.approx(clients * labels * labels * 8 / 2**20)
     table = (out / "speed.md").read_text()
     assert "| 4 | 6 |" in table and "| 3 | 9 |" in table
+
+
+def test_quality_default_fedharmony_has_no_grid_and_the_paper_preset_keeps_one():
+    quality = _quality()
+    assert quality.method_grid("fedharmony", "fedharmony", "small", {}) == [{}]
+    assert {
+        c["alignment_weight"] for c in quality.method_grid("fedharmony_paper", "fedharmony_paper", "small", {})
+    } == {
+        0.1,
+        1.0,
+        10.0,
+        100.0,
+    }

@@ -94,3 +94,34 @@ def test_few_labels_use_the_dense_path() -> None:
     model = TinyMLP(num_labels=30)
     model.fedharmony_set_teacher(teacher, mask)
     assert block_layout(mask) is not None and model._fedharmony_block_layout() is None
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_mixin_block_path_with_running_moments_matches_the_dense_one(detach: bool) -> None:
+    preds, teacher, mask = _setup(num_labels=300)
+    batches = [preds[:32].float(), preds[32:].float()]
+    kwargs = {"corr_momentum": 0.9, "corr_normalization": "pearson", "detach_marginals": detach}
+    blocks, dense = TinyMLP(num_labels=300, **kwargs), TinyMLP(num_labels=300, **kwargs)
+    blocks.fedharmony_set_teacher(teacher, mask)
+    dense.fedharmony_set_teacher(teacher, mask)
+    dense._fedharmony_layout_key, dense._fedharmony_layout = (  # force the dense path for the reference
+        (dense.fedharmony_teacher.data_ptr(), dense.fedharmony_mask.data_ptr(), dense.fedharmony_teacher.device),
+        None,
+    )
+    for batch in batches:  # the second step mixes the first step's running moments in
+        block_input, dense_input = batch.clone().requires_grad_(True), batch.clone().requires_grad_(True)
+        block_loss = blocks._fedharmony_alignment(block_input, None)
+        dense_loss = dense._fedharmony_alignment(dense_input, None)
+        block_loss.backward()
+        dense_loss.backward()
+        assert blocks._fedharmony_running is not None and blocks._fedharmony_running[2] is not None
+        torch.testing.assert_close(block_loss, dense_loss, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(block_input.grad, dense_input.grad, atol=1e-6, rtol=1e-4)
+    # other blocks (a new teacher's) start their running moments afresh
+    _, _, other_mask = _setup(num_labels=300, seed=1)
+    blocks.fedharmony_set_teacher(teacher, other_mask)
+    fresh = TinyMLP(num_labels=300, **kwargs)
+    fresh.fedharmony_set_teacher(teacher, other_mask)
+    torch.testing.assert_close(
+        blocks._fedharmony_alignment(batches[0], None), fresh._fedharmony_alignment(batches[0], None)
+    )

@@ -23,7 +23,7 @@ def test_defaults():
     assert cfg.partition.kind == "dirichlet" and cfg.partition.num_clients == 10 and cfg.partition.alpha == 0.1
     assert cfg.federation.num_rounds >= 1 and cfg.federation.fraction_fit == 1.0 and cfg.federation.min_clients == 1
     assert cfg.model.class_path == MLP
-    assert set(cfg.methods) == {"fedavg", "fedprox", "fedharmony"}
+    assert set(cfg.methods) == {"fedavg", "fedprox", "fedharmony", "fedharmony_paper"}
     assert cfg.trainer == {}
     assert cfg.plots is True
 
@@ -46,7 +46,7 @@ def test_yaml_then_dotted_overrides(tmp_path: Path):
     # mappings merge key by key: the file's hidden, the default class_path, the override's lr as a float
     assert cfg.model.class_path == MLP and list(cfg.model.init_args.hidden) == [16, 8]
     assert cfg.model.init_args.lr == 1e-3 and isinstance(cfg.model.init_args.lr, float)
-    assert set(cfg.methods) == {"fedavg", "fedprox", "fedharmony", "mine"}
+    assert set(cfg.methods) == {"fedavg", "fedprox", "fedharmony", "fedharmony_paper", "mine"}
     assert cfg.trainer.max_time == "00:00:01:00"
     # the saved YAML loads back to the same configuration
     saved = tmp_path / "saved.yaml"
@@ -138,6 +138,19 @@ def test_instantiate_builds_and_injects():
     fedprox = instantiate(cfg.methods.fedprox, Aggregator, "methods.fedprox")
     assert isinstance(fedprox, FedProx) and fedprox.proximal_mu == 0.5
     assert isinstance(instantiate(cfg.methods.fedharmony, Aggregator, "methods.fedharmony"), FedHarmony)
+
+
+def test_default_methods_are_the_validated_fedharmony_and_the_papers_reading():
+    cfg = load_config()
+    default = instantiate(cfg.methods.fedharmony, Aggregator, "methods.fedharmony")
+    paper = instantiate(cfg.methods.fedharmony_paper, Aggregator, "methods.fedharmony_paper")
+
+    def settings(aggregator: FedHarmony) -> dict:
+        return {k: v for k, v in vars(aggregator).items() if not k.startswith("_") and k != "cluster_ids"}
+
+    assert settings(default) == settings(FedHarmony())
+    assert settings(paper) == settings(FedHarmony.paper())
+    assert settings(default) != settings(paper)
 
 
 @pytest.mark.parametrize(

@@ -40,7 +40,7 @@ def test_two_clients_two_rounds(tmp_path: Path) -> None:
         "b": paired_label_data(NUM_SAMPLES["b"], anti=True, seed=1),
     }
     exchange = DirectoryExchange(tmp_path / "exchange")
-    aggregator = FedHarmony(alignment_weight=ALIGNMENT_WEIGHT, t0=2)
+    aggregator = FedHarmony.paper(alignment_weight=ALIGNMENT_WEIGHT, t0=2)
     aggregator.setup(num_rounds=2)
     global_weights = model_weights(TinyMLP(num_labels=4))
     align_steps: dict[int, dict[str, list[float]]] = {}

@@ -34,7 +34,7 @@ from flwr.app import (  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from lightning_fedharmony import FedAvg, FedHarmony, FedProx  # noqa: E402
-from lightning_fedharmony.aggregators import ClientInstructions, ClientUpdate, InconsistentClientUpdates  # noqa: E402
+from lightning_fedharmony.aggregators import ClientUpdate, InconsistentClientUpdates  # noqa: E402
 from lightning_fedharmony.data.datamodule import ClientDataModule  # noqa: E402
 from lightning_fedharmony.integrations.flower import (  # noqa: E402
     FedHarmonyStrategy,
@@ -180,13 +180,13 @@ def test_selection_seeds_and_identity_follow_federation(task_identity: None) -> 
 
 def test_fedharmony_sends_each_client_its_own_teacher_and_delegates_the_math(task_identity: None) -> None:
     grid = FakeGrid({10: 0, 11: 1, 12: 2})
-    strategy = FedHarmonyStrategy(FedHarmony(seed=0), min_available_clients=3)
+    strategy = FedHarmonyStrategy(FedHarmony.paper(seed=0), min_available_clients=3)
     strategy.aggregator.setup(2)
     initial = weights_to_arrays(_weights(0))
     first, updates, (arrays, metrics) = _run_round(strategy, grid, 1, initial)
     assert all(Key.TEACHER not in m.content for m in first)  # no statistics yet: no teacher in round 1
 
-    reference = FedHarmony(seed=0)
+    reference = FedHarmony.paper(seed=0)
     reference.setup(2)
     expected = reference.aggregate_round(1, [updates[c] for c in ("0", "1", "2")], _weights(0))
     for name, tensor in arrays_to_weights(arrays).items():
@@ -352,7 +352,7 @@ def test_client_app_trains_like_federation_and_keeps_its_state_in_the_context(ta
         MultilabelMLP(3, NUM_LABELS, hidden=(8,)),
         _tiny_datamodule(1),
         "1",
-        ClientInstructions(weights=global_weights),
+        strategy.aggregator.client_instructions(1, "1", global_weights),  # with FedHarmony's proximal term
         trainer_kwargs={**CLIENT_TRAINER_DEFAULTS, "max_epochs": 2},
         seed=derive_seed(3, 1, 1),
         collect_stats=True,

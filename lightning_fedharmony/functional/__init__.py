@@ -6,9 +6,16 @@ from lightning_fedharmony.functional.aggregation import (
     correlation_discrepancy,
     correlation_quality,
     quality_from_discrepancy,
+    sampling_discrepancy,
     weighted_average,
 )
-from lightning_fedharmony.functional.blocks import block_layout, block_mask, mask_components, spectral_label_blocks
+from lightning_fedharmony.functional.blocks import (
+    auto_block_range,
+    block_layout,
+    block_mask,
+    mask_components,
+    spectral_label_blocks,
+)
 from lightning_fedharmony.functional.consensus import (
     consensus_from_sums,
     consensus_sums,
@@ -19,12 +26,13 @@ from lightning_fedharmony.functional.consensus import (
     leave_one_out_teacher,
     pair_validity,
 )
-from lightning_fedharmony.functional.correlation import block_soft_phi, phi_from_moments, soft_phi
+from lightning_fedharmony.functional.correlation import block_soft_phi, phi_from_means, phi_from_moments, soft_phi
 from lightning_fedharmony.functional.losses import alignment_loss, proximal_term, soft_phi_alignment_loss
 
 __all__ = [
     "aggregation_weights",
     "alignment_loss",
+    "auto_block_range",
     "balance_factor",
     "block_layout",
     "block_mask",
@@ -40,9 +48,11 @@ __all__ = [
     "leave_one_out_teacher",
     "mask_components",
     "pair_validity",
+    "phi_from_means",
     "phi_from_moments",
     "proximal_term",
     "quality_from_discrepancy",
+    "sampling_discrepancy",
     "soft_phi",
     "soft_phi_alignment_loss",
     "spectral_label_blocks",

@@ -103,6 +103,47 @@ def phi_from_moments(
     return _phi_from_cov(cov, p, eps, normalization, detach_scale, inplace=True)
 
 
+def phi_from_means(
+    mean: Tensor,
+    second_moment: Tensor,
+    eps: float = 1e-6,
+    normalization: Normalization = "bernoulli",
+    *,
+    detach_scale: bool = False,
+) -> Tensor:
+    """Soft phi from mean moments, batched over leading dimensions and differentiable.
+
+    ``R = (E[F F^T] - p p^T) / (sqrt(v v^T) + eps)`` with ``p = mean``: the same value as :func:`phi_from_moments`
+    for ``num_samples = 1``, for one group ``(S,)``/``(S, S)`` or many ``(G, S)``/``(G, S, S)`` (label blocks).
+
+    Args:
+        mean: ``(..., S)`` mean probabilities.
+        second_moment: ``(..., S, S)`` mean outer products.
+        eps: added to the denominator.
+        normalization: ``"bernoulli"`` or ``"pearson"``.
+        detach_scale: stop gradients through the variances in the denominator.
+
+    Returns:
+        ``(..., S, S)`` correlations, diagonal 1.
+
+    Example:
+        >>> import torch
+        >>> preds = torch.tensor([[0.9, 0.8], [0.1, 0.2]])
+        >>> phi_from_means(preds.mean(0), preds.T @ preds / 2).round(decimals=3)
+        tensor([[1.0000, 0.4800],
+                [0.4800, 1.0000]])
+    """
+    _check_eps(eps)
+    _check_normalization(normalization)
+    if second_moment.shape != (*mean.shape, mean.shape[-1]):
+        raise ValueError(
+            "Expected `mean` of shape (..., S) and `second_moment` of shape (..., S, S), but got"
+            f" {tuple(mean.shape)} and {tuple(second_moment.shape)}."
+        )
+    cov = second_moment - mean[..., :, None] * mean[..., None, :]
+    return _phi_from_cov(cov, mean, eps, normalization, detach_scale)
+
+
 def _phi_from_cov(
     cov: Tensor, p: Tensor, eps: float, normalization: str, detach_scale: bool, *, inplace: bool = False
 ) -> Tensor:
