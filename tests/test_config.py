@@ -23,7 +23,7 @@ def test_defaults():
     assert cfg.partition.kind == "dirichlet" and cfg.partition.num_clients == 10 and cfg.partition.alpha == 0.1
     assert cfg.federation.num_rounds >= 1 and cfg.federation.fraction_fit == 1.0 and cfg.federation.min_clients == 1
     assert cfg.model.class_path == MLP
-    assert set(cfg.methods) == {"fedavg", "fedprox", "fedharmony"}
+    assert set(cfg.methods) == {"fedavg", "fedprox", "fedharmony", "fedharmony_paper"}
     assert cfg.trainer == {}
     assert cfg.plots is True
 
@@ -46,7 +46,7 @@ def test_yaml_then_dotted_overrides(tmp_path: Path):
     # mappings merge key by key: the file's hidden, the default class_path, the override's lr as a float
     assert cfg.model.class_path == MLP and list(cfg.model.init_args.hidden) == [16, 8]
     assert cfg.model.init_args.lr == 1e-3 and isinstance(cfg.model.init_args.lr, float)
-    assert set(cfg.methods) == {"fedavg", "fedprox", "fedharmony", "mine"}
+    assert set(cfg.methods) == {"fedavg", "fedprox", "fedharmony", "fedharmony_paper", "mine"}
     assert cfg.trainer.max_time == "00:00:01:00"
     # the saved YAML loads back to the same configuration
     saved = tmp_path / "saved.yaml"
