@@ -506,7 +506,7 @@ class Federation:
         evaluated = server_round % self.eval_every == 0 or server_round == self.num_rounds
         if self.eval_dataloader is not None and evaluated:
             metrics = self.evaluate()
-        client_metrics = self._client_metrics(collected.updates, aggregated.client_weights, aggregated.client_metrics)
+        client_metrics = client_round_metrics(collected.updates, aggregated.client_weights, aggregated.client_metrics)
         if evaluated:
             for cid, values in client_metrics.items():
                 loader = client_val_loader(self.clients[cid])
@@ -530,7 +530,7 @@ class Federation:
             },
             attempts=attempt + 1,
             client_metrics=client_metrics,
-            client_pairs={cid: self._named_pairs(pairs) for cid, pairs in aggregated.client_pairs.items()},
+            client_pairs={cid: named_pairs(pairs, self.label_names) for cid, pairs in aggregated.client_pairs.items()},
         )
         self.result.rounds.append(record)
         self._collect_garbage()
@@ -539,27 +539,6 @@ class Federation:
         if self.verbose:
             self._print_progress(record)
         return record
-
-    @staticmethod
-    def _client_metrics(
-        updates: Sequence[ClientUpdate], weights: Mapping[str, float], scores: Mapping[str, Mapping[str, float]]
-    ) -> dict[str, dict[str, float]]:
-        report: dict[str, dict[str, float]] = {}
-        for update in updates:
-            cid = update.client_id
-            report[cid] = {"num_samples": float(update.num_samples), "weight": float(weights[cid])}
-            report[cid].update({k: float(v) for k, v in scores.get(cid, {}).items() if k != "num_samples"})
-        return report
-
-    def _named_pairs(self, pairs: Sequence[tuple[int, int, float, float]]) -> list[tuple[str, str, float, float]]:
-        names = self.label_names
-        if names is not None and any(max(a, b) >= len(names) for a, b, _, _ in pairs):
-            top = max(max(a, b) for a, b, _, _ in pairs)
-            raise ValueError(
-                f"Expected argument `label_names` to name every label of the model, but got {len(names)} names and"
-                f" label index {top}."
-            )
-        return [(label_name(a, names), label_name(b, names), float(rk), float(rt)) for a, b, rk, rt in pairs]
 
     def _collect_garbage(self) -> None:
         # Every client fit leaves a Trainer behind in reference cycles, which Python's generational collector frees
@@ -648,6 +627,37 @@ def select_clients(
     rng = np.random.default_rng([seed, server_round])
     chosen = np.sort(rng.choice(len(ids), size=count, replace=False))
     return [ids[i] for i in chosen]
+
+
+def client_round_metrics(
+    updates: Sequence[ClientUpdate], weights: Mapping[str, float], scores: Mapping[str, Mapping[str, float]]
+) -> dict[str, dict[str, float]]:
+    """Per contributing client: ``num_samples``, ``weight`` and the aggregator's scores of it
+    (:attr:`RoundRecord.client_metrics` before any evaluation); the same record wherever the server runs."""
+    report: dict[str, dict[str, float]] = {}
+    for update in updates:
+        cid = update.client_id
+        report[cid] = {"num_samples": float(update.num_samples), "weight": float(weights[cid])}
+        report[cid].update({k: float(v) for k, v in scores.get(cid, {}).items() if k != "num_samples"})
+    return report
+
+
+def named_pairs(
+    pairs: Sequence[tuple[int, int, float, float]], label_names: Sequence[str] | None = None
+) -> list[tuple[str, str, float, float]]:
+    """``(a, b, R_k, R*_k)`` label pairs with the labels by name (``label_<i>`` without names).
+
+    Raises:
+        ValueError: if ``label_names`` has no name for a label index in ``pairs``.
+    """
+    if label_names is not None and pairs:
+        top = max(max(a, b) for a, b, _, _ in pairs)
+        if top >= len(label_names):
+            raise ValueError(
+                f"Expected argument `label_names` to name every label of the model, but got {len(label_names)} names"
+                f" and label index {top}."
+            )
+    return [(label_name(a, label_names), label_name(b, label_names), float(rk), float(rt)) for a, b, rk, rt in pairs]
 
 
 def label_name(index: int, names: Sequence[str] | None = None) -> str:
