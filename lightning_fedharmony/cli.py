@@ -2,8 +2,11 @@
 
 ``fedharmony run [--config FILE] [key=value ...]`` runs every configured method on one partition and seed and prints
 a comparison table; with no arguments it runs the built-in default (yeast, 10 clients, label-set Dirichlet 0.1, an
-MLP, FedAvg vs FedProx vs FedHarmony). ``fedharmony compare`` does the same over several seeds and reports
-mean +- std. Results, the resolved config and pictures go to ``out_dir``.
+MLP, FedAvg vs FedProx vs FedHarmony) and ends with the clients that disagree most with their teachers.
+``fedharmony compare`` does the same over several seeds and reports mean +- std. Results, the resolved config and
+pictures go to ``out_dir``. ``fedharmony drift [--config FILE] [--out FILE] [key=value ...]`` loads the same data and
+partition and measures, before any training, how far each client's label correlations depart from the other
+clients' beyond sampling noise, with a verdict on whether FedHarmony's correlation terms are likely to matter.
 """
 
 from __future__ import annotations
@@ -20,7 +23,15 @@ from omegaconf import OmegaConf
 
 from lightning_fedharmony.checkpoint import CheckpointMismatchError
 from lightning_fedharmony.config import ConfigError, load_config
-from lightning_fedharmony.experiment import TABLE_COLUMNS, prepare_data, run_methods, summarize, write_outputs
+from lightning_fedharmony.drift import drift_summary, drift_table, label_drift
+from lightning_fedharmony.experiment import (
+    TABLE_COLUMNS,
+    disagreement_lines,
+    prepare_data,
+    run_methods,
+    summarize,
+    write_outputs,
+)
 from lightning_fedharmony.orchestrator import FederationError
 
 
@@ -35,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--quiet", action="store_true", help="no per-round progress lines")
         sub.add_argument("overrides", nargs="*", help="dotted overrides, e.g. federation.num_rounds=5")
     compare.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    drift = commands.add_parser(
+        "drift", help="measure the partition's label-correlation drift from the clients' labels, before training"
+    )
+    drift.add_argument("--config", help="YAML file merged over the defaults")
+    drift.add_argument("--out", help="also write the figures as JSON to this file")
+    drift.add_argument("overrides", nargs="*", help="dotted overrides, e.g. partition.kind=kmeans")
     return parser
 
 
@@ -56,7 +73,11 @@ def run_command(args: argparse.Namespace) -> dict[str, Any]:
     report = write_outputs(cfg, prepared, federations)
     print()
     print(report["table"])
-    print(f"\nResults in {cfg.out_dir}/ (results.json, results.md, history_*.csv, config.yaml)")
+    summary = [line for name, fed in federations.items() for line in disagreement_lines(name, fed.result)]
+    if summary:
+        print()
+        print("\n".join(summary))
+    print(f"\nResults in {cfg.out_dir}/ (results.json, results.md, history_*.csv, clients_*.csv, config.yaml)")
     return report
 
 
@@ -96,6 +117,35 @@ def compare_command(args: argparse.Namespace) -> dict[str, Any]:
     return aggregate
 
 
+def drift_command(args: argparse.Namespace) -> dict[str, Any]:
+    """Load the data and build the partition of a run configuration, then print its label-correlation drift."""
+    cfg = load_config(args.config, args.overrides)
+    prepared = prepare_data(cfg)
+    part = prepared.partition
+    drift = label_drift(prepared.train.Y, part.client_indices, part.observed)
+    setting = f"{cfg.data.name}, partition {cfg.partition.kind}"
+    if cfg.partition.kind == "dirichlet":
+        setting += f" (alpha {cfg.partition.alpha:g})"
+    print(f"Label-correlation drift of {setting}, {part.num_clients} clients, seed {cfg.seed}:")
+    print(f"{prepared.train.num_samples} training samples, {prepared.train.num_labels} labels\n")
+    print(drift_table(drift))
+    print()
+    print(drift_summary(drift))
+    report = {
+        "dataset": cfg.data.name,
+        "partition": OmegaConf.to_container(cfg.partition, resolve=True),
+        "seed": cfg.seed,
+        "num_labels": prepared.train.num_labels,
+        **drift.as_dict(),
+    }
+    if args.out:
+        path = Path(args.out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2))
+        print(f"\nFigures in {path}")
+    return report
+
+
 def _std(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -124,6 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             run_command(args)
+        elif args.command == "drift":
+            drift_command(args)
         else:
             compare_command(args)
     except ConfigError as err:

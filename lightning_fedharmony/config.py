@@ -37,6 +37,9 @@ class DataConfig:
         data_dir: folder of named data sets; default ``$FEDHARMONY_DATA_DIR``, else ``./data``.
         test_size: test share when the data has no official split.
         val_fraction: share of the training data held out for validation (model selection), 0 = none.
+        client_val_fraction: share of each client's data held out from its training as the client's own validation
+            split (seeded per client); the global model is scored on it every evaluated round, so the history shows
+            how well it serves each client. 0 = none (no per-client mAP); the Python API's default is 0.
         standardize: z-score features with the training set's mean and standard deviation.
         top_labels: keep only this many most frequent labels (0 = all).
     """
@@ -45,6 +48,7 @@ class DataConfig:
     data_dir: str | None = None
     test_size: float = 0.3
     val_fraction: float = 0.0
+    client_val_fraction: float = 0.15
     standardize: bool = True
     top_labels: int = 0
 
@@ -210,6 +214,7 @@ def validate_config(cfg: DictConfig) -> None:
         ("data.test_size", 0 < cfg.data.test_size < 1, "in (0, 1)"),
         ("num_threads", cfg.num_threads is None or cfg.num_threads >= 1, "null or an int >= 1"),
         ("data.val_fraction", 0 <= cfg.data.val_fraction < 1, "in [0, 1)"),
+        ("data.client_val_fraction", 0 <= cfg.data.client_val_fraction < 1, "in [0, 1)"),
         ("data.top_labels", cfg.data.top_labels == 0 or cfg.data.top_labels >= 2, "0 (all) or an int >= 2"),
     ]
     for key, ok, rule in rules:

@@ -39,6 +39,7 @@ def prepare_data(cfg: DictConfig) -> FederatedData:
             data_dir=data.data_dir,
             test_size=data.test_size,
             val_fraction=data.val_fraction,
+            client_val_fraction=data.client_val_fraction,
             standardize=data.standardize,
             top_labels=data.top_labels,
             partition=part.kind,
@@ -60,7 +61,7 @@ def prepare_data(cfg: DictConfig) -> FederatedData:
 #: Arguments of :func:`load_federated_data` -> the configuration key that sets them.
 _DATA_KEYS = {
     **{name: f"partition.{name}" for name in ("num_clients", "min_samples", "alpha", "observed_fraction")},
-    **{name: f"data.{name}" for name in ("data_dir", "test_size", "val_fraction", "top_labels")},
+    **{name: f"data.{name}" for name in ("data_dir", "test_size", "val_fraction", "client_val_fraction", "top_labels")},
     "num_labels": "data.top_labels",
     "partition": "partition.kind",
 }
@@ -118,6 +119,7 @@ def run_methods(
             round_retries=fcfg.round_retries,
             stats_noise_multiplier=fcfg.stats_noise_multiplier,
             stats_clip=fcfg.stats_clip,
+            label_names=prepared.train.label_names,
             verbose=verbose,
             stream=stream,
         )
@@ -165,6 +167,7 @@ def write_outputs(cfg: DictConfig, prepared: FederatedData, federations: dict[st
     for name, fed in federations.items():
         fed.result.to_json(out / f"history_{name}.json")
         fed.result.to_csv(out / f"history_{name}.csv")
+        fed.result.clients_to_csv(out / f"clients_{name}.csv")
     partition = prepared.partition.summary.as_dict() if prepared.partition.summary else {}
     report = {
         "dataset": cfg.data.name,
@@ -187,12 +190,24 @@ def write_outputs(cfg: DictConfig, prepared: FederatedData, federations: dict[st
 
 
 def write_pictures(out: Path, federations: dict[str, Federation]) -> list[str]:
-    """mAP per round per method, and the FedHarmony consensus ordered by label block (PNG); [] without matplotlib."""
+    """mAP per round per method, the FedHarmony consensus ordered by label block, and per method with per-client
+    records a clients x rounds heatmap of the discrepancy beyond sampling noise (``clients_discrepancy_<name>.png``)
+    and each client's validation mAP per round (``clients_map_<name>.png``) (PNG); [] without matplotlib."""
     try:
-        from lightning_fedharmony.plots import plot_consensus, plot_curves
+        from lightning_fedharmony.plots import (
+            plot_client_curves,
+            plot_client_heatmap,
+            plot_consensus,
+            plot_curves,
+        )
     except ModuleNotFoundError:
         return []
     written = [plot_curves({name: fed.result for name, fed in federations.items()}, "map", out / "map_per_round.png")]
+    for name, fed in federations.items():
+        if any("discrepancy" in values for r in fed.result.rounds for values in r.client_metrics.values()):
+            written.append(plot_client_heatmap(fed.result, out / f"clients_discrepancy_{name}.png", title=name))
+        if any("val_map" in values for r in fed.result.rounds for values in r.client_metrics.values()):
+            written.append(plot_client_curves(fed.result, "val_map", out / f"clients_map_{name}.png", title=name))
     for name, fed in federations.items():
         aggregator = fed.aggregator
         if (
@@ -205,3 +220,48 @@ def write_pictures(out: Path, federations: dict[str, Federation]) -> list[str]:
                 plot_consensus(aggregator.consensus, aggregator.cluster_ids, path, title=f"{name} consensus")
             )
     return [os.fspath(p) for p in written]
+
+
+def disagreement_lines(name: str, result: FederationResult, top: int = 3, num_pairs: int = 3) -> list[str]:
+    """A few plain lines naming the clients that disagree most with their teachers in the final round.
+
+    Clients are ranked by their discrepancy beyond the sampling baseline (``s_k - b_k``); each line gives ``s_k``,
+    the baseline, the aggregation weight and the label pairs where the client departs most from its teacher.
+
+    Args:
+        name: the method's name.
+        result: its history.
+        top: most clients named.
+        num_pairs: most label pairs per client.
+
+    Returns:
+        The lines; empty when the final round holds no discrepancy (aggregators outside the FedHarmony family).
+    """
+    if not result.rounds:
+        return []
+    final = result.final
+    scored = {cid: v for cid, v in final.client_metrics.items() if "discrepancy" in v and "sampling_discrepancy" in v}
+    if not scored:
+        return []
+    ranked = sorted(scored, key=lambda c: scored[c]["sampling_discrepancy"] - scored[c]["discrepancy"])
+    beyond = [c for c in ranked if scored[c]["discrepancy"] > scored[c]["sampling_discrepancy"]]
+    lines = [f"{name}, round {final.server_round}: clients that disagree most with their teachers"]
+    if not beyond:
+        c = ranked[0]
+        lines.append(
+            f"  no client beyond its sampling baseline; closest: client {c}, s={scored[c]['discrepancy']:.3g}"
+            f" (sampling {scored[c]['sampling_discrepancy']:.3g})"
+        )
+        return lines
+    for position, cid in enumerate(beyond[:top]):
+        values = scored[cid]
+        lead = f"client {cid} disagrees most" if position == 0 else f"client {cid}"
+        line = (
+            f"  {lead}: s={values['discrepancy']:.3g} (sampling {values['sampling_discrepancy']:.3g}),"
+            f" weight {values.get('weight', final.client_weights.get(cid, float('nan'))):.3g}"
+        )
+        pairs = final.client_pairs.get(cid, [])[:num_pairs]
+        if pairs:
+            line += "; pairs: " + "; ".join(f"({a}, {b}) {rk:.2f} vs teacher {rt:.2f}" for a, b, rk, rt in pairs)
+        lines.append(line)
+    return lines

@@ -23,6 +23,7 @@ from typing import Any, TextIO
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torch.utils.data import DataLoader
 
@@ -74,6 +75,14 @@ class RoundRecord:
         server_metrics: the aggregator's scalars (e.g. number of label blocks).
         seconds: wall time of the round's phases: ``clients``, ``trainer_setup``, ``server``, ``eval``, ``total``.
         attempts: how many times the clients were trained this round (more than 1 after retries).
+        client_metrics: per client that contributed: ``num_samples`` and ``weight`` (its aggregation weight); with
+            FedHarmony also ``discrepancy`` (``s_k``, its correlation's mean squared gap to its leave-one-out
+            teacher), ``sampling_discrepancy`` (what sampling noise alone would give) and ``quality`` (``q_k``); and
+            ``val_map``, the mAP of this round's global model on the client's own validation split, on evaluated
+            rounds when the client has one (absent otherwise).
+        client_pairs: per client that contributed (FedHarmony), up to five label pairs where its correlation departs
+            most from its teacher, largest gap first: ``(label_a, label_b, client_corr, teacher_corr)`` with labels
+            by name.
     """
 
     server_round: int
@@ -85,6 +94,24 @@ class RoundRecord:
     server_metrics: dict[str, float]
     seconds: dict[str, float]
     attempts: int = 1
+    # newer fields keep defaults, so that histories and checkpoints written before them still load
+    client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    client_pairs: dict[str, list[tuple[str, str, float, float]]] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RoundRecord:
+        """A record from :func:`dataclasses.asdict` output or its JSON (``null`` read back as ``nan``)."""
+        fields = dict(data)
+        if fields.get("train_loss") is None:
+            fields["train_loss"] = float("nan")
+        fields["client_metrics"] = {
+            cid: {k: float("nan") if v is None else v for k, v in values.items()}
+            for cid, values in fields.get("client_metrics", {}).items()
+        }
+        fields["client_pairs"] = {
+            cid: [tuple(pair) for pair in pairs] for cid, pairs in fields.get("client_pairs", {}).items()
+        }
+        return cls(**fields)
 
 
 @dataclass
@@ -143,14 +170,40 @@ class FederationResult:
             writer.writeheader()
             writer.writerows(rows)
 
+    def clients_to_csv(self, path: str | os.PathLike[str]) -> None:
+        """Long format, one row per round x contributing client: its sample count, aggregation weight, FedHarmony's
+        scores (``discrepancy``, ``sampling_discrepancy``, their difference ``excess_discrepancy``, ``quality``), the
+        global model's ``val_map`` on its validation split, and its top label pairs as ``a/b client vs teacher``
+        (empty cells where a value does not exist)."""
+        columns = ["round", "client", "num_samples", "weight"]
+        rows = []
+        for r in self.rounds:
+            for cid, values in r.client_metrics.items():
+                row: dict[str, Any] = {"round": r.server_round, "client": cid, **values}
+                row["num_samples"] = int(values.get("num_samples", 0))
+                if "discrepancy" in values and "sampling_discrepancy" in values:
+                    row["excess_discrepancy"] = values["discrepancy"] - values["sampling_discrepancy"]
+                pairs = r.client_pairs.get(cid)
+                if pairs:
+                    row["top_pairs"] = "; ".join(f"{a}/{b} {rk:.4f} vs {rt:.4f}" for a, b, rk, rt in pairs)
+                rows.append(row)
+                columns += [c for c in row if c not in columns]
+        order = ("discrepancy", "sampling_discrepancy", "excess_discrepancy", "quality", "val_map", "top_pairs")
+        columns = columns[:4] + [c for c in order if c in columns] + [c for c in columns[4:] if c not in order]
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FederationResult:
+        """The history from :meth:`to_dict` (or its JSON)."""
+        return cls(rounds=[RoundRecord.from_dict(r) for r in data["rounds"]], config=dict(data.get("config", {})))
+
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> FederationResult:
-        data = json.loads(Path(path).read_text())
-        rounds = []
-        for r in data["rounds"]:
-            r["train_loss"] = float("nan") if r["train_loss"] is None else r["train_loss"]
-            rounds.append(RoundRecord(**r))
-        return cls(rounds=rounds, config=data.get("config", {}))
+        """Read what :meth:`to_json` wrote (histories written before the per-client fields load too)."""
+        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 def _strict(value: Any) -> Any:
@@ -230,7 +283,10 @@ class Federation:
     one's instructions from ``aggregator.configure_round`` (global weights, and for FedHarmony its teacher and
     alignment mask), fit it for ``local_epochs`` with a fresh Trainer built from one template, collect the updates
     (weights, sample count, correlation statistics exported by :class:`~lightning_fedharmony.CorrelationExchange`),
-    ``aggregator.aggregate_round``, then evaluate the new global model.
+    ``aggregator.aggregate_round``, then evaluate the new global model: on ``eval_dataloader``, and on the
+    validation split of every client that contributed and has one (its datamodule's ``val_dataloader``, e.g.
+    :class:`~lightning_fedharmony.data.ClientDataModule` with ``val_fraction > 0``), recorded per client with the
+    aggregator's scores of it in :attr:`RoundRecord.client_metrics`.
 
     One module instance serves every client in turn (weights are loaded before each fit), so memory does not grow
     with the number of clients. The module's ``forward(x)`` must return logits ``(N, L)``.
@@ -258,6 +314,8 @@ class Federation:
         stats_noise_multiplier: Gaussian noise on each client's exported statistics, in units of their sensitivity
             (0 = off); see :mod:`lightning_fedharmony.privacy`.
         stats_clip: per-sample L2 bound of the prediction vectors in the statistics (``None``: ``sqrt(L)``).
+        label_names: the ``L`` label names, to name the label pairs in :attr:`RoundRecord.client_pairs` (``None``:
+            ``label_<i>``).
         verbose: print one progress line per round.
         stream: where progress lines go.
     """
@@ -281,6 +339,7 @@ class Federation:
         round_retries: int = 0,
         stats_noise_multiplier: float = 0.0,
         stats_clip: float | None = None,
+        label_names: Sequence[str] | None = None,
         verbose: bool = True,
         stream: TextIO | None = None,
     ) -> None:
@@ -301,6 +360,12 @@ class Federation:
             )
         if not 0.0 < fraction_fit <= 1.0:
             raise ValueError(f"Expected argument `fraction_fit` to be in (0, 1], but got {fraction_fit!r}.")
+        if label_names is not None and (
+            isinstance(label_names, str) or not all(isinstance(name, str) for name in label_names)
+        ):
+            raise TypeError(
+                f"Expected argument `label_names` to be None or a sequence of str, but got {label_names!r}."
+            )
         if not isinstance(aggregator, Aggregator):
             raise TypeError(f"Expected argument `aggregator` to be an Aggregator, but got {type(aggregator).__name__}.")
         needs_mixin = isinstance(aggregator, (FedHarmony, FedProx)) or getattr(aggregator, "proximal_mu", 0) > 0
@@ -330,6 +395,7 @@ class Federation:
         check_privacy_args(stats_noise_multiplier, stats_clip)
         self.stats_noise_multiplier = stats_noise_multiplier
         self.stats_clip = stats_clip
+        self.label_names = None if label_names is None else list(label_names)
         self.result = FederationResult()
         self._last_gc, self._gc_seconds = 0.0, 0.0
         self._collect_stats = isinstance(aggregator, FedHarmony)
@@ -379,10 +445,7 @@ class Federation:
         load_model_weights(self.model, state["global_weights"])
         self.global_weights = model_weights(self.model)
         self.aggregator.load_state_dict(state["aggregator"])
-        history = state["history"]
-        self.result = FederationResult(
-            rounds=[RoundRecord(**r) for r in history["rounds"]], config=dict(history.get("config", {}))
-        )
+        self.result = FederationResult.from_dict(state["history"])
 
     def save(self, path: str | os.PathLike[str] | None = None) -> Path:
         """Write the federation's state atomically (default: ``checkpoint_dir``)."""
@@ -440,10 +503,15 @@ class Federation:
         self.global_weights = aggregated.weights
         t_server = time.perf_counter()
         metrics: dict[str, float] = {}
-        if self.eval_dataloader is not None and (
-            server_round % self.eval_every == 0 or server_round == self.num_rounds
-        ):
+        evaluated = server_round % self.eval_every == 0 or server_round == self.num_rounds
+        if self.eval_dataloader is not None and evaluated:
             metrics = self.evaluate()
+        client_metrics = client_round_metrics(collected.updates, aggregated.client_weights, aggregated.client_metrics)
+        if evaluated:
+            for cid, values in client_metrics.items():
+                loader = client_val_loader(self.clients[cid])
+                if loader is not None:
+                    values["val_map"] = evaluate_weights(self.model, self.global_weights, loader)["map"]
         t_end = time.perf_counter()
         record = RoundRecord(
             server_round=server_round,
@@ -461,6 +529,8 @@ class Federation:
                 "total": t_end - t_start,
             },
             attempts=attempt + 1,
+            client_metrics=client_metrics,
+            client_pairs={cid: named_pairs(pairs, self.label_names) for cid, pairs in aggregated.client_pairs.items()},
         )
         self.result.rounds.append(record)
         self._collect_garbage()
@@ -559,12 +629,65 @@ def select_clients(
     return [ids[i] for i in chosen]
 
 
+def client_round_metrics(
+    updates: Sequence[ClientUpdate], weights: Mapping[str, float], scores: Mapping[str, Mapping[str, float]]
+) -> dict[str, dict[str, float]]:
+    """Per contributing client: ``num_samples``, ``weight`` and the aggregator's scores of it
+    (:attr:`RoundRecord.client_metrics` before any evaluation); the same record wherever the server runs."""
+    report: dict[str, dict[str, float]] = {}
+    for update in updates:
+        cid = update.client_id
+        report[cid] = {"num_samples": float(update.num_samples), "weight": float(weights[cid])}
+        report[cid].update({k: float(v) for k, v in scores.get(cid, {}).items() if k != "num_samples"})
+    return report
+
+
+def named_pairs(
+    pairs: Sequence[tuple[int, int, float, float]], label_names: Sequence[str] | None = None
+) -> list[tuple[str, str, float, float]]:
+    """``(a, b, R_k, R*_k)`` label pairs with the labels by name (``label_<i>`` without names).
+
+    Raises:
+        ValueError: if ``label_names`` has no name for a label index in ``pairs``.
+    """
+    if label_names is not None and pairs:
+        top = max(max(a, b) for a, b, _, _ in pairs)
+        if top >= len(label_names):
+            raise ValueError(
+                f"Expected argument `label_names` to name every label of the model, but got {len(label_names)} names"
+                f" and label index {top}."
+            )
+    return [(label_name(a, label_names), label_name(b, label_names), float(rk), float(rt)) for a, b, rk, rt in pairs]
+
+
+def label_name(index: int, names: Sequence[str] | None = None) -> str:
+    """``names[index]``, or ``label_<index>`` without names."""
+    return f"label_{index}" if names is None else str(names[index])
+
+
+def client_val_loader(datamodule: pl.LightningDataModule) -> DataLoader | None:
+    """A client's validation batches: its datamodule's ``val_dataloader`` (the first, when it returns several), or
+    ``None`` when it has none (not implemented, an empty list, or an empty data set)."""
+    if not is_overridden("val_dataloader", datamodule, pl.LightningDataModule):
+        return None
+    loader = datamodule.val_dataloader()
+    if isinstance(loader, (list, tuple)):
+        if not loader:
+            return None
+        loader = loader[0]
+    dataset = getattr(loader, "dataset", None)
+    if dataset is not None and hasattr(dataset, "__len__") and len(dataset) == 0:
+        return None
+    return loader
+
+
 @torch.no_grad()
 def evaluate_weights(
     module: pl.LightningModule, weights: Mapping[str, Tensor], dataloader: DataLoader
 ) -> dict[str, float]:
     """Load ``weights`` into ``module`` and compute the :class:`~lightning_fedharmony.metrics.MultilabelReport` on
-    ``dataloader``'s ``(x, y)`` batches; the same evaluation wherever the server runs.
+    ``dataloader``'s ``(x, y)`` batches (or ``(x, y, observed)``: unobserved labels are then left out of every
+    metric); the same evaluation wherever the server runs.
 
     Raises:
         ValueError: if the dataloader yields no batch.
@@ -578,7 +701,8 @@ def evaluate_weights(
         preds = torch.sigmoid(module(x.to(module.device))).float().cpu()
         if report is None:
             report = MultilabelReport(num_labels=preds.shape[1])
-        report.update(preds, y.cpu())
+        observed = batch[2].cpu().bool() if len(batch) > 2 else None
+        report.update(preds, y.cpu(), observed)
     module.train(was_training)
     if report is None:
         raise ValueError("Expected the evaluation dataloader to yield batches, but it is empty.")

@@ -83,6 +83,27 @@ def test_run_prints_table_and_writes_outputs(first_run):
     assert len(csv_lines) == 3 and csv_lines[0].startswith("round,")
 
 
+def test_run_reports_each_client(first_run):
+    out, stdout = first_run
+    lines = stdout.splitlines()
+    table_end = max(i for i, line in enumerate(lines) if line.startswith("| "))
+    summary = [line for line in lines[table_end + 1 :] if line.strip()]
+    assert summary[0] == "fedharmony, round 2: clients that disagree most with their teachers"
+    assert summary[1].startswith("  client ") and " disagrees most: s=" in summary[1]
+    assert "(sampling " in summary[1] and ", weight " in summary[1] and " vs teacher " in summary[1]
+    assert not any(line.startswith("fedavg, round") for line in summary)
+    history = json.loads((out / "history_fedharmony.json").read_text())["rounds"][-1]
+    assert set(history["client_metrics"]) == {"0", "1", "2"}
+    assert all("val_map" in v and "discrepancy" in v for v in history["client_metrics"].values())
+    names = {name for pairs in history["client_pairs"].values() for pair in pairs for name in pair[:2]}
+    assert names and all(name.startswith("Class") for name in names)  # yeast's own label names
+    for name, columns in (("fedavg", 5), ("fedharmony", 10)):
+        rows = (out / f"clients_{name}.csv").read_text().splitlines()
+        assert len(rows) == 1 + 2 * 3 and len(rows[0].split(",")) == columns
+    for picture in ("clients_discrepancy_fedharmony.png", "clients_map_fedharmony.png", "clients_map_fedavg.png"):
+        assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", picture
+
+
 def test_saved_config_is_the_resolved_run_config(first_run):
     out, _ = first_run
     saved = load_config(out / "config.yaml")

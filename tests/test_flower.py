@@ -461,6 +461,11 @@ def test_flower_simulation_matches_the_local_federation(monkeypatch: pytest.Monk
         assert theirs.client_weights == pytest.approx(mine.client_weights, abs=1e-6)
         assert set(theirs.metrics) == set(mine.metrics)
         worst = max(worst, *(abs(theirs.metrics[k] - mine.metrics[k]) for k in mine.metrics))
+        # the per-client record too (no client validation split here: the server's part only)
+        assert set(theirs.client_metrics) == set(mine.client_metrics) == set(mine.client_weights)
+        for cid, values in mine.client_metrics.items():
+            assert theirs.client_metrics[cid] == pytest.approx(values, rel=1e-5, abs=1e-6)
+        assert {c: len(p) for c, p in theirs.client_pairs.items()} == {c: len(p) for c, p in mine.client_pairs.items()}
     assert worst <= 1e-6
     print(f"parity: largest metric difference {worst:.3g}")
     for name, tensor in local.global_weights.items():

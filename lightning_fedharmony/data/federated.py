@@ -36,12 +36,15 @@ class FederatedData:
         test: the test data.
         val: validation data carved from the training data, or ``None``.
         partition: the clients' sample indices into ``train`` (and the labels each observes).
+        client_val_fraction: share of each client's samples its datamodule holds out from training as the client's
+            own validation split (``val_dataloader``), seeded per client; 0 = none.
     """
 
     train: MultilabelDataset
     test: MultilabelDataset
     val: MultilabelDataset | None
     partition: Partition
+    client_val_fraction: float = 0.0
 
     def client(self, index: int, batch_size: int = 64, seed: int = 0) -> ClientDataModule:
         """The datamodule of client ``index``."""
@@ -50,12 +53,19 @@ class FederatedData:
         observed = None if self.partition.observed is None else self.partition.observed[index]
         rows = self.partition.client_indices[index]
         return ClientDataModule.from_dataset(
-            self.train, rows, observed=observed, batch_size=batch_size, seed=seed + index
+            self.train,
+            rows,
+            observed=observed,
+            batch_size=batch_size,
+            val_fraction=self.client_val_fraction,
+            seed=seed + index,
         )
 
     def clients(self, batch_size: int = 64, seed: int = 0) -> dict[str, ClientDataModule]:
         """Every client's datamodule, ids ``"0"``..``"K-1"``."""
-        modules = client_datamodules(self.train, self.partition, batch_size=batch_size, seed=seed)
+        modules = client_datamodules(
+            self.train, self.partition, batch_size=batch_size, val_fraction=self.client_val_fraction, seed=seed
+        )
         return {str(k): module for k, module in enumerate(modules)}
 
     def test_loader(self, batch_size: int = 1024) -> DataLoader:
@@ -69,6 +79,7 @@ def load_federated_data(
     data_dir: str | None = None,
     test_size: float = 0.3,
     val_fraction: float = 0.0,
+    client_val_fraction: float = 0.0,
     standardize: bool = True,
     top_labels: int = 0,
     partition: str = "dirichlet",
@@ -85,7 +96,9 @@ def load_federated_data(
             :func:`~lightning_fedharmony.data.load_dataset`).
         data_dir: folder of named data sets.
         test_size: test share when the data has no official split.
-        val_fraction: share of the training data held out for validation.
+        val_fraction: share of the training data held out for validation (before partitioning: a global split).
+        client_val_fraction: share of each client's samples held out from its training as that client's own
+            validation split (after partitioning; see :attr:`FederatedData.client_val_fraction`); 0 = none.
         standardize: z-score features with the training set's statistics.
         top_labels: keep the most frequent labels only (0 = all).
         partition: ``"dirichlet"``, ``"kmeans"``, ``"masking"`` or ``"iid"``.
@@ -94,9 +107,19 @@ def load_federated_data(
         min_samples: fewest samples per client (Dirichlet, k-means).
         observed_fraction: ``(low, high)`` share of labels each client observes (masking).
         seed: seeds the split and the partition.
+
+    Raises:
+        ValueError: on an unknown ``partition`` or a ``client_val_fraction`` outside ``[0, 1)``, or as the loaders
+            and partitioners.
     """
     if partition not in PARTITIONS:
         raise ValueError(f"Expected argument `partition` to be one of {PARTITIONS}, but got {partition!r}.")
+    if isinstance(client_val_fraction, bool) or not (
+        isinstance(client_val_fraction, (int, float)) and 0 <= client_val_fraction < 1
+    ):
+        raise ValueError(
+            f"Expected argument `client_val_fraction` to be a float in [0, 1), but got {client_val_fraction!r}."
+        )
     train, test = _load(name, data_dir, test_size, seed)
     if top_labels:
         keep = np.sort(np.argsort(-train.Y.sum(0), kind="stable")[:top_labels])
@@ -119,7 +142,21 @@ def load_federated_data(
         split = label_space_masking(train.Y, num_clients, (float(low), float(high)), seed)
     else:
         split = iid(train.num_samples, num_clients, seed, Y=train.Y)
-    return FederatedData(train, test, val, split)
+    if client_val_fraction > 0:
+        _check_client_val_split(split, float(client_val_fraction))
+    return FederatedData(train, test, val, split, float(client_val_fraction))
+
+
+def _check_client_val_split(split: Partition, fraction: float) -> None:
+    # fail here, before any training, rather than when the smallest client's datamodule is built
+    sizes = [len(idx) for idx in split.client_indices]
+    smallest = min(sizes)
+    if not 1 <= round(fraction * smallest) < smallest:
+        raise ValueError(
+            f"Expected argument `client_val_fraction` to leave at least one sample in each of the training and"
+            f" validation parts of every client, but got {fraction} and a client of {smallest} samples."
+            f" HINT: raise `min_samples` or the fraction, or set the fraction to 0."
+        )
 
 
 @lru_cache(maxsize=4)

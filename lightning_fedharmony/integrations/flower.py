@@ -47,8 +47,10 @@ from lightning_fedharmony.orchestrator import (
     FederationError,
     FederationResult,
     RoundRecord,
+    client_round_metrics,
     derive_seed,
     evaluate_weights,
+    named_pairs,
     quiet_lightning,
     select_clients,
     train_client,
@@ -525,6 +527,8 @@ class FedHarmonyStrategy(Strategy):
                     "eval": 0.0,
                     "total": t_end - self._round_started,
                 },
+                client_metrics=client_round_metrics(updates, aggregated.client_weights, aggregated.client_metrics),
+                client_pairs={cid: named_pairs(pairs) for cid, pairs in aggregated.client_pairs.items()},
             )
         )
         metrics = MetricRecord(
