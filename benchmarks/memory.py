@@ -66,7 +66,7 @@ def main() -> None:
         eval_every=10,
         verbose=False,
     )
-    federation.aggregator.setup(args.rounds)
+    federation.aggregator.setup(args.rounds, federation.local_epochs)
     rss: list[int] = []
     started = time.perf_counter()
     for server_round in range(1, args.rounds + 1):

@@ -285,7 +285,7 @@ def _run_federation(model: Any, clients: Mapping[str, Any], aggregator: Any, tas
         eval_dataloader=test_loader,
         verbose=False,
     )
-    fed.aggregator.setup(fed.num_rounds)
+    fed.aggregator.setup(fed.num_rounds, fed.local_epochs)
     test_curve: list[dict[str, float]] = []
     val_curve: list[dict[str, float]] = []
     server: list[dict[str, float]] = []

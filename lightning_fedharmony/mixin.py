@@ -88,7 +88,7 @@ class FedHarmonyMixin:
     def __init__(
         self,
         *args: Any,
-        alignment_weight: float = 0.1,
+        alignment_weight: float = 0.03,
         proximal_mu: float = 0.0,
         corr_eps: float = 1e-6,
         corr_normalization: Normalization = "pearson",

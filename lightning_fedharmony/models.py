@@ -42,7 +42,7 @@ class MultilabelMLP(FedHarmonyMixin, pl.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         *,
-        alignment_weight: float = 0.1,
+        alignment_weight: float = 0.03,
         proximal_mu: float = 0.0,
         corr_normalization: Normalization = "pearson",
         corr_momentum: float = 0.9,

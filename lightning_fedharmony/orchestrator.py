@@ -403,7 +403,7 @@ class Federation:
     # ------------------------------------------------------------------ the loop
     def fit(self) -> FederationResult:
         """Run every remaining round and return the history (resuming from ``checkpoint_dir`` when possible)."""
-        self.aggregator.setup(self.num_rounds)
+        self.aggregator.setup(self.num_rounds, self.local_epochs)
         if self.checkpoint_path is not None and self.checkpoint_path.exists() and not self.result.rounds:
             self.restore(self.checkpoint_path)
         start = len(self.result.rounds) + 1

@@ -66,7 +66,7 @@ def test_default_instructions_carry_every_client_setting() -> None:
     assert model.fedharmony_has_teacher
     assert model.fedharmony_corr_normalization == "pearson"
     assert model.fedharmony_detach_marginals is True and model.fedharmony_corr_momentum == 0.9
-    assert model.fedharmony_alignment_weight == 0.1 and model.fedharmony_proximal_mu == 0.01
+    assert model.fedharmony_alignment_weight == 0.03 and model.fedharmony_proximal_mu == 0.01
     paper = pinned_federation(FedHarmony.paper(), num_rounds=2, detach_marginals=True, corr_momentum=0.5)
     paper.fit()
     assert paper.model.fedharmony_detach_marginals is False and paper.model.fedharmony_corr_momentum == 0.0
@@ -225,3 +225,20 @@ def test_auto_blocks_through_the_aggregator() -> None:
             stats.append(ClientUpdate(str(seed), {"w": torch.zeros(1)}, 400, s))
         result = aggregator.aggregate_round(1, stats)
         assert result.metrics["num_blocks"] == expected, (num_labels, corr.shape)
+
+
+def test_proximal_mu_per_local_epoch() -> None:
+    weights = {"w": torch.zeros(2)}
+    aggregator = FedHarmony(proximal_scaling="epochs")
+    aggregator.setup(10, local_epochs=5)
+    assert aggregator.configure_round(1, ["a"], weights)["a"].proximal_mu == pytest.approx(0.002)
+    fixed = FedHarmony()
+    fixed.setup(10, local_epochs=5)
+    assert fixed.configure_round(1, ["a"], weights)["a"].proximal_mu == 0.01
+    # the runner tells the aggregator its local epochs
+    federation = pinned_federation(FedHarmony(proximal_scaling="epochs"), num_rounds=1)
+    federation.local_epochs = 2
+    federation.fit()
+    assert federation.aggregator.local_epochs == 2 and federation.model.fedharmony_proximal_mu == 0.005
+    with pytest.raises(ValueError, match=r"`proximal_scaling` to be one of \('epochs', 'none'\), but got 'steps'"):
+        FedHarmony(proximal_scaling="steps")

@@ -26,7 +26,7 @@ def main(rounds: int = 5) -> None:
     )
     torch.manual_seed(0)
     model = TagClassifier(num_features=train.num_features, num_labels=train.num_labels)
-    aggregator = FedHarmony(alignment_weight=1.0)
+    aggregator = FedHarmony()  # the validated defaults; FedHarmony.paper() for the paper's reading
     federation = Federation(model, clients, aggregator, num_rounds=rounds, eval_dataloader=test_loader)
     result = federation.fit()
     print(f"final mAP {result.final.metrics['map']:.4f}")

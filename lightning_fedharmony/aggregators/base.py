@@ -148,10 +148,12 @@ class Aggregator(ABC):
     """
 
     num_rounds: int | None = None
+    local_epochs: int = 1
 
-    def setup(self, num_rounds: int) -> None:
-        """Called once by the orchestrator before round 1 with the planned number of rounds."""
+    def setup(self, num_rounds: int, local_epochs: int = 1) -> None:
+        """Called once by the runner before round 1 with the planned rounds and each client's local epochs."""
         self.num_rounds = num_rounds
+        self.local_epochs = local_epochs
 
     def configure_round(
         self, server_round: int, client_ids: Sequence[str], global_weights: Mapping[str, Tensor]

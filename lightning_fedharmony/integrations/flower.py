@@ -298,7 +298,7 @@ class FedHarmonyStrategy(Strategy):
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
     ) -> Result:
         """Run ``num_rounds`` rounds (Flower's loop); the aggregator is set up for ``num_rounds`` first."""
-        self.aggregator.setup(num_rounds)
+        self.aggregator.setup(num_rounds, self.local_epochs)
         self.result = FederationResult(config={"num_rounds": num_rounds, "aggregator": type(self.aggregator).__name__})
 
         recording_fn = None

@@ -13,7 +13,7 @@ from lightning_fedharmony.aggregators import Aggregator
 from lightning_fedharmony.data.federated import FederatedData, PartitionedDataModule, load_federated_data
 from lightning_fedharmony.models import MultilabelMLP
 
-METHODS = ("fedavg", "fedprox", "fedharmony")
+METHODS = ("fedavg", "fedprox", "fedharmony", "fedharmony_paper")
 
 
 def load_data(config: Mapping[str, Any], num_partitions: int) -> FederatedData:
@@ -63,4 +63,6 @@ def aggregator(config: Mapping[str, Any]) -> Aggregator:
         return FedProx(proximal_mu=float(config["proximal-mu"]))
     if method == "fedharmony":
         return FedHarmony(alignment_weight=float(config["alignment-weight"]), seed=int(config["seed"]))
+    if method == "fedharmony_paper":
+        return FedHarmony.paper(seed=int(config["seed"]))
     raise ValueError(f"Expected run config `method` to be one of {METHODS}, but got {method!r}.")
