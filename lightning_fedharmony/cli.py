@@ -77,6 +77,10 @@ def run_command(args: argparse.Namespace) -> dict[str, Any]:
     if summary:
         print()
         print("\n".join(summary))
+    part = prepared.partition
+    # the partition's label-correlation drift, from the labels alone: whether FedHarmony's terms had a reason to matter
+    print("\nLabel-correlation drift of this partition (`fedharmony drift` for the per-client table):")
+    print(drift_summary(label_drift(prepared.train.Y, part.client_indices, part.observed)))
     print(f"\nResults in {cfg.out_dir}/ (results.json, results.md, history_*.csv, clients_*.csv, config.yaml)")
     return report
 

@@ -189,3 +189,13 @@ def test_console_script_entry_point(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| fedavg |" in done.stdout
     assert (tmp_path / "results.json").is_file()
+
+
+def test_run_ends_with_the_partitions_label_drift(first_run):
+    _, stdout = first_run
+    lines = stdout.splitlines()
+    start = lines.index("Label-correlation drift of this partition (`fedharmony drift` for the per-client table):")
+    assert lines[start + 1].startswith("clients 3, sizes ")
+    assert "sample-weighted mean excess discrepancy" in lines[start + 2]
+    assert lines[start + 4].startswith("FedHarmony's correlation terms are ")
+    assert lines[start + 6].startswith("Results in ")
