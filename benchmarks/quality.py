@@ -66,9 +66,8 @@ BASE_METHODS: dict[str, dict[str, Any]] = {
     "centralized": {},
 }
 FEDHARMONY_FAMILY = ("fedharmony", "fedharmony_paper", "fedharmony_noblocks", "loss_only", "aggregation_only")
-#: Keys that configure the client model (the mixin); ``corr_normalization`` and ``corr_eps`` go to both sides.
+#: Keys that configure the client model (the mixin) too; FedHarmony also sends each of them with its teachers.
 MODEL_KEYS = ("corr_normalization", "corr_momentum", "detach_marginals", "corr_eps")
-SHARED_KEYS = ("corr_normalization", "corr_eps")
 
 #: Hyperparameter grids chosen on validation. ``small`` fits a laptop; ``full`` is the issue's search.
 PRESETS: dict[str, dict[str, dict[str, list[Any]]]] = {
@@ -250,7 +249,7 @@ def _build(task: Task, data: Any) -> tuple[Any, Any]:
     paper = task.base == "fedharmony_paper"
     params = {**(PAPER_SETTINGS if paper else {}), **BASE_METHODS.get(task.base, {}), **task.param_dict}
     model_kwargs = {k: params[k] for k in MODEL_KEYS if k in params}
-    agg_kwargs = {k: v for k, v in params.items() if k not in MODEL_KEYS or k in SHARED_KEYS}
+    agg_kwargs = dict(params)
     torch.manual_seed(task.seed)
     model = MultilabelMLP(
         data.train.num_features,
