@@ -27,6 +27,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_fedharmony.callback import CorrelationExchange
@@ -320,7 +321,12 @@ class FederatedClient(Callback):
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._epochs_left == 0:
-            kind, ident, instruction = self._wait()
+            message = self._wait(trainer)
+            if message is None:  # SIGTERM while waiting: end the fit as Lightning would
+                trainer.should_stop = True
+                self._current = None
+                return
+            kind, ident, instruction = message
             if kind == STOP:
                 load_model_weights(pl_module, instruction.weights)
                 self.stopped = True
@@ -332,9 +338,12 @@ class FederatedClient(Callback):
         if self._stats is not None:
             self._stats.on_train_epoch_start(trainer, pl_module)
 
-    def _wait(self) -> tuple[str, str, Instruction]:
+    def _wait(self, trainer: pl.Trainer) -> tuple[str, str, Instruction] | None:
         deadline = math.inf if self.timeout is None else time.monotonic() + self.timeout
         while True:
+            if trainer.received_sigterm:
+                log.info("client %s: SIGTERM while waiting for an instruction; stopping", self.client_id)
+                return None
             message = self.mailbox.read_instruction(self.client_id)
             if message is not None and (message[0] == STOP or message[1] != self.answered):
                 return message
@@ -345,10 +354,26 @@ class FederatedClient(Callback):
                 )
             time.sleep(self.poll_interval)
 
+    @staticmethod
+    def _replay_fresh_fit(trainer: pl.Trainer) -> None:
+        # A single-process DataLoader iterator draws its base seed from torch's global generator when it is created.
+        # A fresh Trainer creates the first epoch's iterator while setting up, after the runner seeded torch; the
+        # epoch loop creates the next ones itself at each epoch's start, after this hook. In the first epoch of this
+        # fit the iterator was made before the round's seed was installed: replay its draw, so that every round
+        # trains on the same batches as a fresh Trainer under `Federation` (bit for bit).
+        if trainer.current_epoch > 0 and not trainer.fit_loop.is_resuming:
+            return
+        loaders = trainer.train_dataloader
+        for loader in loaders if isinstance(loaders, (list, tuple)) else [loaders]:
+            if isinstance(loader, DataLoader) and loader.num_workers == 0:
+                iter(loader)
+
     def _start_round(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, ident: str, instruction: Instruction
     ) -> None:
         install(pl_module, instruction)
+        if instruction.seed is not None:
+            self._replay_fresh_fit(trainer)
         if self.reset_optimizer and self._initial is not None:
             optimizers, schedulers = self._initial
             for opt, state in zip(trainer.optimizers, optimizers):

@@ -152,31 +152,40 @@ class FolderTransport(Transport):
     def collect(
         self, federation: Federation, server_round: int, instructions: Mapping[str, Instruction], attempt: int
     ) -> UpdateCollector:
-        collected = UpdateCollector(federation.global_weights)
         pending = {cid: self.mailbox.send_instruction(cid, instr, attempt) for cid, instr in instructions.items()}
         log.info("round %d (attempt %d): sent instructions to clients %s", server_round, attempt + 1, list(pending))
         timeout = federation.client_timeout
         deadline = math.inf if timeout is None else time.monotonic() + timeout
+        answers: dict[str, Update | str] = {}  # an update, or why there is none
         while pending:
             for cid in list(pending):
                 try:
                     update = self.mailbox.read_update(cid, pending[cid])
                 except ProtocolError as err:
-                    collected.fail(cid, f"rejected update: {err}")
+                    answers[cid] = f"rejected update: {err}"
                     log.warning("round %d: %s", server_round, err)
                     del pending[cid]
                     continue
                 if update is not None:
-                    collected.add(update, update.metrics.get("train_loss", float("nan")))
+                    answers[cid] = update
                     log.info("round %d: update from client %s", server_round, cid)
                     del pending[cid]
             if pending and time.monotonic() >= deadline:
                 for cid in pending:
-                    collected.fail(cid, f"no update within client_timeout={timeout:g} s")
+                    answers[cid] = f"no update within client_timeout={timeout:g} s"
                 log.warning("round %d: no update from clients %s within %g s", server_round, list(pending), timeout)
                 break
             if pending:
                 time.sleep(self.poll_interval)
+        # screened in the order the clients were selected, not the order they answered: aggregation sums in this
+        # order, and the same order as in memory gives the same weights bit for bit
+        collected = UpdateCollector(federation.global_weights)
+        for cid in instructions:
+            answer = answers[cid]
+            if isinstance(answer, str):
+                collected.fail(cid, answer)
+            else:
+                collected.add(answer, answer.metrics.get("train_loss", float("nan")))
         return collected
 
     def finish(self, federation: Federation) -> None:
