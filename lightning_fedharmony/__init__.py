@@ -12,8 +12,11 @@ from lightning_fedharmony.aggregators import (
     InconsistentClientUpdates,
 )
 from lightning_fedharmony.callback import CorrelationExchange
+from lightning_fedharmony.client import FederatedClient, install
 from lightning_fedharmony.exchange import DirectoryExchange, Exchange, InMemoryExchange, PayloadError
 from lightning_fedharmony.mixin import FedHarmonyMixin, load_model_weights, model_weights
+from lightning_fedharmony.orchestrator import Federation, FederationError, FederationResult
+from lightning_fedharmony.protocol import Instruction, ProtocolError, Update
 from lightning_fedharmony.stats import CorrelationStats
 
 __all__ = [
@@ -29,10 +32,18 @@ __all__ = [
     "FedHarmony",
     "FedHarmonyMixin",
     "FedProx",
+    "FederatedClient",
+    "Federation",
+    "FederationError",
+    "FederationResult",
     "InMemoryExchange",
     "InconsistentClientUpdates",
+    "Instruction",
     "PayloadError",
+    "ProtocolError",
+    "Update",
     "__version__",
+    "install",
     "load_model_weights",
     "model_weights",
 ]

@@ -7,6 +7,9 @@ MLP, FedAvg vs FedProx vs FedHarmony) and ends with the clients that disagree mo
 pictures go to ``out_dir``. ``fedharmony drift [--config FILE] [--out FILE] [key=value ...]`` loads the same data and
 partition and measures, before any training, how far each client's label correlations depart from the other
 clients' beyond sampling noise, with a verdict on whether FedHarmony's correlation terms are likely to matter.
+``fedharmony serve --root FOLDER [--config FILE] [--method NAME] [key=value ...]`` is the server of client processes
+(any ``trainer.fit`` with :class:`~lightning_fedharmony.FederatedClient`) that share ``FOLDER``: the same rounds,
+selection, fault handling, checkpoints and results as ``run``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from lightning_fedharmony.experiment import (
     disagreement_lines,
     prepare_data,
     run_methods,
+    serve_method,
     summarize,
     write_outputs,
 )
@@ -46,6 +50,14 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--quiet", action="store_true", help="no per-round progress lines")
         sub.add_argument("overrides", nargs="*", help="dotted overrides, e.g. federation.num_rounds=5")
     compare.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    serve = commands.add_parser(
+        "serve", help="serve one configured method to client processes (FederatedClient) sharing a folder"
+    )
+    serve.add_argument("--config", help="YAML file merged over the defaults")
+    serve.add_argument("--root", required=True, help="the folder shared with the clients")
+    serve.add_argument("--method", help="the configured method to serve (needed when several are configured)")
+    serve.add_argument("--quiet", action="store_true", help="no per-round progress lines")
+    serve.add_argument("overrides", nargs="*", help="dotted overrides, e.g. federation.client_timeout=60")
     drift = commands.add_parser(
         "drift", help="measure the partition's label-correlation drift from the clients' labels, before training"
     )
@@ -81,6 +93,22 @@ def run_command(args: argparse.Namespace) -> dict[str, Any]:
     # the partition's label-correlation drift, from the labels alone: whether FedHarmony's terms had a reason to matter
     print("\nLabel-correlation drift of this partition (`fedharmony drift` for the per-client table):")
     print(drift_summary(label_drift(prepared.train.Y, part.client_indices, part.observed)))
+    print(f"\nResults in {cfg.out_dir}/ (results.json, results.md, history_*.csv, clients_*.csv, config.yaml)")
+    return report
+
+
+def serve_command(args: argparse.Namespace) -> dict[str, Any]:
+    """Serve one method through a shared folder, then write and print the same results as ``run``."""
+    cfg = load_config(args.config, args.overrides)
+    prepared = prepare_data(cfg)
+    name, fed = serve_method(cfg, args.root, args.method, prepared, verbose=not args.quiet)
+    report = write_outputs(cfg, prepared, {name: fed})
+    print()
+    print(report["table"])
+    summary = disagreement_lines(name, fed.result)
+    if summary:
+        print()
+        print("\n".join(summary))
     print(f"\nResults in {cfg.out_dir}/ (results.json, results.md, history_*.csv, clients_*.csv, config.yaml)")
     return report
 
@@ -178,6 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             run_command(args)
+        elif args.command == "serve":
+            serve_command(args)
         elif args.command == "drift":
             drift_command(args)
         else:

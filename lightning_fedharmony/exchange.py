@@ -191,31 +191,14 @@ class DirectoryExchange(Exchange):
 
     def _write(self, kind: str, client_id: str, arrays: dict[str, np.ndarray], version: int) -> None:
         meta = {"format_version": FORMAT_VERSION, "kind": kind, "client_id": client_id, "version": int(version)}
-        buffer = io.BytesIO()
-        np.savez(buffer, **{**arrays, _META_KEY: np.array(json.dumps(meta))})  # type: ignore[arg-type]
-        atomic_write(self.path(kind, client_id), lambda handle: handle.write(buffer.getvalue()))
+        write_npz(self.path(kind, client_id), arrays, meta)
 
     def _read(self, kind: str, client_id: str) -> tuple[dict[str, np.ndarray], int, str] | None:
         path = self.path(kind, client_id)
         if not path.exists():
             return None
         source = str(path)
-        try:
-            loaded = np.load(path, allow_pickle=False)
-            if not isinstance(loaded, np.lib.npyio.NpzFile):
-                raise PayloadError(f"{source}: expected an .npz archive, but got a single {type(loaded).__name__}.")
-            with loaded as archive:
-                arrays = {name: archive[name] for name in archive.files}
-        except PayloadError:
-            raise
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
-            raise PayloadError(f"{source}: not a readable payload ({type(err).__name__}: {err}).") from None
-        meta = _parse_meta(arrays.pop(_META_KEY, None), source)
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise PayloadError(
-                f"{source}: expected format version {FORMAT_VERSION}, but got {meta.get('format_version')!r}."
-                " HINT: client and server must run compatible versions of lightning-fedharmony."
-            )
+        arrays, meta = read_npz(path)
         if meta.get("kind") != kind or meta.get("client_id") != client_id:
             raise PayloadError(
                 f"{source}: expected a {kind!r} payload of client {client_id!r}, but got a {meta.get('kind')!r}"
@@ -225,6 +208,39 @@ class DirectoryExchange(Exchange):
         if not isinstance(version, int):
             raise PayloadError(f"{source}: expected an int `version` in the metadata, but got {version!r}.")
         return arrays, version, source
+
+
+def write_npz(path: str | os.PathLike[str], arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+    """Write ``arrays`` and a JSON ``meta`` entry as one ``.npz`` file, atomically."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **{**arrays, _META_KEY: np.array(json.dumps(meta))})  # type: ignore[arg-type]
+    atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
+
+
+def read_npz(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Read what :func:`write_npz` wrote without unpickling anything; checks the format version.
+
+    Raises:
+        PayloadError: naming the file, if it is not a readable archive, lacks its metadata or has another version.
+    """
+    source = os.fspath(path)
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise PayloadError(f"{source}: expected an .npz archive, but got a single {type(loaded).__name__}.")
+        with loaded as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except PayloadError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        raise PayloadError(f"{source}: not a readable payload ({type(err).__name__}: {err}).") from None
+    meta = _parse_meta(arrays.pop(_META_KEY, None), source)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise PayloadError(
+            f"{source}: expected format version {FORMAT_VERSION}, but got {meta.get('format_version')!r}."
+            " HINT: client and server must run compatible versions of lightning-fedharmony."
+        )
+    return arrays, meta
 
 
 def _parse_meta(raw: Any, source: str) -> dict[str, Any]:

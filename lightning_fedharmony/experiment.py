@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Sequence
@@ -15,9 +16,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_fedharmony.aggregators.base import Aggregator
 from lightning_fedharmony.aggregators.fedharmony import FedHarmony
+from lightning_fedharmony.checkpoint import CHECKPOINT_NAME
 from lightning_fedharmony.config import ConfigError, instantiate, to_yaml
 from lightning_fedharmony.data.federated import FederatedData, load_federated_data
 from lightning_fedharmony.orchestrator import Federation, FederationResult
+from lightning_fedharmony.transports.folder import FolderTransport
+
+log = logging.getLogger(__name__)
 
 #: Columns of the comparison table: (result key, header).
 TABLE_COLUMNS = (
@@ -127,6 +132,76 @@ def run_methods(
         fed.result.config = {"method": name}  # its seconds are the rounds' own (`summarize`)
         federations[name] = fed
     return federations
+
+
+def serve_method(
+    cfg: DictConfig,
+    root: str | os.PathLike[str],
+    method: str | None = None,
+    prepared: FederatedData | None = None,
+    verbose: bool = True,
+    stream: TextIO | None = None,
+    poll_interval: float = 0.05,
+) -> tuple[str, Federation]:
+    """Run one configured method as the server of clients in other processes that share the folder ``root``.
+
+    The same :class:`~lightning_fedharmony.orchestrator.Federation` round loop as :func:`run_methods` (selection,
+    retries, aggregation, evaluation on the test set, history), with a
+    :class:`~lightning_fedharmony.transports.FolderTransport`: clients ``"0"`` .. ``"K-1"`` (``partition.num_clients``)
+    answer through :class:`~lightning_fedharmony.FederatedClient`. The server checkpoints after every round into
+    ``federation.checkpoint_dir/<method>`` (default ``<root>/server/<method>``): run the same command again after a
+    crash and it resumes after the last finished round. A fresh run (no checkpoint) clears old messages in ``root``.
+
+    Returns:
+        The method's name and its finished federation.
+
+    Raises:
+        ConfigError: an unknown or ambiguous ``method``, or a configuration that cannot run.
+    """
+    if cfg.num_threads is not None:
+        torch.set_num_threads(cfg.num_threads)
+    names = list(cfg.methods.keys())
+    if method is None:
+        if len(names) != 1:
+            raise ConfigError(f"--method: expected one of {names} (the configuration holds several), but got none.")
+        method = names[0]
+    if method not in names:
+        raise ConfigError(f"--method: expected one of {names}, but got {method!r}.")
+    aggregator = instantiate(cfg.methods[method], Aggregator, f"methods.{method}")
+    prepared = prepared or prepare_data(cfg)
+    fcfg = cfg.federation
+    checkpoint_dir = Path(fcfg.checkpoint_dir if fcfg.checkpoint_dir is not None else Path(root) / "server") / method
+    transport = FolderTransport(root, poll_interval=poll_interval)
+    if not (checkpoint_dir / CHECKPOINT_NAME).exists():
+        transport.mailbox.clear()
+    client_ids = [str(k) for k in range(prepared.partition.num_clients)]
+    log.info("serving %s to clients %s through %s", method, client_ids, os.fspath(root))
+    fed = Federation(
+        build_model(cfg, prepared),
+        client_ids,
+        aggregator,
+        fcfg.num_rounds,
+        transport=transport,
+        local_epochs=fcfg.local_epochs,
+        fraction_fit=fcfg.fraction_fit,
+        min_clients=fcfg.min_clients,
+        seed=cfg.seed,
+        eval_dataloader=prepared.test_loader(),
+        eval_every=fcfg.eval_every,
+        checkpoint_dir=checkpoint_dir,
+        client_timeout=fcfg.client_timeout,
+        round_retries=fcfg.round_retries,
+        label_names=prepared.train.label_names,
+        verbose=verbose,
+        stream=stream,
+    )
+    if verbose:
+        print(
+            f"== {method}: serving clients {', '.join(client_ids)} through {os.fspath(root)}", file=stream, flush=True
+        )
+    fed.fit()
+    fed.result.config = {"method": method}
+    return method, fed
 
 
 def summarize(result: FederationResult) -> dict[str, float]:

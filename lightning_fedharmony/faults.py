@@ -51,7 +51,7 @@ def screen_update(update: ClientUpdate, reference: Mapping[str, Tensor], num_lab
     try:
         validate_updates([update], reference)
     except InconsistentClientUpdates as err:
-        return f"rejected update: {err}"
+        return f"rejected {'statistics' if err.field.startswith('stats') else 'update'}: {err}"
     if update.stats is not None:
         try:
             labels = validate_stats_state(update.stats.state_dict())

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import csv
-import functools
 import gc
-import importlib.metadata
 import json
 import logging
 import math
 import os
 import sys
 import time
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -27,33 +23,27 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from lightning_fedharmony.aggregators.base import Aggregator, ClientInstructions, ClientUpdate
-from lightning_fedharmony.aggregators.fedavg import FedProx
-from lightning_fedharmony.aggregators.fedharmony import FedHarmony
-from lightning_fedharmony.callback import CorrelationExchange
+from lightning_fedharmony.aggregators.base import Aggregator, ClientUpdate
 from lightning_fedharmony.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointMismatchError,
     load_checkpoint,
     save_checkpoint,
 )
-from lightning_fedharmony.faults import UpdateCollector, time_limit
+from lightning_fedharmony.client import (  # noqa: F401 - re-exported: their home was here
+    CLIENT_TRAINER_DEFAULTS,
+    quiet_lightning,
+    train_client,
+)
+from lightning_fedharmony.exchange import check_client_id
 from lightning_fedharmony.metrics import MultilabelReport
 from lightning_fedharmony.mixin import FedHarmonyMixin, load_model_weights, model_weights
 from lightning_fedharmony.privacy import check_privacy_args
+from lightning_fedharmony.protocol import Instruction
+from lightning_fedharmony.transports.base import Transport
+from lightning_fedharmony.transports.memory import InMemoryTransport
 
-_QUIET_LOGGERS = ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
-#: Trainer settings every client gets unless ``trainer_kwargs`` overrides them: no loggers, bars or checkpoints.
-CLIENT_TRAINER_DEFAULTS: dict[str, Any] = {
-    "accelerator": "cpu",
-    "devices": 1,
-    "logger": False,
-    "enable_checkpointing": False,
-    "enable_progress_bar": False,
-    "enable_model_summary": False,
-    "num_sanity_val_steps": 0,
-    "limit_val_batches": 0,
-}
+log = logging.getLogger(__name__)
 
 
 class FederationError(RuntimeError):
@@ -224,53 +214,6 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-@functools.cache
-def _callback_factories(group: str) -> tuple[Any, ...]:
-    return tuple(entry.load() for entry in importlib.metadata.entry_points(group=group))
-
-
-def _cached_external_callbacks(group: str) -> list[Any]:
-    """Lightning's external-callback lookup with the entry-point scan done once per process.
-
-    Every ``Trainer(...)`` scans the installed packages' entry points for callback factories (about 7 ms here, a
-    third of a small client's whole fit). The factories cannot change while the process runs; they are still called
-    for every Trainer, so each one gets fresh callbacks as before.
-    """
-    callbacks: list[Any] = []
-    for factory in _callback_factories(group):
-        made = factory()
-        callbacks.extend(made if isinstance(made, list) else [made])
-    return callbacks
-
-
-@contextlib.contextmanager
-def quiet_lightning() -> Iterator[None]:
-    """Silence Lightning's per-fit info lines and hints, and skip its repeated entry-point scans, while many short
-    client fits run."""
-    loggers = [logging.getLogger(name) for name in _QUIET_LOGGERS]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    connector = sys.modules.get("lightning.pytorch.trainer.connectors.callback_connector")
-    original = getattr(connector, "_load_external_callbacks", None)
-    if original is not None:
-        connector._load_external_callbacks = _cached_external_callbacks  # type: ignore[union-attr]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=r".*number of training batches.*")
-        warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
-        warnings.filterwarnings("ignore", message=r".*litlogger.*")
-        warnings.filterwarnings("ignore", message=r".*`val_dataloader` but have no `validation_step`.*")
-        warnings.filterwarnings("ignore", message=r".*`validation_step` but have no `val_dataloader`.*")
-        try:
-            yield
-        finally:
-            for lg, level in zip(loggers, levels):
-                lg.setLevel(level)
-            if original is not None:
-                connector._load_external_callbacks = original  # type: ignore[union-attr]
-
-
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed from integers (the federation's seed, the round, the client index)."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
@@ -295,9 +238,13 @@ class Federation:
         model: the LightningModule to federate (mix in :class:`~lightning_fedharmony.FedHarmonyMixin` for FedProx
             and FedHarmony). Its current weights are the round-0 global model.
         clients: one LightningDataModule per client, as a sequence (ids ``"0"``, ``"1"``, ...) or a mapping
-            id -> datamodule.
+            id -> datamodule; with a remote ``transport``, the client ids alone (a sequence of str).
         aggregator: the server strategy (:class:`~lightning_fedharmony.FedAvg`, ``FedProx``, ``FedHarmony``).
         num_rounds: number of rounds.
+        transport: how instructions reach the clients and updates come back: ``None`` trains the datamodules here
+            (:class:`~lightning_fedharmony.transports.InMemoryTransport`);
+            :class:`~lightning_fedharmony.transports.FolderTransport` sends them to other processes (``fedharmony
+            serve``). Everything else (selection, retries, aggregation, evaluation, checkpoints) is the same.
         local_epochs: epochs each selected client trains per round.
         fraction_fit: share of clients selected per round.
         min_clients: fewest clients selected, and fewest usable updates for a round to count.
@@ -308,7 +255,8 @@ class Federation:
             is ``local_epochs``.
         checkpoint_dir: after every round, save what is needed to continue there (atomically); :meth:`fit` resumes
             after the last finished round when a checkpoint is found. ``None``: no checkpoints.
-        client_timeout: seconds a client may train per round before it is stopped and recorded as failed.
+        client_timeout: seconds a client may train per round before it is stopped and recorded as failed (with a
+            folder transport: seconds to answer after its instruction was written).
         round_retries: times a round is retried (with fresh client seeds) when fewer than ``min_clients`` usable
             updates arrive, before :class:`FederationError` ends the run.
         stats_noise_multiplier: Gaussian noise on each client's exported statistics, in units of their sensitivity
@@ -323,10 +271,11 @@ class Federation:
     def __init__(
         self,
         model: pl.LightningModule,
-        clients: Sequence[pl.LightningDataModule] | Mapping[str, pl.LightningDataModule],
+        clients: Sequence[pl.LightningDataModule] | Sequence[str] | Mapping[str, pl.LightningDataModule | None],
         aggregator: Aggregator,
         num_rounds: int = 10,
         *,
+        transport: Transport | None = None,
         local_epochs: int = 1,
         fraction_fit: float = 1.0,
         min_clients: int = 1,
@@ -343,7 +292,15 @@ class Federation:
         verbose: bool = True,
         stream: TextIO | None = None,
     ) -> None:
-        self.clients = dict(clients) if isinstance(clients, Mapping) else {str(i): dm for i, dm in enumerate(clients)}
+        self.clients: dict[str, pl.LightningDataModule | None]
+        if isinstance(clients, Mapping):
+            self.clients = dict(clients)
+        elif all(isinstance(c, str) for c in clients):  # ids of remote clients
+            self.clients = {check_client_id(str(c)): None for c in clients}
+        else:
+            self.clients = {str(i): dm for i, dm in enumerate(clients) if isinstance(dm, pl.LightningDataModule)}
+            if len(self.clients) != len(clients):
+                raise TypeError("Expected argument `clients` to hold only LightningDataModules or only client ids.")
         _check_int("num_rounds", num_rounds, 1)
         _check_int("local_epochs", local_epochs, 1)
         _check_int("eval_every", eval_every, 1)
@@ -368,7 +325,18 @@ class Federation:
             )
         if not isinstance(aggregator, Aggregator):
             raise TypeError(f"Expected argument `aggregator` to be an Aggregator, but got {type(aggregator).__name__}.")
-        needs_mixin = isinstance(aggregator, (FedHarmony, FedProx)) or getattr(aggregator, "proximal_mu", 0) > 0
+        self.transport = transport if transport is not None else InMemoryTransport()
+        if not isinstance(self.transport, Transport):
+            raise TypeError(f"Expected argument `transport` to be a Transport, but got {type(transport).__name__}.")
+        if not self.transport.remote:
+            local = [cid for cid, dm in self.clients.items() if not isinstance(dm, pl.LightningDataModule)]
+            if local:
+                raise TypeError(
+                    f"Expected argument `clients` to hold LightningDataModules for clients trained in this process,"
+                    f" but client {local[0]!r} is {type(self.clients[local[0]]).__name__}. HINT: pass client ids only"
+                    " with a remote transport such as `FolderTransport`."
+                )
+        needs_mixin = aggregator.requires_mixin or (getattr(aggregator, "proximal_mu", 0) or 0) > 0
         if needs_mixin and not isinstance(model, FedHarmonyMixin):
             raise TypeError(
                 f"Expected a model with FedHarmonyMixin for {type(aggregator).__name__}, but got"
@@ -398,7 +366,6 @@ class Federation:
         self.label_names = None if label_names is None else list(label_names)
         self.result = FederationResult()
         self._last_gc, self._gc_seconds = 0.0, 0.0
-        self._collect_stats = isinstance(aggregator, FedHarmony)
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> FederationResult:
@@ -409,6 +376,7 @@ class Federation:
         start = len(self.result.rounds) + 1
         for server_round in range(start, self.num_rounds + 1):
             self.run_round(server_round)
+        self.transport.finish(self)
         return self.result
 
     # ------------------------------------------------------------------ checkpoints
@@ -485,9 +453,18 @@ class Federation:
         selected = self.select_clients(server_round)
         instructions = self.aggregator.configure_round(server_round, selected, self.global_weights)
         for attempt in range(self.round_retries + 1):
-            collected = self._collect_updates(server_round, selected, instructions, attempt)
+            sent = self.complete_instructions(server_round, instructions, attempt)
+            collected = self.transport.collect(self, server_round, sent, attempt)
             if len(collected.updates) >= self.min_clients:
                 break
+            log.warning(
+                "round %d, attempt %d: %d usable updates, fewer than min_clients=%d; failures: %s",
+                server_round,
+                attempt + 1,
+                len(collected.updates),
+                self.min_clients,
+                collected.failures,
+            )
         else:
             where = ""
             if self.checkpoint_path is not None:
@@ -509,7 +486,8 @@ class Federation:
         client_metrics = client_round_metrics(collected.updates, aggregated.client_weights, aggregated.client_metrics)
         if evaluated:
             for cid, values in client_metrics.items():
-                loader = client_val_loader(self.clients[cid])
+                datamodule = self.clients.get(cid)
+                loader = None if datamodule is None else client_val_loader(datamodule)
                 if loader is not None:
                     values["val_map"] = evaluate_weights(self.model, self.global_weights, loader)["map"]
         t_end = time.perf_counter()
@@ -540,6 +518,29 @@ class Federation:
             self._print_progress(record)
         return record
 
+    def complete_instructions(
+        self, server_round: int, instructions: Mapping[str, Instruction], attempt: int = 0
+    ) -> dict[str, Instruction]:
+        """The aggregator's instructions with what the runner decides: the round, ``local_epochs``, whether
+        statistics are needed, and each client's training seed (fresh for every retry); each one validated.
+
+        Raises:
+            ProtocolError: an instruction with a malformed field (names the client and the field).
+        """
+        index = {cid: i for i, cid in enumerate(self.clients)}
+        complete = {}
+        for cid, instruction in instructions.items():
+            seed_parts = (self.seed, server_round, index[cid]) + ((attempt,) if attempt else ())
+            complete[cid] = replace(
+                instruction,
+                server_round=server_round,
+                local_epochs=self.local_epochs,
+                seed=derive_seed(*seed_parts),
+                collect_stats=self.aggregator.requires_stats,
+            )
+            complete[cid].validate(cid)
+        return complete
+
     def _collect_garbage(self) -> None:
         # Every client fit leaves a Trainer behind in reference cycles, which Python's generational collector frees
         # only once enough has piled up: memory then creeps up for dozens of rounds. A full collection costs tens of
@@ -551,38 +552,6 @@ class Federation:
         gc.collect()
         self._last_gc = time.perf_counter()
         self._gc_seconds = self._last_gc - now
-
-    def _collect_updates(
-        self, server_round: int, selected: list[str], instructions: Mapping[str, ClientInstructions], attempt: int
-    ) -> UpdateCollector:
-        collected = UpdateCollector(self.global_weights)
-        index = {cid: i for i, cid in enumerate(self.clients)}
-        with quiet_lightning():
-            for cid in selected:
-                seed_parts = (self.seed, server_round, index[cid]) + ((attempt,) if attempt else ())
-                try:
-                    with time_limit(self.client_timeout, cid):
-                        update, loss, setup = self._train_client(cid, instructions[cid], derive_seed(*seed_parts))
-                except Exception as err:  # a failing client must not end the federation
-                    collected.fail(cid, f"{type(err).__name__}: {' '.join(str(err).split())}")
-                    continue
-                collected.add(update, loss, setup)
-        return collected
-
-    def _train_client(
-        self, client_id: str, instructions: ClientInstructions, seed: int
-    ) -> tuple[ClientUpdate, float, float]:
-        return train_client(
-            self.model,
-            self.clients[client_id],
-            client_id,
-            instructions,
-            trainer_kwargs=self.trainer_kwargs,
-            seed=seed,
-            collect_stats=self._collect_stats,
-            stats_noise_multiplier=self.stats_noise_multiplier,
-            stats_clip=self.stats_clip,
-        )
 
     @torch.no_grad()
     def evaluate(self, dataloader: DataLoader | None = None) -> dict[str, float]:
@@ -709,90 +678,6 @@ def evaluate_weights(
     return {k: float(v) for k, v in report.compute().items()}
 
 
-def train_client(
-    module: pl.LightningModule,
-    datamodule: pl.LightningDataModule,
-    client_id: str,
-    instructions: ClientInstructions,
-    *,
-    trainer_kwargs: Mapping[str, Any],
-    seed: int,
-    collect_stats: bool,
-    stats_noise_multiplier: float = 0.0,
-    stats_clip: float | None = None,
-) -> tuple[ClientUpdate, float, float]:
-    """One client's local training for a round; the same steps wherever the client runs (here or on Flower).
-
-    Loads the instructed weights, installs the teacher, mask and loss weights (mixin modules), seeds torch, fits a
-    fresh Trainer built from ``trainer_kwargs`` and returns the update, the final task loss (``nan`` if not logged)
-    and the seconds spent building the Trainer.
-    """
-    load_model_weights(module, instructions.weights)
-    callbacks: list[pl.Callback] = []
-    log_parts = True
-    exchange: CorrelationExchange | None = None
-    if isinstance(module, FedHarmonyMixin):
-        module.fedharmony_set_teacher(instructions.teacher, instructions.mask)
-        module.fedharmony_reset_running()
-        # nobody reads a client's logs here: skip Lightning's per-step logging (several ms per fit) and read the
-        # mixin's own running means instead
-        log_parts, module.fedharmony_log_loss_parts = module.fedharmony_log_loss_parts, False
-        module.fedharmony_configure(
-            alignment_weight=instructions.alignment_weight,
-            proximal_mu=instructions.proximal_mu,
-            corr_normalization=instructions.corr_normalization,
-            corr_eps=instructions.corr_eps,
-            corr_momentum=instructions.corr_momentum,
-            detach_marginals=instructions.detach_marginals,
-        )
-        if instructions.proximal_mu > 0:
-            module.fedharmony_set_anchor()
-        if collect_stats:
-            exchange = CorrelationExchange(
-                client_id=client_id,
-                stats_noise_multiplier=stats_noise_multiplier,
-                stats_clip=stats_clip,
-                noise_seed=seed,
-            )
-            callbacks.append(exchange)
-    elif instructions.teacher is not None or instructions.proximal_mu > 0:
-        raise TypeError(
-            f"Expected a model with FedHarmonyMixin to follow a teacher or a proximal term, but got"
-            f" {type(module).__name__}. HINT: declare `class MyModel(FedHarmonyMixin, L.LightningModule)`."
-        )
-    torch.manual_seed(seed)
-    started = time.perf_counter()
-    trainer = pl.Trainer(**trainer_kwargs, callbacks=callbacks)
-    setup = time.perf_counter() - started
-    try:
-        trainer.fit(module, datamodule=datamodule)
-    finally:
-        # Lightning leaves the Trainer attached to the datamodule; with many clients that keeps one Trainer (its
-        # loops, logged metrics and data loaders) alive per client, and memory grows until every client was seen
-        datamodule.trainer = None
-        if isinstance(module, FedHarmonyMixin):
-            module.fedharmony_log_loss_parts = log_parts
-    loss = module.fedharmony_running_means().get("task_loss") if isinstance(module, FedHarmonyMixin) else None
-    update = ClientUpdate(
-        client_id=client_id,
-        weights=model_weights(module),
-        num_samples=_num_train_samples(trainer, datamodule),
-        stats=None if exchange is None else exchange.published_stats,
-    )
-    return update, float(loss) if loss is not None else float("nan"), setup
-
-
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"Expected argument `{name}` to be an int >= {minimum}, but got {value!r}.")
-
-
-def _num_train_samples(trainer: pl.Trainer, datamodule: pl.LightningDataModule) -> int:
-    loader = trainer.train_dataloader
-    dataset = getattr(loader, "dataset", None)
-    if dataset is not None and hasattr(dataset, "__len__"):
-        return len(dataset)
-    raise RuntimeError(
-        f"Expected the client's train dataloader to have a sized dataset, but {type(datamodule).__name__} gave"
-        f" {type(loader).__name__}. HINT: clients need a sample count for weighting."
-    )

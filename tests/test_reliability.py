@@ -243,9 +243,9 @@ def test_screen_update_rejects_label_count_and_weights() -> None:
 
 
 def test_federation_continues_without_a_hostile_client(monkeypatch: pytest.MonkeyPatch) -> None:
-    from lightning_fedharmony import orchestrator
+    from lightning_fedharmony import client
 
-    real = orchestrator.train_client
+    real = client.train_client
 
     def poisoned(module, datamodule, client_id, instructions, **kwargs):  # type: ignore[no-untyped-def]
         update, loss, setup = real(module, datamodule, client_id, instructions, **kwargs)
@@ -253,7 +253,7 @@ def test_federation_continues_without_a_hostile_client(monkeypatch: pytest.Monke
             update.stats.sum_outer[0, 1] = float("nan")
         return update, loss, setup
 
-    monkeypatch.setattr(orchestrator, "train_client", poisoned)
+    monkeypatch.setattr(client, "train_client", poisoned)
     fed = Federation(_model(), _clients(), FedHarmony(), 2, verbose=False)
     result = fed.fit()
     for record in result.rounds:

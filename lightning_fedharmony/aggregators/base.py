@@ -11,65 +11,14 @@ import torch
 from torch import Tensor
 
 from lightning_fedharmony.functional.aggregation import weighted_average
-from lightning_fedharmony.stats import CorrelationStats
+from lightning_fedharmony.protocol import Instruction, ProtocolError, Update
 
-
-class InconsistentClientUpdates(ValueError):
-    """Client updates that disagree with each other or with the global model (names the client and the field)."""
-
-    def __init__(self, client_id: str, field: str, message: str) -> None:
-        self.client_id = client_id
-        self.field = field
-        super().__init__(f"Client {client_id!r}, field `{field}`: {message}")
-
-
-@dataclass
-class ClientUpdate:
-    """What a client returns after local training.
-
-    Attributes:
-        client_id: the client's name.
-        weights: its model weights (:func:`~lightning_fedharmony.mixin.model_weights`).
-        num_samples: number of training samples it used (``n_k``).
-        stats: its prediction statistics (FedHarmony), or ``None``.
-        metrics: scalars it reports (losses, timings).
-    """
-
-    client_id: str
-    weights: dict[str, Tensor]
-    num_samples: int
-    stats: CorrelationStats | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class ClientInstructions:
-    """What the server sends one selected client for a round.
-
-    Attributes:
-        weights: the global weights to start from.
-        teacher: ``(L, L)`` consensus of the other clients, or ``None`` (no alignment this round).
-        mask: ``(L, L)`` bool pairs to align, or ``None``.
-        alignment_weight: ``lambda`` for this round, or ``None`` to keep the module's own.
-        proximal_mu: FedProx's ``mu`` (0 = off).
-        corr_normalization: the teacher's soft phi normalisation; the client's batch correlation must use the same
-            scale, so it follows the server's (``None`` keeps the module's own).
-        corr_eps: the teacher's soft phi ``eps``, followed by the client for the same reason (``None``: the
-            module's own).
-        detach_marginals: whether the client's batch correlation stops gradients through its variances (``None``:
-            the module's own).
-        corr_momentum: the client's running-moment momentum for the batch correlation (``None``: the module's own).
-    """
-
-    weights: dict[str, Tensor]
-    teacher: Tensor | None = None
-    mask: Tensor | None = None
-    alignment_weight: float | None = None
-    proximal_mu: float = 0.0
-    corr_normalization: str | None = None
-    corr_eps: float | None = None
-    detach_marginals: bool | None = None
-    corr_momentum: float | None = None
+#: The one error of the client protocol (kept under its first name): names the client and the field.
+InconsistentClientUpdates = ProtocolError
+#: What the server sends a selected client for a round (see :class:`~lightning_fedharmony.protocol.Instruction`).
+ClientInstructions = Instruction
+#: What a client returns after local training (see :class:`~lightning_fedharmony.protocol.Update`).
+ClientUpdate = Update
 
 
 @dataclass
@@ -108,34 +57,14 @@ def validate_updates(updates: Sequence[ClientUpdate], reference: Mapping[str, Te
     for update in updates:
         cid = update.client_id
         if cid in seen:
-            raise InconsistentClientUpdates(cid, "client_id", "sent more than one update this round.")
+            raise ProtocolError(cid, "client_id", "sent more than one update this round.")
         seen.add(cid)
-        n = update.num_samples
-        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-            raise InconsistentClientUpdates(cid, "num_samples", f"expected a positive int, but got {n!r}.")
-        if set(update.weights) != set(ref):
-            missing = sorted(set(ref) - set(update.weights))
-            extra = sorted(set(update.weights) - set(ref))
-            raise InconsistentClientUpdates(
-                cid, "weights", f"parameter names differ: missing {missing}, extra {extra}."
-            )
-        for name, tensor in update.weights.items():
-            expected = ref[name]
-            if tensor.shape != expected.shape:
-                raise InconsistentClientUpdates(
-                    cid, f"weights.{name}", f"expected shape {tuple(expected.shape)}, but got {tuple(tensor.shape)}."
-                )
-            if tensor.dtype != expected.dtype:
-                raise InconsistentClientUpdates(
-                    cid, f"weights.{name}", f"expected dtype {expected.dtype}, but got {tensor.dtype}."
-                )
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise InconsistentClientUpdates(cid, f"weights.{name}", "holds NaN or inf.")
+        update.validate(ref)
         if update.stats is not None:
             if ref_labels is None:
                 ref_labels = update.stats.num_labels
             elif update.stats.num_labels != ref_labels:
-                raise InconsistentClientUpdates(
+                raise ProtocolError(
                     cid, "stats.num_labels", f"expected {ref_labels} labels, but got {update.stats.num_labels}."
                 )
 
@@ -149,6 +78,10 @@ class Aggregator(ABC):
 
     num_rounds: int | None = None
     local_epochs: int = 1
+    #: whether clients must send their prediction statistics (:attr:`ClientUpdate.stats`) for :meth:`aggregate_round`
+    requires_stats: bool = False
+    #: whether clients' modules must use :class:`~lightning_fedharmony.FedHarmonyMixin` (teachers, proximal terms)
+    requires_mixin: bool = False
 
     def setup(self, num_rounds: int, local_epochs: int = 1) -> None:
         """Called once by the runner before round 1 with the planned rounds and each client's local epochs."""
@@ -165,8 +98,9 @@ class Aggregator(ABC):
     def client_instructions(
         self, server_round: int, client_id: str, global_weights: Mapping[str, Tensor]
     ) -> ClientInstructions:
-        """Instructions for one client; the global weights, by default."""
-        return ClientInstructions(weights=dict(global_weights))
+        """Instructions for one client: the global weights and no proximal term, by default (``proximal_mu=0``:
+        the plain federated average trains without one whatever the module's own setting)."""
+        return ClientInstructions(weights=dict(global_weights), proximal_mu=0.0)
 
     def aggregate_round(
         self,

@@ -31,6 +31,8 @@ class FedProx(FedAvg):
         proximal_mu: ``mu``; with Adam, values as small as 1e-3 work best (METHOD.md section 9).
     """
 
+    requires_mixin = True
+
     def __init__(self, proximal_mu: float = 0.01) -> None:
         if not proximal_mu >= 0:
             raise ValueError(f"Expected argument `proximal_mu` to be >= 0, but got {proximal_mu!r}.")

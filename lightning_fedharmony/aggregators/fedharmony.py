@@ -133,6 +133,9 @@ class FedHarmony(Aggregator):
         (0.01, 0.0)
     """
 
+    requires_stats = True
+    requires_mixin = True
+
     def __init__(
         self,
         alignment_weight: float = 0.03,

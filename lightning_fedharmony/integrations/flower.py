@@ -40,7 +40,6 @@ from lightning_fedharmony.aggregators.base import (
     ClientUpdate,
     InconsistentClientUpdates,
 )
-from lightning_fedharmony.aggregators.fedharmony import FedHarmony
 from lightning_fedharmony.faults import UpdateCollector
 from lightning_fedharmony.orchestrator import (
     CLIENT_TRAINER_DEFAULTS,
@@ -263,7 +262,7 @@ class FedHarmonyStrategy(Strategy):
     @property
     def collect_stats(self) -> bool:
         """Whether clients send their prediction statistics (FedHarmony needs them)."""
-        return isinstance(self.aggregator, FedHarmony)
+        return self.aggregator.requires_stats
 
     @property
     def global_weights(self) -> dict[str, Tensor]:
@@ -384,6 +383,7 @@ class FedHarmonyStrategy(Strategy):
         for cid in self._selected:
             node = self._node_of[cid]
             instr = instructions[cid]
+            instr.validate(cid)
             # the global weights are the same for every client: serialise them once (records are read-only on send)
             same = instr.weights.keys() == self._global.keys() and all(
                 instr.weights[k] is self._global[k] for k in self._global
@@ -394,7 +394,8 @@ class FedHarmonyStrategy(Strategy):
             client_config[Key.CLIENT_ID] = cid
             client_config[Key.SEED] = derive_seed(self.seed, server_round, _client_index(cid))
             client_config[Key.LOCAL_EPOCHS] = self.local_epochs
-            client_config[Key.PROXIMAL_MU] = float(instr.proximal_mu)
+            if instr.proximal_mu is not None:
+                client_config[Key.PROXIMAL_MU] = float(instr.proximal_mu)
             client_config[Key.COLLECT_STATS] = self.collect_stats
             if instr.alignment_weight is not None:
                 client_config[Key.ALIGNMENT_WEIGHT] = float(instr.alignment_weight)
@@ -676,12 +677,13 @@ def make_client_app(
             teacher=teacher,
             mask=mask,
             alignment_weight=None if alignment is None else _number(config, Key.ALIGNMENT_WEIGHT, float),
-            proximal_mu=_number(config, Key.PROXIMAL_MU, float) if Key.PROXIMAL_MU in config else 0.0,
+            proximal_mu=_number(config, Key.PROXIMAL_MU, float) if Key.PROXIMAL_MU in config else None,
             corr_normalization=str(config[Key.CORR_NORMALIZATION]) if Key.CORR_NORMALIZATION in config else None,
             corr_eps=_number(config, Key.CORR_EPS, float) if Key.CORR_EPS in config else None,
             corr_momentum=_number(config, Key.CORR_MOMENTUM, float) if Key.CORR_MOMENTUM in config else None,
             detach_marginals=_flag(config, Key.DETACH_MARGINALS) if Key.DETACH_MARGINALS in config else None,
         )
+        instructions.validate(client_id)
         module = model_fn(context)
         datamodule = datamodule_fn(index, context)
         kwargs = {**CLIENT_TRAINER_DEFAULTS, **overrides, "max_epochs": _number(config, Key.LOCAL_EPOCHS, int)}

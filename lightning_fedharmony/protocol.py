@@ -1,0 +1,372 @@
+"""The client protocol: what the server sends a client for a round (:class:`Instruction`) and what comes back
+(:class:`Update`).
+
+Every runner moves these two messages: :class:`~lightning_fedharmony.orchestrator.Federation` in memory, ``fedharmony
+serve`` through a shared folder (:mod:`lightning_fedharmony.transports.folder`), and the Flower strategy. Each message
+is validated in one place (:meth:`Instruction.validate`, :meth:`Update.validate`) with one error type,
+:class:`ProtocolError`, which names the client and the field; each has one array form (``to_arrays`` /
+``from_arrays``: a flat dict of numpy arrays, scalars as 0-d arrays) that a transport encodes as it likes.
+
+Example:
+    >>> import torch
+    >>> instruction = Instruction(weights={"w": torch.zeros(2)}, local_epochs=2, server_round=1)
+    >>> Instruction.from_arrays(instruction.to_arrays(), client_id="0").local_epochs
+    2
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lightning_fedharmony.functional.correlation import _NORMALIZATIONS as NORMALIZATIONS
+from lightning_fedharmony.stats import STATS_FIELDS, CorrelationStats, validate_stats_state
+
+#: Settings an instruction may carry besides weights, teacher and mask: name -> python type (``None`` = keep).
+SETTINGS: dict[str, type] = {
+    "alignment_weight": float,
+    "proximal_mu": float,
+    "corr_normalization": str,
+    "corr_eps": float,
+    "corr_momentum": float,
+    "detach_marginals": bool,
+    "local_epochs": int,
+    "server_round": int,
+    "seed": int,
+    "collect_stats": bool,
+}
+_WEIGHTS, _STATS, _METRICS = "weights.", "stats.", "metrics."
+
+
+class ProtocolError(ValueError):
+    """A malformed instruction or update; names the client and the field.
+
+    Attributes:
+        client_id: the client the message is for, or from.
+        field: the field at fault (``weights.<name>``, ``stats.<name>``, a setting's name).
+    """
+
+    def __init__(self, client_id: str, field: str, message: str) -> None:
+        self.client_id = client_id
+        self.field = field
+        super().__init__(f"Client {client_id!r}, field `{field}`: {message}")
+
+
+@dataclass
+class Instruction:
+    """What the server sends one selected client for a round; every setting left ``None`` keeps the module's own.
+
+    Attributes:
+        weights: the global weights to start from.
+        teacher: ``(L, L)`` consensus of the other clients, or ``None`` (no alignment this round).
+        mask: ``(L, L)`` bool pairs to align, or ``None``.
+        alignment_weight: ``lambda`` for this round.
+        proximal_mu: FedProx's ``mu`` (0 = off).
+        corr_normalization: the teacher's soft phi normalisation; the client's batch correlation must use the same
+            scale, so it follows the server's.
+        corr_eps: the teacher's soft phi ``eps``, followed by the client for the same reason.
+        detach_marginals: whether the client's batch correlation stops gradients through its variances.
+        corr_momentum: the client's running-moment momentum for the batch correlation.
+        local_epochs: epochs to train this round (``None``: the runner's or the client's own).
+        server_round: the round this instruction belongs to, counted from 1.
+        seed: seeds the client's training this round (``torch.manual_seed`` when installed), so that the same round
+            trains the same way wherever the client runs.
+        collect_stats: whether the server needs the client's prediction statistics (``None``: the client decides).
+    """
+
+    weights: dict[str, Tensor]
+    teacher: Tensor | None = None
+    mask: Tensor | None = None
+    alignment_weight: float | None = None
+    proximal_mu: float | None = None
+    corr_normalization: str | None = None
+    corr_eps: float | None = None
+    detach_marginals: bool | None = None
+    corr_momentum: float | None = None
+    local_epochs: int | None = None
+    server_round: int | None = None
+    seed: int | None = None
+    collect_stats: bool | None = None
+
+    def settings(self) -> dict[str, Any]:
+        """The settings that are set (not ``None``)."""
+        return {name: getattr(self, name) for name in SETTINGS if getattr(self, name) is not None}
+
+    def validate(self, client_id: str) -> None:
+        """Check every field; the one place an instruction is checked, whichever runner sends or receives it.
+
+        Raises:
+            ProtocolError: naming ``client_id`` and the first field at fault.
+        """
+        _check_weights(client_id, self.weights)
+        if (self.teacher is None) != (self.mask is None):
+            raise ProtocolError(client_id, "mask", "expected `teacher` and `mask` together, but got only one.")
+        if self.teacher is not None and self.mask is not None:
+            teacher, mask = self.teacher, self.mask
+            if not isinstance(teacher, Tensor) or teacher.ndim != 2 or teacher.shape[0] != teacher.shape[1]:
+                shape = tuple(teacher.shape) if isinstance(teacher, Tensor) else type(teacher).__name__
+                raise ProtocolError(client_id, "teacher", f"expected a tensor of shape (L, L), but got {shape}.")
+            if not teacher.is_floating_point():
+                raise ProtocolError(client_id, "teacher", f"expected a float tensor, but got {teacher.dtype}.")
+            if not bool(torch.isfinite(teacher).all()) or float(teacher.abs().max()) > 1.0 + 1e-6:
+                raise ProtocolError(client_id, "teacher", "expected finite values in [-1, 1], but it holds others.")
+            if not isinstance(mask, Tensor) or mask.shape != teacher.shape or mask.dtype != torch.bool:
+                got = f"{tuple(mask.shape)} {mask.dtype}" if isinstance(mask, Tensor) else type(mask).__name__
+                raise ProtocolError(
+                    client_id, "mask", f"expected a bool tensor of shape {tuple(teacher.shape)}, but got {got}."
+                )
+        for name, kind in SETTINGS.items():
+            value = getattr(self, name)
+            if value is not None:
+                _check_setting(client_id, name, kind, value)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The instruction as a flat dict of numpy arrays: ``weights.<name>``, ``teacher``, ``mask`` and each set
+        setting as a 0-d array."""
+        arrays = {f"{_WEIGHTS}{name}": _numpy(tensor) for name, tensor in self.weights.items()}
+        if self.teacher is not None and self.mask is not None:
+            arrays["teacher"] = _numpy(self.teacher.to(torch.float32))
+            arrays["mask"] = _numpy(self.mask.to(torch.bool))
+        arrays.update({name: np.asarray(value) for name, value in self.settings().items()})
+        return arrays
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, Any], client_id: str) -> Instruction:
+        """Rebuild and validate what :meth:`to_arrays` wrote (0-d arrays or plain scalars both read).
+
+        Raises:
+            ProtocolError: naming ``client_id`` and the entry that is unknown, missing or malformed.
+        """
+        known = set(SETTINGS) | {"teacher", "mask"}
+        unknown = sorted(k for k in arrays if not k.startswith(_WEIGHTS) and k not in known)
+        if unknown:
+            raise ProtocolError(
+                client_id, unknown[0], f"unknown entry; expected `weights.*` or one of {sorted(known)}."
+            )
+        values: dict[str, Any] = {"weights": _weights_from(arrays, client_id)}
+        for name in ("teacher", "mask"):
+            if name in arrays:
+                values[name] = _tensor_from(arrays[name], client_id, name)
+        for name, kind in SETTINGS.items():
+            if name in arrays:
+                values[name] = _scalar_from(arrays[name], client_id, name, kind)
+        instruction = cls(**values)
+        instruction.validate(client_id)
+        return instruction
+
+
+@dataclass
+class Update:
+    """What a client returns after local training.
+
+    Attributes:
+        client_id: the client's name.
+        weights: its model weights (:func:`~lightning_fedharmony.mixin.model_weights`).
+        num_samples: number of training samples it used (``n_k``).
+        stats: its prediction statistics (FedHarmony), or ``None``.
+        metrics: scalars it reports (``train_loss``, timings).
+    """
+
+    client_id: str
+    weights: dict[str, Tensor]
+    num_samples: int
+    stats: CorrelationStats | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def validate(self, reference: Mapping[str, Tensor] | None = None) -> None:
+        """Check every field, and the weights against ``reference`` (the global weights) when given.
+
+        Raises:
+            ProtocolError: naming the client and the first field at fault.
+        """
+        cid = self.client_id
+        if not isinstance(cid, str) or not cid:
+            raise ProtocolError(str(cid), "client_id", f"expected a non-empty str, but got {cid!r}.")
+        n = self.num_samples
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            raise ProtocolError(cid, "num_samples", f"expected a positive int, but got {n!r}.")
+        _check_weights(cid, self.weights, reference)
+        if self.stats is not None:
+            if not isinstance(self.stats, CorrelationStats):
+                raise ProtocolError(
+                    cid, "stats", f"expected CorrelationStats or None, but got {type(self.stats).__name__}."
+                )
+            try:
+                validate_stats_state(self.stats.state_dict())
+            except ValueError as err:
+                raise ProtocolError(cid, "stats", str(err)) from None
+        for name, value in self.metrics.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ProtocolError(cid, f"metrics.{name}", f"expected a float, but got {value!r}.")
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The update as a flat dict of numpy arrays: ``client_id``, ``num_samples``, ``weights.<name>``,
+        ``stats.<name>`` (float64 sums) and ``metrics.<name>``."""
+        arrays: dict[str, np.ndarray] = {
+            "client_id": np.asarray(self.client_id),
+            "num_samples": np.asarray(self.num_samples),
+        }
+        arrays.update({f"{_WEIGHTS}{name}": _numpy(tensor) for name, tensor in self.weights.items()})
+        if self.stats is not None:
+            arrays.update({f"{_STATS}{name}": _numpy(t) for name, t in self.stats.state_dict().items()})
+        arrays.update({f"{_METRICS}{name}": np.asarray(float(v), dtype=np.float64) for name, v in self.metrics.items()})
+        return arrays
+
+    @classmethod
+    def from_arrays(
+        cls,
+        arrays: Mapping[str, Any],
+        client_id: str | None = None,
+        reference: Mapping[str, Tensor] | None = None,
+        min_label_rate: float = 1e-3,
+    ) -> Update:
+        """Rebuild and validate what :meth:`to_arrays` wrote.
+
+        Args:
+            arrays: the flat dict.
+            client_id: the client the update must come from (``None``: whichever it names).
+            reference: the global weights the update must match.
+            min_label_rate: of the rebuilt statistics.
+
+        Raises:
+            ProtocolError: naming the client and the entry that is missing, unknown or malformed.
+        """
+        source = client_id or "?"
+        if "client_id" not in arrays:
+            raise ProtocolError(source, "client_id", "expected an entry, but it is missing.")
+        named = _scalar_from(arrays["client_id"], source, "client_id", str)
+        if client_id is not None and named != client_id:
+            raise ProtocolError(client_id, "client_id", f"expected {client_id!r}, but the update names {named!r}.")
+        known = {"client_id", "num_samples"}
+        prefixes = (_WEIGHTS, _STATS, _METRICS)
+        unknown = sorted(k for k in arrays if k not in known and not k.startswith(prefixes))
+        if unknown:
+            raise ProtocolError(
+                named, unknown[0], "unknown entry; expected client_id, num_samples, weights.*, stats.* or metrics.*."
+            )
+        if "num_samples" not in arrays:
+            raise ProtocolError(named, "num_samples", "expected an entry, but it is missing.")
+        stats = None
+        stats_arrays = {k[len(_STATS) :]: arrays[k] for k in arrays if k.startswith(_STATS)}
+        if stats_arrays:
+            state = {}
+            for name in STATS_FIELDS:
+                if name not in stats_arrays:
+                    raise ProtocolError(named, f"stats.{name}", "expected an entry, but it is missing.")
+                array = np.asarray(stats_arrays[name])
+                if array.dtype != np.float64:
+                    raise ProtocolError(named, f"stats.{name}", f"expected float64, but got {array.dtype}.")
+                state[name] = torch.from_numpy(array.copy())
+            try:
+                validate_stats_state(state)
+            except ValueError as err:
+                raise ProtocolError(named, "stats", str(err)) from None
+            stats = CorrelationStats.from_state_dict(state, min_label_rate=min_label_rate)
+        metrics = {
+            k[len(_METRICS) :]: _scalar_from(arrays[k], named, k, float) for k in arrays if k.startswith(_METRICS)
+        }
+        update = cls(
+            client_id=named,
+            weights=_weights_from(arrays, named),
+            num_samples=_scalar_from(arrays["num_samples"], named, "num_samples", int),
+            stats=stats,
+            metrics=metrics,
+        )
+        update.validate(reference)
+        return update
+
+
+def instruction_fields() -> list[str]:
+    """Names of :class:`Instruction`'s fields, in order."""
+    return [f.name for f in fields(Instruction)]
+
+
+def _numpy(tensor: Tensor) -> np.ndarray:
+    return tensor.detach().cpu().contiguous().numpy().copy()
+
+
+def _check_weights(client_id: str, weights: Any, reference: Mapping[str, Tensor] | None = None) -> None:
+    if not isinstance(weights, Mapping) or not weights:
+        raise ProtocolError(client_id, "weights", f"expected a non-empty mapping of tensors, but got {weights!r:.60}.")
+    if reference is not None and set(weights) != set(reference):
+        missing = sorted(set(reference) - set(weights))
+        extra = sorted(set(weights) - set(reference))
+        raise ProtocolError(client_id, "weights", f"parameter names differ: missing {missing}, extra {extra}.")
+    for name, tensor in weights.items():
+        if not isinstance(tensor, Tensor):
+            raise ProtocolError(client_id, f"weights.{name}", f"expected a tensor, but got {type(tensor).__name__}.")
+        if reference is not None:
+            expected = reference[name]
+            if tensor.shape != expected.shape:
+                raise ProtocolError(
+                    client_id,
+                    f"weights.{name}",
+                    f"expected shape {tuple(expected.shape)}, but got {tuple(tensor.shape)}.",
+                )
+            if tensor.dtype != expected.dtype:
+                raise ProtocolError(
+                    client_id, f"weights.{name}", f"expected dtype {expected.dtype}, but got {tensor.dtype}."
+                )
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ProtocolError(client_id, f"weights.{name}", "holds NaN or inf.")
+
+
+def _check_setting(client_id: str, name: str, kind: type, value: Any) -> None:
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ProtocolError(client_id, name, f"expected a {kind.__name__} or None, but got {value!r}.")
+    rules: dict[str, tuple[bool, str]] = {
+        "alignment_weight": (name != "alignment_weight" or value >= 0, ">= 0"),
+        "proximal_mu": (name != "proximal_mu" or value >= 0, ">= 0"),
+        "corr_eps": (name != "corr_eps" or value > 0, "> 0"),
+        "corr_momentum": (name != "corr_momentum" or 0 <= value < 1, "in [0, 1)"),
+        "local_epochs": (name != "local_epochs" or value >= 1, ">= 1"),
+        "server_round": (name != "server_round" or value >= 1, ">= 1"),
+        "seed": (name != "seed" or value >= 0, ">= 0"),
+        "corr_normalization": (name != "corr_normalization" or value in NORMALIZATIONS, f"one of {NORMALIZATIONS}"),
+    }
+    passed, rule = rules.get(name, (True, ""))
+    if not passed:
+        raise ProtocolError(client_id, name, f"expected a value {rule}, but got {value!r}.")
+
+
+def _weights_from(arrays: Mapping[str, Any], client_id: str) -> dict[str, Tensor]:
+    weights = {k[len(_WEIGHTS) :]: _tensor_from(v, client_id, k) for k, v in arrays.items() if k.startswith(_WEIGHTS)}
+    if not weights:
+        raise ProtocolError(client_id, "weights", "expected `weights.<name>` entries, but got none.")
+    return weights
+
+
+def _tensor_from(value: Any, client_id: str, name: str) -> Tensor:
+    array = np.asarray(value)
+    if array.dtype.kind not in "biuf":
+        raise ProtocolError(client_id, name, f"expected a numeric or bool array, but got dtype {array.dtype}.")
+    return torch.from_numpy(np.ascontiguousarray(array).copy())
+
+
+def _scalar_from(value: Any, client_id: str, name: str, kind: type) -> Any:
+    array = np.asarray(value)
+    if array.ndim != 0:
+        raise ProtocolError(client_id, name, f"expected a scalar, but got an array of shape {array.shape}.")
+    item = array.item()
+    if kind is float and isinstance(item, int) and not isinstance(item, bool):
+        item = float(item)
+    if kind is bool and isinstance(item, (bool, np.bool_)):
+        item = bool(item)
+    ok = isinstance(item, kind) and (kind is bool or not isinstance(item, bool))
+    if not ok:
+        raise ProtocolError(client_id, name, f"expected a {kind.__name__}, but got {item!r}.")
+    return item
