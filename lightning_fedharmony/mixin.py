@@ -62,7 +62,6 @@ class FedHarmonyMixin:
     The teacher and mask are buffers (``fedharmony_teacher``, ``fedharmony_mask``): saved in checkpoints, never part
     of :func:`model_weights`, so they are not averaged.
 
-    Args:
     The defaults are :class:`~lightning_fedharmony.FedHarmony`'s validated ones; a FedHarmony server sends its own
     settings with every teacher (:meth:`FedHarmony.paper` sends the paper's), so these matter for a module trained
     without one.
@@ -73,8 +72,8 @@ class FedHarmonyMixin:
         corr_eps: ``eps`` of the soft phi denominator.
         corr_normalization: ``"pearson"`` (scale-free; see :func:`~lightning_fedharmony.functional.phi_from_moments`)
             or ``"bernoulli"`` (the paper's soft phi).
-        corr_momentum: mixes detached running moments into each batch's moments (0 = pure batch, the paper's): at
-            0.9 the batch correlation's sampling noise is about a tenth.
+        corr_momentum: mixes detached running moments into each batch's moments (0 = pure batch, the paper's): an
+            exponential average that, at 0.9, spans about 19 batches (``(1 + m) / (1 - m)``).
         detach_marginals: stop gradients through the variances ``p_c (1 - p_c)`` that normalise the batch
             correlation, so the alignment term cannot be lowered by flattening the predictions alone (METHOD.md
             section 9).
