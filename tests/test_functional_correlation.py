@@ -258,3 +258,20 @@ def test_soft_phi_property_finite_for_any_finite_input(preds: np.ndarray, normal
     got = soft_phi(torch.from_numpy(preds), normalization=normalization)
     assert torch.isfinite(got).all()
     assert bool((got.abs() <= 1.0).all())
+
+
+@pytest.mark.parametrize("normalization", ["bernoulli", "pearson"])
+def test_phi_from_means_equals_phi_from_moments_per_group(normalization: str) -> None:
+    from lightning_fedharmony.functional import phi_from_means, phi_from_moments
+
+    generator = torch.Generator().manual_seed(3)
+    preds = torch.rand(40, 2, 5, generator=generator, dtype=torch.float64)  # (N, G, S): two groups of five labels
+    mean = preds.mean(0)
+    second = torch.einsum("ngi,ngj->gij", preds, preds) / preds.shape[0]
+    batched = phi_from_means(mean, second, normalization=normalization)  # type: ignore[arg-type]
+    for group in range(2):
+        cols = preds[:, group]
+        expected = phi_from_moments(40, cols.sum(0), cols.T @ cols, normalization=normalization)  # type: ignore[arg-type]
+        torch.testing.assert_close(batched[group], expected, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match=r"`mean` of shape \(\.\.\., S\) and `second_moment` of shape"):
+        phi_from_means(mean, second[:, :4])
