@@ -8,14 +8,18 @@ The ClientApp built by :func:`make_client_app` runs the same
 :func:`~lightning_fedharmony.orchestrator.train_client` step with the same seed, so for one seed, partition and
 number of rounds both runners reach the same model.
 
-What travels (keys on Flower's wire are kebab-case and defined once, in :class:`Key`):
+What travels is the client protocol (:class:`~lightning_fedharmony.protocol.Instruction`,
+:class:`~lightning_fedharmony.protocol.Update`): their array form (``to_arrays`` / ``from_arrays``, the same one the
+folder transport writes) mapped onto Flower's records, arrays into ``ArrayRecord``, scalars into ``ConfigRecord`` /
+``MetricRecord``, under kebab-case keys defined once (:class:`Key`); each message is validated by the protocol alone,
+and a malformed one raises :class:`~lightning_fedharmony.protocol.ProtocolError` naming the client and the entry.
 
 - server -> client, one fresh :class:`~flwr.app.RecordDict` per message: ``arrays`` (global weights),
-  ``config`` (round, client id, seed, local epochs, loss weights) and, for FedHarmony after round 1, ``teacher``
-  (that client's leave-one-out consensus teacher and alignment mask);
-- client -> server: ``arrays`` (its weights), ``metrics`` (``num-examples``, ``train-loss``), ``client``
-  (its ``client-id``) and, for FedHarmony, ``stats``: the raw float64 sums of its predictions, so the server's pooled
-  statistics are exact.
+  ``config`` (the instruction's settings: round, seed, local epochs, loss weights; and the ``client-id`` it is for)
+  and, for FedHarmony after round 1, ``teacher`` (that client's leave-one-out consensus ``teacher`` and ``mask``);
+- client -> server: ``arrays`` (its weights), ``metrics`` (``num-examples``, ``train-loss``,
+  ``trainer-setup-seconds``), ``client`` (its ``client-id``) and, for FedHarmony, ``stats``: the raw float64 sums of
+  its predictions, so the server's pooled statistics are exact.
 
 Clients are identified by their partition id (``node_config["partition-id"]``, set by the simulation engine or by
 ``flower-supernode --node-config "partition-id=0 num-partitions=2"``): the strategy asks new nodes for it with a
@@ -26,20 +30,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
 from logging import INFO, WARNING
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from lightning_fedharmony.aggregators.base import (
-    Aggregator,
-    ClientInstructions,
-    ClientUpdate,
-    InconsistentClientUpdates,
-)
+from lightning_fedharmony.aggregators.base import Aggregator
 from lightning_fedharmony.faults import UpdateCollector
 from lightning_fedharmony.orchestrator import (
     CLIENT_TRAINER_DEFAULTS,
@@ -54,7 +55,9 @@ from lightning_fedharmony.orchestrator import (
     select_clients,
     train_client,
 )
-from lightning_fedharmony.stats import STATS_FIELDS, CorrelationStats, validate_stats_state
+from lightning_fedharmony.protocol import SETTINGS as INSTRUCTION_SETTINGS
+from lightning_fedharmony.protocol import Instruction, ProtocolError, Update
+from lightning_fedharmony.stats import STATS_FIELDS
 
 try:
     import flwr  # noqa: F401  (first, so that a missing or blocked flwr fails here)
@@ -85,11 +88,25 @@ __all__ = [
     "FedHarmonyStrategy",
     "Key",
     "arrays_to_weights",
+    "instruction_from_records",
+    "instruction_to_records",
     "make_client_app",
     "make_evaluate_fn",
     "partition_id",
+    "update_from_records",
+    "update_to_records",
     "weights_to_arrays",
 ]
+
+
+def _wire_name(name: str) -> str:
+    """A library name (snake_case) as a key on Flower's wire (kebab-case)."""
+    return name.replace("_", "-")
+
+
+def _library_name(key: str) -> str:
+    """A key on Flower's wire as the library's name."""
+    return key.replace("-", "_")
 
 
 class Key:
@@ -103,41 +120,182 @@ class Key:
     METRICS = "metrics"
     CLIENT = "client"
     STATS = "stats"
-    # entries of `config` (server -> client)
-    SERVER_ROUND = "server-round"
+    # the envelope: which client a message is for (`config`) or from (`client`)
     CLIENT_ID = "client-id"
-    SEED = "seed"
-    LOCAL_EPOCHS = "local-epochs"
-    PROXIMAL_MU = "proximal-mu"
-    ALIGNMENT_WEIGHT = "alignment-weight"
-    CORR_NORMALIZATION = "corr-normalization"
-    CORR_EPS = "corr-eps"
-    CORR_MOMENTUM = "corr-momentum"
-    DETACH_MARGINALS = "detach-marginals"
-    COLLECT_STATS = "collect-stats"
     # entries of `metrics` (client -> server)
     NUM_EXAMPLES = "num-examples"
-    TRAIN_LOSS = "train-loss"
-    TRAINER_SETUP_SECONDS = "trainer-setup-seconds"
+    TRAIN_LOSS = _wire_name("train_loss")
+    TRAINER_SETUP_SECONDS = _wire_name("trainer_setup_seconds")
     # node configuration (simulation engine, `flower-supernode --node-config`) and client state
     PARTITION_ID = "partition-id"
     CLIENT_STATE = "fedharmony-client"
     ROUNDS_TRAINED = "rounds-trained"
     LAST_ROUND = "last-round"
 
+    #: instruction setting (snake_case in the library) -> entry of the ``config`` record
+    SETTINGS: ClassVar[dict[str, str]] = {name: _wire_name(name) for name in INSTRUCTION_SETTINGS}
     #: statistics field (snake_case in the library) -> entry of the ``stats`` record
-    STATS_FIELDS: ClassVar[dict[str, str]] = {name: name.replace("_", "-") for name in STATS_FIELDS}
+    STATS_FIELDS: ClassVar[dict[str, str]] = {name: _wire_name(name) for name in STATS_FIELDS}
+    # the settings the tests and examples name most, spelled through SETTINGS so that they cannot drift
+    SERVER_ROUND = SETTINGS["server_round"]
+    SEED = SETTINGS["seed"]
+    LOCAL_EPOCHS = SETTINGS["local_epochs"]
+    PROXIMAL_MU = SETTINGS["proximal_mu"]
+    ALIGNMENT_WEIGHT = SETTINGS["alignment_weight"]
+    CORR_NORMALIZATION = SETTINGS["corr_normalization"]
+    CORR_EPS = SETTINGS["corr_eps"]
+    CORR_MOMENTUM = SETTINGS["corr_momentum"]
+    DETACH_MARGINALS = SETTINGS["detach_marginals"]
+    COLLECT_STATS = SETTINGS["collect_stats"]
 
 
-def _kebab(name: str) -> str:
-    return name.replace("_", "-")
+# ---------------------------------------------------------------------------------------------- records <-> protocol
+@dataclass(frozen=True)
+class _Slot:
+    """Where entries of a message's array form (``to_arrays``) travel: one entry, or every entry under a prefix
+    (``entry`` ending in ``.``), goes to record ``record`` under ``key`` (or the rest of its name)."""
+
+    entry: str
+    record: str
+    key: str | None = None
+    kebab: bool = True
+
+    def wire_key(self, entry: str) -> str | None:
+        """The key of ``entry`` in :attr:`record`, or ``None`` if this slot does not hold it."""
+        if self.key is not None:
+            return self.key if entry == self.entry else None
+        if not entry.startswith(self.entry):
+            return None
+        rest = entry[len(self.entry) :]
+        return _wire_name(rest) if self.kebab else rest
+
+    def entry_of(self, key: str) -> str | None:
+        """The array-form entry of ``key`` of :attr:`record`, or ``None`` if this slot does not hold it."""
+        if self.key is not None:
+            return self.entry if key == self.key else None
+        return self.entry + (_library_name(key) if self.kebab else key)
 
 
-def _snake(name: str) -> str:
-    return name.replace("-", "_")
+_INSTRUCTION_SLOTS = (
+    _Slot("weights.", Key.ARRAYS, kebab=False),
+    _Slot("teacher", Key.TEACHER, Key.TEACHER),
+    _Slot("mask", Key.TEACHER, Key.MASK),
+    *(_Slot(name, Key.CONFIG, key) for name, key in Key.SETTINGS.items()),
+)
+_UPDATE_SLOTS = (
+    _Slot("client_id", Key.CLIENT, Key.CLIENT_ID),
+    _Slot("num_samples", Key.METRICS, Key.NUM_EXAMPLES),
+    _Slot("weights.", Key.ARRAYS, kebab=False),
+    _Slot("stats.", Key.STATS),
+    _Slot("metrics.", Key.METRICS),
+)
+_ARRAY_RECORDS = (Key.ARRAYS, Key.TEACHER, Key.STATS)
 
 
-# ---------------------------------------------------------------------------------------------- records <-> tensors
+def _to_records(arrays: Mapping[str, np.ndarray], slots: tuple[_Slot, ...]) -> RecordDict:
+    """A message's array form as Flower records: arrays in ArrayRecords, scalars in Config- and MetricRecords."""
+    grouped: dict[str, dict[str, np.ndarray]] = {}
+    for entry, array in arrays.items():
+        record, key = _locate(entry, slots)
+        grouped.setdefault(record, {})[key] = array
+    content = RecordDict()
+    for record, entries in grouped.items():
+        if record in _ARRAY_RECORDS:
+            content[record] = ArrayRecord({k: Array(np.require(v, requirements="C")) for k, v in entries.items()})
+        elif record == Key.METRICS:
+            content[record] = MetricRecord({k: v.item() for k, v in entries.items()})
+        else:
+            content[record] = ConfigRecord({k: v.item() for k, v in entries.items()})
+    return content
+
+
+def _from_records(content: RecordDict, slots: tuple[_Slot, ...]) -> dict[str, Any]:
+    """The array form held by Flower records; entries no slot holds (the envelope, the user's own) are skipped."""
+    arrays: dict[str, Any] = {}
+    for record in {slot.record for slot in slots} & set(content):
+        values = content[record]
+        held = [slot for slot in slots if slot.record == record]
+        for key in values:
+            entry = next((e for slot in held if (e := slot.entry_of(key)) is not None), None)
+            if entry is not None:
+                value = values[key]
+                arrays[entry] = value.numpy() if isinstance(value, Array) else value
+    return arrays
+
+
+def _locate(entry: str, slots: tuple[_Slot, ...]) -> tuple[str, str]:
+    for slot in slots:
+        key = slot.wire_key(entry)
+        if key is not None:
+            return slot.record, key
+    raise KeyError(f"No record holds entry {entry!r}.")  # pragma: no cover - the slots cover the protocol
+
+
+def _on_wire(err: ProtocolError, slots: tuple[_Slot, ...]) -> ProtocolError:
+    """The same error, naming the field as it travels on Flower's wire (``record.key``)."""
+    whole = {slot.entry.rstrip("."): slot.record for slot in slots if slot.key is None}
+    if err.field in whole:
+        return ProtocolError(err.client_id, whole[err.field], err.message)
+    try:
+        record, key = _locate(err.field, slots)
+    except KeyError:
+        return err
+    return ProtocolError(err.client_id, f"{record}.{key}", err.message)
+
+
+def instruction_to_records(
+    instruction: Instruction,
+    client_id: str,
+    *,
+    arrays: ArrayRecord | None = None,
+    config: ConfigRecord | None = None,
+) -> RecordDict:
+    """One fresh :class:`~flwr.app.RecordDict` for a client's instruction, addressed to ``client_id``.
+
+    Args:
+        instruction: what the client gets.
+        client_id: the client it is for (``config["client-id"]``).
+        arrays: the instruction's weights already as a record (the global weights, encoded once per round).
+        config: the user's own ``config`` entries, sent along.
+    """
+    flat = (instruction if arrays is None else replace(instruction, weights={})).to_arrays()
+    content = _to_records(flat, _INSTRUCTION_SLOTS)
+    if arrays is not None:
+        content[Key.ARRAYS] = arrays
+    settings = content.config_records.get(Key.CONFIG, ConfigRecord())
+    content[Key.CONFIG] = ConfigRecord({**dict(config or {}), **dict(settings), Key.CLIENT_ID: client_id})
+    return content
+
+
+def instruction_from_records(content: RecordDict, client_id: str) -> Instruction:
+    """The instruction a message holds, validated.
+
+    Raises:
+        ProtocolError: naming ``client_id`` and the record entry that is missing or malformed.
+    """
+    try:
+        return Instruction.from_arrays(_from_records(content, _INSTRUCTION_SLOTS), client_id)
+    except ProtocolError as err:
+        raise _on_wire(err, _INSTRUCTION_SLOTS) from None
+
+
+def update_to_records(update: Update) -> RecordDict:
+    """A client's update as Flower records (statistics as raw float64 sums, so pooling them is exact)."""
+    return _to_records(update.to_arrays(), _UPDATE_SLOTS)
+
+
+def update_from_records(content: RecordDict, client_id: str) -> Update:
+    """The update a reply holds, validated.
+
+    Raises:
+        ProtocolError: naming ``client_id`` and the record entry that is missing or malformed.
+    """
+    try:
+        return Update.from_arrays(_from_records(content, _UPDATE_SLOTS), client_id=client_id)
+    except ProtocolError as err:
+        raise _on_wire(err, _UPDATE_SLOTS) from None
+
+
 def weights_to_arrays(weights: Mapping[str, Tensor]) -> ArrayRecord:
     """An :class:`~flwr.app.ArrayRecord` of a state dict (copies to NumPy; dtypes and shapes kept)."""
     return ArrayRecord({name: Array(tensor.detach().cpu().contiguous().numpy()) for name, tensor in weights.items()})
@@ -146,45 +304,6 @@ def weights_to_arrays(weights: Mapping[str, Tensor]) -> ArrayRecord:
 def arrays_to_weights(record: ArrayRecord) -> dict[str, Tensor]:
     """The state dict held by an :class:`~flwr.app.ArrayRecord` (NumPy arrays loaded without pickle)."""
     return {name: torch.from_numpy(array.numpy().copy()) for name, array in record.items()}
-
-
-def _stats_to_arrays(stats: CorrelationStats) -> ArrayRecord:
-    state = stats.state_dict()
-    return ArrayRecord({Key.STATS_FIELDS[name]: Array(state[name].numpy()) for name in STATS_FIELDS})
-
-
-def _stats_from_arrays(record: ArrayRecord, client_id: str) -> CorrelationStats:
-    missing = [key for key in Key.STATS_FIELDS.values() if key not in record]
-    if missing:
-        raise InconsistentClientUpdates(
-            client_id, Key.STATS, f"expected entries {list(Key.STATS_FIELDS.values())}, but {missing} are missing."
-        )
-    state = {name: torch.from_numpy(record[key].numpy().copy()) for name, key in Key.STATS_FIELDS.items()}
-    for name, tensor in state.items():
-        if tensor.dtype != torch.float64:
-            raise InconsistentClientUpdates(
-                client_id,
-                f"{Key.STATS}.{Key.STATS_FIELDS[name]}",
-                f"expected raw float64 sums (exact pooling), but got {tensor.dtype}.",
-            )
-    try:
-        validate_stats_state(state)
-    except ValueError as err:
-        raise InconsistentClientUpdates(client_id, Key.STATS, str(err)) from None
-    return CorrelationStats.from_state_dict(state)
-
-
-def _instructions_to_content(instructions: ClientInstructions, arrays: ArrayRecord, config: ConfigRecord) -> RecordDict:
-    content = RecordDict({Key.ARRAYS: arrays, Key.CONFIG: config})
-    if instructions.teacher is not None:
-        teacher = instructions.teacher.detach().cpu().float()
-        mask = (
-            instructions.mask.detach().cpu().bool()
-            if instructions.mask is not None
-            else ~torch.eye(teacher.shape[0], dtype=torch.bool)
-        )
-        content[Key.TEACHER] = ArrayRecord({Key.TEACHER: Array(teacher.numpy()), Key.MASK: Array(mask.numpy())})
-    return content
 
 
 # ---------------------------------------------------------------------------------------------- the server
@@ -309,7 +428,9 @@ class FedHarmonyStrategy(Strategy):
                 metrics = user_fn(server_round, arrays)
                 if metrics is not None and server_round >= 1 and self.result.rounds:
                     record = self.result.rounds[-1]
-                    record.metrics = {_snake(k): float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+                    record.metrics = {
+                        _library_name(k): float(v) for k, v in metrics.items() if isinstance(v, (int, float))
+                    }
                     record.seconds["eval"] = time.perf_counter() - started
                     record.seconds["total"] += record.seconds["eval"]
                 return metrics
@@ -382,32 +503,19 @@ class FedHarmonyStrategy(Strategy):
         messages = []
         for cid in self._selected:
             node = self._node_of[cid]
-            instr = instructions[cid]
+            instr = replace(
+                instructions[cid],
+                server_round=server_round,
+                seed=derive_seed(self.seed, server_round, _client_index(cid)),
+                local_epochs=self.local_epochs,
+                collect_stats=self.collect_stats,
+            )
             instr.validate(cid)
             # the global weights are the same for every client: serialise them once (records are read-only on send)
             same = instr.weights.keys() == self._global.keys() and all(
                 instr.weights[k] is self._global[k] for k in self._global
             )
-            client_arrays = arrays if same else weights_to_arrays(instr.weights)
-            client_config = ConfigRecord(dict(config))
-            client_config[Key.SERVER_ROUND] = server_round
-            client_config[Key.CLIENT_ID] = cid
-            client_config[Key.SEED] = derive_seed(self.seed, server_round, _client_index(cid))
-            client_config[Key.LOCAL_EPOCHS] = self.local_epochs
-            if instr.proximal_mu is not None:
-                client_config[Key.PROXIMAL_MU] = float(instr.proximal_mu)
-            client_config[Key.COLLECT_STATS] = self.collect_stats
-            if instr.alignment_weight is not None:
-                client_config[Key.ALIGNMENT_WEIGHT] = float(instr.alignment_weight)
-            if instr.corr_normalization is not None:
-                client_config[Key.CORR_NORMALIZATION] = instr.corr_normalization
-            if instr.corr_eps is not None:
-                client_config[Key.CORR_EPS] = float(instr.corr_eps)
-            if instr.corr_momentum is not None:
-                client_config[Key.CORR_MOMENTUM] = float(instr.corr_momentum)
-            if instr.detach_marginals is not None:
-                client_config[Key.DETACH_MARGINALS] = bool(instr.detach_marginals)
-            content = _instructions_to_content(instr, client_arrays, client_config)
+            content = instruction_to_records(instr, cid, arrays=arrays if same else None, config=config)
             messages.append(
                 Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=str(server_round))
             )
@@ -415,70 +523,38 @@ class FedHarmonyStrategy(Strategy):
         return messages
 
     # ------------------------------------------------------------------ clients -> server
-    def parse_reply(self, reply: Message, client_id: str) -> tuple[ClientUpdate, float, float]:
+    def parse_reply(self, reply: Message, client_id: str) -> tuple[Update, float, float]:
         """The update, final task loss and trainer setup seconds in a client's reply.
 
         Raises:
-            InconsistentClientUpdates: naming the client and the record that is missing or malformed.
+            ProtocolError: naming the client and the record entry that is missing or malformed.
         """
-        content = reply.content
-        arrays = content.array_records.get(Key.ARRAYS)
-        if arrays is None:
-            raise InconsistentClientUpdates(
-                client_id, Key.ARRAYS, f"expected an ArrayRecord `{Key.ARRAYS}` with the weights, but found none."
-            )
-        metrics = content.metric_records.get(Key.METRICS)
-        if metrics is None or Key.NUM_EXAMPLES not in metrics:
-            raise InconsistentClientUpdates(
+        update = update_from_records(reply.content, client_id)
+        if self.collect_stats and update.stats is None:
+            raise ProtocolError(
                 client_id,
-                Key.METRICS,
-                f"expected a MetricRecord `{Key.METRICS}` with `{Key.NUM_EXAMPLES}`, but found none.",
+                Key.STATS,
+                f"expected an ArrayRecord `{Key.STATS}` with the prediction statistics, but found none."
+                " HINT: build the ClientApp with `make_client_app` and a model with FedHarmonyMixin.",
             )
-        num_examples = metrics[Key.NUM_EXAMPLES]
-        if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples <= 0:
-            raise InconsistentClientUpdates(
-                client_id, f"{Key.METRICS}.{Key.NUM_EXAMPLES}", f"expected a positive int, but got {num_examples!r}."
-            )
-        reported = _reply_client_id(content, client_id)
-        if reported != client_id:
-            raise InconsistentClientUpdates(
-                client_id, f"{Key.CLIENT}.{Key.CLIENT_ID}", f"the reply comes from client {reported!r}."
-            )
-        stats = None
-        if self.collect_stats:
-            record = content.array_records.get(Key.STATS)
-            if record is None:
-                raise InconsistentClientUpdates(
-                    client_id,
-                    Key.STATS,
-                    f"expected an ArrayRecord `{Key.STATS}` with the prediction statistics, but found none."
-                    " HINT: build the ClientApp with `make_client_app` and a model with FedHarmonyMixin.",
-                )
-            stats = _stats_from_arrays(record, client_id)
-        update = ClientUpdate(
-            client_id=client_id,
-            weights=arrays_to_weights(arrays),
-            num_samples=num_examples,
-            stats=stats,
-            metrics={_snake(k): float(v) for k, v in metrics.items() if isinstance(v, (int, float))},
-        )
-        loss = metrics.get(Key.TRAIN_LOSS, float("nan"))
-        setup = metrics.get(Key.TRAINER_SETUP_SECONDS, 0.0)
-        loss = loss if isinstance(loss, (int, float)) else float("nan")
-        setup = setup if isinstance(setup, (int, float)) else 0.0
-        return update, float(loss), float(setup)
+        loss = update.metrics.get("train_loss", float("nan"))
+        setup = update.metrics.get("trainer_setup_seconds", 0.0)
+        return update, loss, setup
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate the replies, screen the updates as ``Federation`` does, then ``aggregator.aggregate_round``.
+        """Read the replies, screen the updates as ``Federation`` does, then ``aggregator.aggregate_round``.
+
+        A reply that is not a valid update (:meth:`parse_reply` raises :class:`ProtocolError`) is a failure of its
+        client, recorded with the error, as in ``fedharmony serve``.
 
         Raises:
-            InconsistentClientUpdates: a reply whose records are missing or malformed (names the client).
+            ProtocolError: a client that sent more than one reply this round.
             FederationError: fewer than ``min_clients`` usable updates.
         """
         t_replies = time.perf_counter()
-        by_client: dict[str, tuple[ClientUpdate, float, float]] = {}
+        by_client: dict[str, tuple[Update, float, float]] = {}
         failures: dict[str, str] = {}
         for reply in replies:
             node = reply.metadata.src_node_id
@@ -486,12 +562,16 @@ class FedHarmonyStrategy(Strategy):
             if cid is None:
                 log(WARNING, "Ignoring a reply from node %d, which was not asked to train this round.", node)
                 continue
+            if cid in by_client or cid in failures:
+                raise ProtocolError(cid, Key.CLIENT_ID, "sent more than one reply this round.")
             if reply.has_error():
                 failures[cid] = f"ClientAppError: {' '.join(str(reply.error.reason).split())}"
                 continue
-            if cid in by_client:
-                raise InconsistentClientUpdates(cid, Key.CLIENT_ID, "sent more than one reply this round.")
-            by_client[cid] = self.parse_reply(reply, cid)
+            try:
+                by_client[cid] = self.parse_reply(reply, cid)
+            except ProtocolError as err:
+                failures[cid] = f"rejected update: {err}"
+                log(WARNING, "Round %d: %s", server_round, err)
         collected = UpdateCollector(self._global)
         for cid, reason in failures.items():
             collected.fail(cid, reason)
@@ -537,7 +617,7 @@ class FedHarmonyStrategy(Strategy):
                 Key.TRAIN_LOSS: train_loss,
                 "num-clients": len(self._selected),
                 "num-failures": len(failures),
-                **{_kebab(k): float(v) for k, v in aggregated.metrics.items()},
+                **{_wire_name(k): float(v) for k, v in aggregated.metrics.items()},
             }
         )
         return weights_to_arrays(aggregated.weights), metrics
@@ -562,7 +642,7 @@ def make_evaluate_fn(module: pl.LightningModule, dataloader: DataLoader) -> Call
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         metrics = evaluate_weights(module, arrays_to_weights(arrays), dataloader)
-        return MetricRecord({_kebab(k): float(v) for k, v in metrics.items()})
+        return MetricRecord({_wire_name(k): float(v) for k, v in metrics.items()})
 
     return evaluate
 
@@ -580,7 +660,7 @@ def _client_index(client_id: str) -> int:
 def _reply_client_id(content: RecordDict, name: str) -> str:
     record = content.config_records.get(Key.CLIENT)
     if record is None or not isinstance(record.get(Key.CLIENT_ID), str):
-        raise InconsistentClientUpdates(
+        raise ProtocolError(
             name,
             Key.CLIENT,
             f"expected a ConfigRecord `{Key.CLIENT}` with a str `{Key.CLIENT_ID}`, but found none."
@@ -653,62 +733,34 @@ def make_client_app(
         index = partition_id(context)
         client_id = str(index)
         config = msg.content.config_records.get(Key.CONFIG)
-        arrays = msg.content.array_records.get(Key.ARRAYS)
-        if config is None or arrays is None:
-            raise RuntimeError(
-                f"Expected a train message with records `{Key.ARRAYS}` and `{Key.CONFIG}`, but got"
-                f" {sorted(msg.content)}. HINT: run the server with `FedHarmonyStrategy`."
+        if config is None:
+            raise ProtocolError(
+                client_id,
+                Key.CONFIG,
+                f"expected a ConfigRecord `{Key.CONFIG}`, but the message holds {sorted(msg.content)}."
+                " HINT: run the server with `FedHarmonyStrategy`.",
             )
         if config.get(Key.CLIENT_ID) != client_id:
             raise RuntimeError(
                 f"Expected instructions for client {client_id!r} (this node's partition id), but they are for"
                 f" {config.get(Key.CLIENT_ID)!r}."
             )
-        server_round = _number(config, Key.SERVER_ROUND, int)
-        _remember(context, client_id, server_round)
-        teacher = mask = None
-        if Key.TEACHER in msg.content.array_records:
-            record = msg.content.array_records[Key.TEACHER]
-            teacher = torch.from_numpy(record[Key.TEACHER].numpy().copy())
-            mask = torch.from_numpy(record[Key.MASK].numpy().copy())
-        alignment = config.get(Key.ALIGNMENT_WEIGHT)
-        instructions = ClientInstructions(
-            weights=arrays_to_weights(arrays),
-            teacher=teacher,
-            mask=mask,
-            alignment_weight=None if alignment is None else _number(config, Key.ALIGNMENT_WEIGHT, float),
-            proximal_mu=_number(config, Key.PROXIMAL_MU, float) if Key.PROXIMAL_MU in config else None,
-            corr_normalization=str(config[Key.CORR_NORMALIZATION]) if Key.CORR_NORMALIZATION in config else None,
-            corr_eps=_number(config, Key.CORR_EPS, float) if Key.CORR_EPS in config else None,
-            corr_momentum=_number(config, Key.CORR_MOMENTUM, float) if Key.CORR_MOMENTUM in config else None,
-            detach_marginals=_flag(config, Key.DETACH_MARGINALS) if Key.DETACH_MARGINALS in config else None,
-        )
-        instructions.validate(client_id)
+        instruction = instruction_from_records(msg.content, client_id)
+        kwargs = {**CLIENT_TRAINER_DEFAULTS, **overrides}
+        for name in ("server_round", "local_epochs"):
+            if getattr(instruction, name) is None and (name == "server_round" or "max_epochs" not in kwargs):
+                raise ProtocolError(
+                    client_id,
+                    f"{Key.CONFIG}.{Key.SETTINGS[name]}",
+                    "expected an entry, but it is missing. HINT: run the server with `FedHarmonyStrategy`.",
+                )
+        _remember(context, client_id, int(instruction.server_round or 0))
         module = model_fn(context)
         datamodule = datamodule_fn(index, context)
-        kwargs = {**CLIENT_TRAINER_DEFAULTS, **overrides, "max_epochs": _number(config, Key.LOCAL_EPOCHS, int)}
         with quiet_lightning():
-            update, loss, setup = train_client(
-                module,
-                datamodule,
-                client_id,
-                instructions,
-                trainer_kwargs=kwargs,
-                seed=_number(config, Key.SEED, int),
-                collect_stats=bool(config.get(Key.COLLECT_STATS, False)),
-            )
-        content = RecordDict(
-            {
-                Key.ARRAYS: weights_to_arrays(update.weights),
-                Key.METRICS: MetricRecord(
-                    {Key.NUM_EXAMPLES: int(update.num_samples), Key.TRAIN_LOSS: loss, Key.TRAINER_SETUP_SECONDS: setup}
-                ),
-                Key.CLIENT: ConfigRecord({Key.CLIENT_ID: client_id}),
-            }
-        )
-        if update.stats is not None:
-            content[Key.STATS] = _stats_to_arrays(update.stats)
-        return Message(content, reply_to=msg)
+            update, _, setup = train_client(module, datamodule, client_id, instruction, trainer_kwargs=kwargs)
+        update = replace(update, metrics={**update.metrics, "trainer_setup_seconds": setup})
+        return Message(update_to_records(update), reply_to=msg)
 
     return app
 
@@ -723,32 +775,7 @@ def _remember(context: Context, client_id: str, server_round: int) -> None:
             f"Expected this node to stay client {state.get(Key.CLIENT_ID)!r} for the whole run, but its partition"
             f" id is now {client_id!r}."
         )
-    state[Key.ROUNDS_TRAINED] = _number(state, Key.ROUNDS_TRAINED, int) + 1
+    rounds = state.get(Key.ROUNDS_TRAINED)
+    state[Key.ROUNDS_TRAINED] = (rounds if isinstance(rounds, int) else 0) + 1
     state[Key.LAST_ROUND] = server_round
     context.state[Key.CLIENT_STATE] = state
-
-
-_N = TypeVar("_N", int, float)
-
-
-def _number(record: ConfigRecord, key: str, kind: type[_N]) -> _N:
-    """``record[key]`` as an int or float; a missing or non-numeric entry is a malformed message."""
-    value = record.get(key)
-    allowed = (int,) if kind is int else (int, float)
-    if isinstance(value, bool) or not isinstance(value, allowed):
-        raise RuntimeError(
-            f"Expected entry `{key}` of the message to be {kind.__name__}, but got {value!r}."
-            " HINT: run the server with `FedHarmonyStrategy`."
-        )
-    return kind(value)
-
-
-def _flag(record: ConfigRecord, key: str) -> bool:
-    """``record[key]`` as a bool; a missing or non-bool entry is a malformed message."""
-    value = record.get(key)
-    if not isinstance(value, bool):
-        raise RuntimeError(
-            f"Expected entry `{key}` of the message to be bool, but got {value!r}."
-            " HINT: run the server with `FedHarmonyStrategy`."
-        )
-    return value
