@@ -27,17 +27,9 @@ from lightning_fedharmony.integrations.flower.wire import (
     weights_to_arrays,
     wire_name,
 )
-from lightning_fedharmony.orchestrator import (
-    FederationError,
-    FederationResult,
-    RoundRecord,
-    client_round_metrics,
-    derive_seed,
-    evaluate_weights,
-    named_pairs,
-    select_clients,
-)
+from lightning_fedharmony.orchestrator import FederationError, derive_seed, evaluate_weights, select_clients
 from lightning_fedharmony.protocol import ProtocolError, Update
+from lightning_fedharmony.results import FederationResult, RoundRecord, client_round_metrics, named_pairs
 
 
 class FedHarmonyStrategy(Strategy):
@@ -52,7 +44,7 @@ class FedHarmonyStrategy(Strategy):
     of :meth:`start` (see :func:`make_evaluate_fn`); no federated evaluation messages are sent.
 
     The history of the run, in the library's own form, is :attr:`result` (a
-    :class:`~lightning_fedharmony.orchestrator.FederationResult`, writable with ``to_json``/``to_csv``).
+    :class:`~lightning_fedharmony.results.FederationResult`, writable with ``to_json``/``to_csv``).
 
     Args:
         aggregator: the server strategy whose ``configure_round`` / ``aggregate_round`` do all the math.
