@@ -19,7 +19,8 @@ from lightning_fedharmony.aggregators.fedharmony import FedHarmony
 from lightning_fedharmony.checkpoint import CHECKPOINT_NAME
 from lightning_fedharmony.config import ConfigError, instantiate, to_yaml
 from lightning_fedharmony.data.federated import FederatedData, load_federated_data
-from lightning_fedharmony.orchestrator import Federation, FederationResult
+from lightning_fedharmony.orchestrator import Federation
+from lightning_fedharmony.results import FederationResult
 from lightning_fedharmony.transports.folder import FolderTransport
 
 log = logging.getLogger(__name__)

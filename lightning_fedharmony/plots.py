@@ -20,7 +20,7 @@ try:
 except ModuleNotFoundError as err:  # pragma: no cover - exercised only without the extra
     raise ModuleNotFoundError("Pictures need matplotlib. HINT: pip install 'lightning-fedharmony[plots]'.") from err
 
-from lightning_fedharmony.orchestrator import FederationResult
+from lightning_fedharmony.results import FederationResult
 
 
 def plot_curves(results: Mapping[str, FederationResult], metric: str, path: str | os.PathLike[str]) -> Path:

@@ -50,11 +50,13 @@ class ProtocolError(ValueError):
     Attributes:
         client_id: the client the message is for, or from.
         field: the field at fault (``weights.<name>``, ``stats.<name>``, a setting's name).
+        message: what is wrong with it.
     """
 
     def __init__(self, client_id: str, field: str, message: str) -> None:
         self.client_id = client_id
         self.field = field
+        self.message = message
         super().__init__(f"Client {client_id!r}, field `{field}`: {message}")
 
 
@@ -354,7 +356,9 @@ def _tensor_from(value: Any, client_id: str, name: str) -> Tensor:
     array = np.asarray(value)
     if array.dtype.kind not in "biuf":
         raise ProtocolError(client_id, name, f"expected a numeric or bool array, but got dtype {array.dtype}.")
-    return torch.from_numpy(np.ascontiguousarray(array).copy())
+    # np.array copies into C order and keeps 0-d entries (BatchNorm's `num_batches_tracked`) 0-d, where
+    # np.ascontiguousarray would make them 1-d
+    return torch.from_numpy(np.array(array, order="C"))
 
 
 def _scalar_from(value: Any, client_id: str, name: str, kind: type) -> Any:

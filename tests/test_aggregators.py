@@ -12,17 +12,8 @@ import torch.nn.functional as F
 from helpers.models import TinyMLP, make_loader, make_trainer, multilabel_data
 from torch import Tensor
 
-from lightning_fedharmony import (
-    ClientUpdate,
-    CorrelationStats,
-    FedAvg,
-    FedHarmony,
-    FedProx,
-    InconsistentClientUpdates,
-    load_model_weights,
-    model_weights,
-)
-from lightning_fedharmony.aggregators import validate_updates
+from lightning_fedharmony import CorrelationStats, FedAvg, FedHarmony, FedProx, load_model_weights, model_weights
+from lightning_fedharmony.aggregators import ClientUpdate, InconsistentClientUpdates, validate_updates
 from lightning_fedharmony.functional import (
     aggregation_weights,
     block_mask,

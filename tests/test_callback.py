@@ -18,7 +18,13 @@ from helpers.models import (
     multilabel_data,
 )
 
-from lightning_fedharmony import CorrelationExchange, CorrelationStats, DirectoryExchange, InMemoryExchange
+from lightning_fedharmony import (
+    CorrelationExchange,
+    CorrelationStats,
+    DirectoryExchange,
+    FederatedClient,
+    InMemoryExchange,
+)
 from lightning_fedharmony.stats import STATS_FIELDS
 
 STATE_KEY = "CorrelationExchange{'client_id': 'a'}"
@@ -214,3 +220,46 @@ model:
     cli.trainer.fit(cli.model, make_loader(x, y, batch_size=16))
     payload = DirectoryExchange(folder).read_stats("cli-client")
     assert payload is not None and payload.version == 1 and float(payload.stats.num_samples) == 32
+
+
+def test_lightning_cli_builds_the_client_callback_from_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``trainer.callbacks: [{class_path: lightning_fedharmony.FederatedClient, ...}]`` makes a LightningCLI run a
+    client of ``fedharmony serve``: the callback is built with the YAML's arguments (no fit, no server needed)."""
+    cli_module = pytest.importorskip("lightning.pytorch.cli")
+    monkeypatch.setattr(sys, "argv", ["fedharmony-client"])
+    root = tmp_path / "federation"
+    config = tmp_path / "client.yaml"
+    config.write_text(
+        f"""
+trainer:
+  accelerator: cpu
+  devices: 1
+  logger: false
+  enable_progress_bar: false
+  default_root_dir: {tmp_path}
+  callbacks:
+    - class_path: lightning_fedharmony.FederatedClient
+      init_args:
+        root: {root}
+        client_id: site-b
+        local_epochs: 3
+        poll_interval: 0.5
+        timeout: null
+        reset_optimizer: false
+        stats_noise_multiplier: 0.5
+        stats_clip: 2.0
+model:
+  num_labels: {NUM_LABELS}
+  hidden: 8
+"""
+    )
+    cli = cli_module.LightningCLI(TinyMLP, run=False, args=["--config", str(config)], save_config_callback=None)
+    (client,) = [c for c in cli.trainer.callbacks if isinstance(c, FederatedClient)]
+    assert (client.root, client.client_id, client.local_epochs) == (str(root), "site-b", 3)
+    assert (client.poll_interval, client.timeout, client.reset_optimizer) == (0.5, None, False)
+    assert (client.stats_noise_multiplier, client.stats_clip, client.min_label_rate) == (0.5, 2.0, 1e-3)
+    assert client.rounds_done == 0 and not client.stopped
+
+    config.write_text(config.read_text().replace("local_epochs: 3", "local_epochs: 0"))
+    with pytest.raises(ValueError, match=r"Expected argument `local_epochs` to be an int >= 1, but got 0"):
+        cli_module.LightningCLI(TinyMLP, run=False, args=["--config", str(config)], save_config_callback=None)

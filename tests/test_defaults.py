@@ -7,7 +7,8 @@ import torch
 from helpers.pinned import pinned_federation, weights_digest
 from torch import Tensor
 
-from lightning_fedharmony import ClientUpdate, CorrelationStats, FedAvg, FedHarmony, FedProx
+from lightning_fedharmony import CorrelationStats, FedAvg, FedHarmony, FedProx
+from lightning_fedharmony.aggregators import ClientUpdate
 from lightning_fedharmony.aggregators.fedharmony import PAPER_SETTINGS
 from lightning_fedharmony.functional import (
     auto_block_range,

@@ -14,8 +14,8 @@ import pytest
 import torch
 from helpers.models import random_preds
 
-from lightning_fedharmony import CorrelationStats, DirectoryExchange, Exchange, InMemoryExchange, PayloadError
-from lightning_fedharmony.exchange import FORMAT_VERSION, check_client_id, encode_stats, encode_teacher
+from lightning_fedharmony import CorrelationStats, DirectoryExchange, InMemoryExchange, PayloadError
+from lightning_fedharmony.exchange import FORMAT_VERSION, Exchange, check_client_id, encode_stats, encode_teacher
 from lightning_fedharmony.stats import STATS_FIELDS
 
 UNPICKLED: list[str] = []

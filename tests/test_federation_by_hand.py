@@ -16,14 +16,8 @@ import pytest
 import torch
 from helpers.models import TinyMLP, make_loader, make_trainer, paired_label_data
 
-from lightning_fedharmony import (
-    ClientUpdate,
-    CorrelationExchange,
-    DirectoryExchange,
-    FedHarmony,
-    load_model_weights,
-    model_weights,
-)
+from lightning_fedharmony import CorrelationExchange, DirectoryExchange, FedHarmony, load_model_weights, model_weights
+from lightning_fedharmony.aggregators import ClientUpdate
 
 CLIENTS = ("a", "b")
 NUM_SAMPLES = {"a": 384, "b": 128}

@@ -7,6 +7,7 @@ import contextlib
 import importlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -34,14 +35,17 @@ from flwr.app import (  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from lightning_fedharmony import FedAvg, FedHarmony, FedProx  # noqa: E402
-from lightning_fedharmony.aggregators import ClientUpdate, InconsistentClientUpdates  # noqa: E402
+from lightning_fedharmony.aggregators import ClientUpdate  # noqa: E402
 from lightning_fedharmony.data.datamodule import ClientDataModule  # noqa: E402
 from lightning_fedharmony.integrations.flower import (  # noqa: E402
     FedHarmonyStrategy,
     Key,
     arrays_to_weights,
+    instruction_from_records,
     make_client_app,
     make_evaluate_fn,
+    update_from_records,
+    update_to_records,
     weights_to_arrays,
 )
 from lightning_fedharmony.mixin import model_weights  # noqa: E402
@@ -54,6 +58,7 @@ from lightning_fedharmony.orchestrator import (  # noqa: E402
     select_clients,
     train_client,
 )
+from lightning_fedharmony.protocol import ProtocolError  # noqa: E402
 from lightning_fedharmony.stats import CorrelationStats  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -234,17 +239,17 @@ def test_statistics_travel_as_exact_float64_sums(task_identity: None) -> None:
 @pytest.mark.parametrize(
     ("drop", "overrides", "match"),
     [
-        (Key.ARRAYS, {}, r"Client '1', field `arrays`: expected an ArrayRecord `arrays`"),
-        (Key.METRICS, {}, r"Client '1', field `metrics`: expected a MetricRecord `metrics` with `num-examples`"),
+        (Key.ARRAYS, {}, r"Client '1', field `arrays`: expected `weights.<name>` entries, but got none"),
+        (Key.METRICS, {}, r"Client '1', field `metrics.num-examples`: expected an entry, but it is missing"),
         (None, {"metrics": MetricRecord({Key.NUM_EXAMPLES: 0})}, r"Client '1', field `metrics.num-examples`: .*got 0"),
         (None, {"metrics": MetricRecord({Key.NUM_EXAMPLES: 2.5})}, r"field `metrics.num-examples`: .*got 2.5"),
-        (Key.CLIENT, {}, r"Client '1', field `client`: expected a ConfigRecord `client` with a str `client-id`"),
+        (Key.CLIENT, {}, r"Client '1', field `client.client-id`: expected an entry, but it is missing"),
         (None, {"client": ConfigRecord({Key.CLIENT_ID: "0"})}, r"Client '1', field `client.client-id`: .*'0'"),
         (Key.STATS, {}, r"Client '1', field `stats`: expected an ArrayRecord `stats`.*HINT"),
         (
             None,
             {"stats": ArrayRecord({Key.STATS_FIELDS["num_samples"]: Array(torch.ones(()).double().numpy())})},
-            r"Client '1', field `stats`: expected entries .* are missing",
+            r"Client '1', field `stats.sum-preds`: expected an entry, but it is missing",
         ),
         (
             None,
@@ -253,7 +258,7 @@ def test_statistics_travel_as_exact_float64_sums(task_identity: None) -> None:
                     {Key.STATS_FIELDS[k]: Array(v.float().numpy()) for k, v in _stats(0).state_dict().items()}
                 )
             },
-            r"Client '1', field `stats.num-samples`: expected raw float64 sums",
+            r"Client '1', field `stats.num-samples`: expected float64, but got float32",
         ),
         (
             None,
@@ -269,9 +274,11 @@ def test_statistics_travel_as_exact_float64_sums(task_identity: None) -> None:
         ),
     ],
 )
-def test_malformed_replies_raise_naming_the_client(
+def test_malformed_replies_are_rejected_naming_the_client_and_the_field(
     task_identity: None, drop: str | None, overrides: dict[str, object], match: str
 ) -> None:
+    """A reply that is no valid update raises ProtocolError naming the client and the entry on Flower's wire; the
+    round records it as that client's failure, as ``fedharmony serve`` does."""
     grid = FakeGrid({10: 0, 11: 1})
     strategy = FedHarmonyStrategy(FedHarmony(), min_available_clients=2)
     strategy.aggregator.setup(1)
@@ -279,8 +286,45 @@ def test_malformed_replies_raise_naming_the_client(
     updates = _updates(["0", "1"], 1)
     good = _reply(messages[0], updates["0"])
     bad = _reply(messages[1], updates["1"], drop=drop, **overrides)
-    with pytest.raises(InconsistentClientUpdates, match=match):
-        strategy.aggregate_train(1, [good, bad])
+    with pytest.raises(ProtocolError, match=match) as info:
+        strategy.parse_reply(bad, "1")
+    assert (info.value.client_id, info.value.field) == ("1", re.search(r"field `([^`]+)`", match).group(1))  # type: ignore[union-attr]
+    strategy.aggregate_train(1, [good, bad])
+    assert strategy.result.final.client_weights == {"0": 1.0}
+    assert re.search(match, strategy.result.final.failures["1"])
+    assert strategy.result.final.failures["1"].startswith("rejected update: ")
+
+
+def test_a_second_reply_from_one_client_is_an_error(task_identity: None) -> None:
+    grid = FakeGrid({10: 0})
+    strategy = FedHarmonyStrategy(FedAvg(), min_available_clients=1)
+    strategy.aggregator.setup(1)
+    (msg,) = strategy.configure_train(1, weights_to_arrays(_weights(0)), ConfigRecord(), grid)  # type: ignore[arg-type]
+    reply = _reply(msg, ClientUpdate("0", _weights(1), 10))
+    with pytest.raises(ProtocolError, match=r"Client '0', field `client-id`: sent more than one reply this round"):
+        strategy.aggregate_train(1, [reply, reply])
+
+
+def test_instructions_travel_as_the_protocol_array_form(task_identity: None) -> None:
+    """Flower's records are the protocol's array form, regrouped: decoding gives back the same instruction."""
+    grid = FakeGrid({10: 0, 11: 1})
+    strategy = FedHarmonyStrategy(FedHarmony.paper(seed=0), min_available_clients=2, local_epochs=3, seed=5)
+    strategy.aggregator.setup(2)
+    _, _, (arrays, _) = _run_round(strategy, grid, 1, weights_to_arrays(_weights(0)))
+    for msg in strategy.configure_train(2, arrays, ConfigRecord({"user-entry": 1}), grid):  # type: ignore[arg-type]
+        cid = str(msg.content[Key.CONFIG][Key.CLIENT_ID])
+        decoded = instruction_from_records(msg.content, cid)
+        sent = strategy.aggregator.client_instructions(2, cid, arrays_to_weights(arrays))
+        assert decoded.local_epochs == 3 and decoded.server_round == 2 and decoded.seed == derive_seed(5, 2, int(cid))
+        assert decoded.collect_stats is True and decoded.alignment_weight == sent.alignment_weight
+        assert decoded.teacher is not None and sent.teacher is not None and torch.equal(decoded.teacher, sent.teacher)
+        assert msg.content[Key.CONFIG]["user-entry"] == 1  # the user's own entries travel along
+    weights = {**_weights(1), "num_batches_tracked": torch.tensor(3)}  # 0-d entries keep their shape
+    update = ClientUpdate("0", weights, 20, _stats(3), metrics={"train_loss": 0.25})
+    decoded_update = update_from_records(update_to_records(update), "0")
+    assert decoded_update.metrics == {"train_loss": 0.25} and decoded_update.num_samples == 20
+    assert all(torch.equal(decoded_update.weights[k], v) for k, v in weights.items())
+    assert set(update_to_records(update)) == {Key.ARRAYS, Key.STATS, Key.METRICS, Key.CLIENT}
 
 
 @pytest.mark.parametrize("min_clients", [1, 2])
@@ -306,7 +350,7 @@ def test_failed_clients_are_recorded_and_too_few_updates_end_the_round(task_iden
         assert torch.equal(tensor, updates["0"].weights[name])
     record = strategy.result.final
     assert record.client_weights == {"0": 1.0}
-    assert "out of memory" in record.failures["1"] and "non-finite" in record.failures["2"]
+    assert "out of memory" in record.failures["1"] and "NaN or inf" in record.failures["2"]
 
 
 # ---------------------------------------------------------------------------------------------- the ClientApp
@@ -376,6 +420,37 @@ def test_client_app_needs_a_partition_id_and_its_own_instructions(task_identity:
     context.state[Key.CLIENT_STATE] = ConfigRecord({Key.CLIENT_ID: "5", Key.ROUNDS_TRAINED: 1, Key.LAST_ROUND: 1})
     with pytest.raises(RuntimeError, match=r"Expected this node to stay client '5' for the whole run"):
         app(msg, context)
+
+
+@pytest.mark.parametrize(
+    ("entries", "match"),
+    [
+        ({Key.SEED: "seven"}, r"Client '0', field `config.seed`: expected a int, but got 'seven'"),
+        ({Key.CORR_EPS: -1.0}, r"Client '0', field `config.corr-eps`: expected a value > 0, but got -1.0"),
+        ({Key.LOCAL_EPOCHS: 0}, r"Client '0', field `config.local-epochs`: expected a value >= 1"),
+        ({Key.SERVER_ROUND: None}, r"Client '0', field `config.server-round`: expected an entry, but it is missing"),
+        ({Key.TEACHER: ArrayRecord({Key.TEACHER: Array(torch.zeros(4, 4).numpy())})}, r"field `teacher.mask`"),
+        ({Key.ARRAYS: ArrayRecord()}, r"Client '0', field `arrays`: expected `weights.<name>` entries"),
+        ({Key.CONFIG: None}, r"Client '0', field `config`: expected a ConfigRecord `config`.*HINT"),
+    ],
+)
+def test_client_app_rejects_a_malformed_instruction_naming_the_client_and_the_field(
+    task_identity: None, entries: dict[str, object], match: str
+) -> None:
+    strategy = FedHarmonyStrategy(FedAvg(), min_available_clients=1)
+    (msg,) = strategy.configure_train(1, weights_to_arrays(_weights(0)), ConfigRecord(), FakeGrid({7: 0}))  # type: ignore[arg-type]
+    for key, value in entries.items():
+        if key in (Key.TEACHER, Key.ARRAYS):
+            msg.content[key] = value  # type: ignore[assignment]
+        elif key == Key.CONFIG:
+            del msg.content[Key.CONFIG]
+        elif value is None:
+            del msg.content[Key.CONFIG][key]
+        else:
+            msg.content[Key.CONFIG][key] = value  # type: ignore[assignment]
+    with pytest.raises(ProtocolError, match=match) as info:
+        _tiny_client_app()(msg, _context({"partition-id": 0}))
+    assert info.value.client_id == "0"
 
 
 # ---------------------------------------------------------------------------------------------- parity with Federation

@@ -59,6 +59,14 @@ def test_update_round_trip():
     assert all(torch.equal(got.stats.state_dict()[k], v) for k, v in sent.stats.state_dict().items())
 
 
+def test_zero_dim_weights_keep_their_shape():
+    weights = {**_weights(), "num_batches_tracked": torch.tensor(3)}
+    got = Update.from_arrays(Update("3", weights, 20).to_arrays(), reference=weights)
+    assert got.weights["num_batches_tracked"].shape == () and int(got.weights["num_batches_tracked"]) == 3
+    instruction = Instruction.from_arrays(Instruction(weights=weights).to_arrays(), client_id="3")
+    assert instruction.weights["num_batches_tracked"].shape == ()
+
+
 @pytest.mark.parametrize(
     ("change", "field"),
     [

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from lightning_fedharmony import ClientUpdate, CorrelationStats, FedHarmony
+from lightning_fedharmony import CorrelationStats, FedHarmony
+from lightning_fedharmony.aggregators import ClientUpdate
 
 NUM_LABELS = 6
 
