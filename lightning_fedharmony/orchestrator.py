@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import logging
@@ -9,7 +10,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -49,6 +50,20 @@ from lightning_fedharmony.transports.base import Transport
 from lightning_fedharmony.transports.memory import InMemoryTransport
 
 log = logging.getLogger(__name__)
+
+
+class _ProgressHandler(logging.StreamHandler):
+    """Plain lines to ``stream``, or to whatever ``sys.stdout`` is when the line is written (pytest and notebooks
+    replace it)."""
+
+    def __init__(self, stream: TextIO | None) -> None:
+        super().__init__(stream or sys.stdout)
+        self._target = stream
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = self._target or sys.stdout
+        super().emit(record)
 
 
 class FederationError(RuntimeError):
@@ -105,8 +120,11 @@ class Federation:
         stats_clip: per-sample L2 bound of the prediction vectors in the statistics (``None``: ``sqrt(L)``).
         label_names: the ``L`` label names, to name the label pairs in :attr:`RoundRecord.client_pairs` (``None``:
             ``label_<i>``).
-        verbose: print one progress line per round.
-        stream: where progress lines go.
+        verbose: print one progress line per round (and the resume line) to ``stream``. The lines always go through
+            the ``logging`` logger of this module (level INFO); with ``verbose`` a plain handler prints them for the
+            length of :meth:`fit` (or of a :meth:`run_round` called alone) and keeps them from your own handlers, so
+            nothing prints twice; ``verbose=False`` leaves them to your logging configuration.
+        stream: where progress lines go (``None``: ``sys.stdout`` at the time of the line).
     """
 
     def __init__(
@@ -207,18 +225,40 @@ class Federation:
         self.label_names = None if label_names is None else list(label_names)
         self.result = FederationResult()
         self._last_gc, self._gc_seconds = 0.0, 0.0
+        self._printing = False
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> FederationResult:
         """Run every remaining round and return the history (resuming from ``checkpoint_dir`` when possible)."""
-        self.aggregator.setup(self.num_rounds, self.local_epochs)
-        if self.checkpoint_path is not None and self.checkpoint_path.exists() and not self.result.rounds:
-            self.restore(self.checkpoint_path)
-        start = len(self.result.rounds) + 1
-        for server_round in range(start, self.num_rounds + 1):
-            self.run_round(server_round)
-        self.transport.finish(self)
+        with self._progress_output():
+            self.aggregator.setup(self.num_rounds, self.local_epochs)
+            if self.checkpoint_path is not None and self.checkpoint_path.exists() and not self.result.rounds:
+                self.restore(self.checkpoint_path)
+            start = len(self.result.rounds) + 1
+            for server_round in range(start, self.num_rounds + 1):
+                self.run_round(server_round)
+            self.transport.finish(self)
         return self.result
+
+    @contextlib.contextmanager
+    def _progress_output(self) -> Iterator[None]:
+        """With ``verbose``, print this module's log lines plainly to ``stream`` (once, even when nested)."""
+        if not self.verbose or self._printing:
+            yield
+            return
+        handler = _ProgressHandler(self.stream)
+        propagate, level = log.propagate, log.level
+        log.addHandler(handler)
+        log.propagate = False
+        if log.getEffectiveLevel() > logging.INFO:
+            log.setLevel(logging.INFO)
+        self._printing = True
+        try:
+            yield
+        finally:
+            log.removeHandler(handler)
+            log.propagate, self._printing = propagate, False
+            log.setLevel(level)
 
     # ------------------------------------------------------------------ checkpoints
     def _fingerprint(self) -> dict[str, Any]:
@@ -266,12 +306,7 @@ class Federation:
     def restore(self, path: str | os.PathLike[str]) -> None:
         """Continue from a checkpoint written by :meth:`save`."""
         self.load_state_dict(load_checkpoint(path))
-        if self.verbose:
-            print(
-                f"resumed from {os.fspath(path)} after round {len(self.result.rounds)}",
-                file=self.stream or sys.stdout,
-                flush=True,
-            )
+        log.info("resumed from %s after round %d", os.fspath(path), len(self.result.rounds))
 
     def select_clients(self, server_round: int) -> list[str]:
         """The clients of a round: all, or a seeded sample of ``max(min_clients, ceil(fraction_fit * K))``."""
@@ -355,8 +390,8 @@ class Federation:
         self._collect_garbage()
         if self.checkpoint_path is not None:
             self.save()
-        if self.verbose:
-            self._print_progress(record)
+        with self._progress_output():
+            log.info("%s", self._progress_line(record))
         return record
 
     def complete_instructions(
@@ -408,7 +443,7 @@ class Federation:
         load_model_weights(module, self.global_weights)
         return module
 
-    def _print_progress(self, record: RoundRecord) -> None:
+    def _progress_line(self, record: RoundRecord) -> str:
         parts = [
             f"round {record.server_round:>3}/{self.num_rounds}",
             f"clients {len(record.clients) - len(record.failures)}/{len(record.clients)}",
@@ -420,7 +455,7 @@ class Federation:
         if "num_blocks" in record.server_metrics:
             parts.append(f"blocks {int(record.server_metrics['num_blocks'])}")
         parts.append(f"{record.seconds['total']:.2f}s")
-        print(" | ".join(parts), file=self.stream or sys.stdout, flush=True)
+        return " | ".join(parts)
 
 
 def select_clients(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import csv
 import io
+import logging
 import math
 
 import lightning.pytorch as pl
@@ -326,3 +327,20 @@ def test_clients_follow_the_servers_correlation_scale():
         model.fedharmony_configure(corr_normalization="spearman")
     with pytest.raises(ValueError, match=r"Expected argument `corr_eps` to be > 0, but got 0.0"):
         model.fedharmony_configure(corr_eps=0.0)
+
+
+def test_progress_lines_go_through_logging(caplog, capsys):
+    # verbose=False: the lines reach the user's logging configuration, nothing is printed
+    with caplog.at_level(logging.INFO, logger="lightning_fedharmony.orchestrator"):
+        federation(num_rounds=2, verbose=False).fit()
+    assert [r.getMessage().split(" | ")[0] for r in caplog.records] == ["round   1/2", "round   2/2"]
+    assert capsys.readouterr().out == ""
+    # verbose=True: printed once to stdout, not handed to the user's handlers as well, and the logger is left as found
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lightning_fedharmony.orchestrator"):
+        federation(num_rounds=2, verbose=True).fit()
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" | ")[0] for line in lines] == ["round   1/2", "round   2/2"]
+    assert caplog.records == []
+    logger = logging.getLogger("lightning_fedharmony.orchestrator")
+    assert logger.propagate and not any(type(h).__name__ == "_ProgressHandler" for h in logger.handlers)
