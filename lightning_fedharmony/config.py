@@ -5,15 +5,13 @@ Every error names the configuration key, the rule and the value in one line (:cl
 
 from __future__ import annotations
 
-import collections.abc
 import importlib
 import inspect
 import os
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -273,7 +271,8 @@ def instantiate(spec: Any, base: type, key: str, **injected: Any) -> Any:
 
 
 def check_arguments(cls: Any, arguments: typing.Mapping[str, Any], key: str) -> set[str]:
-    """Reject arguments that ``cls.__init__`` does not take or whose values do not fit its type hints.
+    """Reject arguments that ``cls.__init__`` does not take or whose values do not fit its type hints (checked by
+    jsonargparse, the parser behind LightningCLI, so a YAML that passes here passes there).
 
     Returns:
         The names ``cls.__init__`` accepts.
@@ -290,9 +289,10 @@ def check_arguments(cls: Any, arguments: typing.Mapping[str, Any], key: str) -> 
             raise ConfigError(f"{key}.{name}: not an argument of {cls.__name__}; expected one of {sorted(accepted)}.")
     hints = _type_hints(cls.__init__)
     for name, value in arguments.items():
-        if name in hints and not _matches(value, hints[name]):
+        if not _fits(cls, name, value, params):
             raise ConfigError(
-                f"{key}.{name}: expected {_type_name(hints[name])}, but got {value!r} ({type(value).__name__})."
+                f"{key}.{name}: expected {_type_name(hints.get(name, Any))}, but got {value!r}"
+                f" ({type(value).__name__})."
             )
     return accepted
 
@@ -314,40 +314,22 @@ def import_class(path: str, key: str) -> Any:
 def _type_hints(func: Any) -> dict[str, Any]:
     try:
         return typing.get_type_hints(func)
-    except Exception:  # unresolvable annotations: skip type checks rather than refuse the class
+    except Exception:  # unresolvable annotations: the message names the type as Any
         return {}
 
 
-def _matches(value: Any, hint: Any) -> bool:
-    """Whether a config value fits a type hint (plain types, Optional/Union, Literal, sequences, mappings)."""
-    if hint is Any or hint is inspect.Parameter.empty:
-        return True
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin is Union or origin is types.UnionType:
-        return any(_matches(value, arg) for arg in args)
-    if origin is Literal:
-        return value in args
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
-    sequence_types = (list, tuple, collections.abc.Sequence, collections.abc.Iterable)
-    if origin in sequence_types:
-        if not isinstance(value, (list, tuple)):  # a str is a Sequence, but never the sequence a config means
-            return False
-        item_hints = [a for a in args if a is not Ellipsis]
-        return all(_matches(v, item_hints[0]) for v in value) if len(item_hints) == 1 else True
-    if origin in (dict, collections.abc.Mapping):
-        return isinstance(value, dict)
-    if isinstance(hint, type):
-        return isinstance(value, (hint, dict, str))  # nested objects are built by the class
+def _fits(cls: Any, name: str, value: Any, params: typing.Mapping[str, inspect.Parameter]) -> bool:
+    """Whether ``value`` fits the type of ``cls``'s argument ``name``, as LightningCLI's parser (jsonargparse) sees
+    it."""
+    from jsonargparse import ArgumentError, ArgumentParser  # here: loading a configuration stays light
+
+    parser = ArgumentParser(exit_on_error=False)
+    others = {other for other in params if other not in ("self", name)}
+    parser.add_class_arguments(cls, skip=others, fail_untyped=False, sub_configs=False)
+    try:
+        parser.parse_object({name: value})
+    except ArgumentError:
+        return False
     return True
 
 
