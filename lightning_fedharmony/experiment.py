@@ -126,6 +126,7 @@ def run_methods(
             stats_noise_multiplier=fcfg.stats_noise_multiplier,
             stats_clip=fcfg.stats_clip,
             label_names=prepared.train.label_names,
+            num_threads=cfg.num_threads,
             verbose=verbose,
             stream=stream,
         )
@@ -193,6 +194,7 @@ def serve_method(
         client_timeout=fcfg.client_timeout,
         round_retries=fcfg.round_retries,
         label_names=prepared.train.label_names,
+        num_threads=cfg.num_threads,
         verbose=verbose,
         stream=stream,
     )

@@ -344,3 +344,25 @@ def test_progress_lines_go_through_logging(caplog, capsys):
     assert caplog.records == []
     logger = logging.getLogger("lightning_fedharmony.orchestrator")
     assert logger.propagate and not any(type(h).__name__ == "_ProgressHandler" for h in logger.handlers)
+
+
+def test_num_threads_while_the_federation_runs_then_put_back():
+    seen: list[int] = []
+
+    class Spy(FedAvg):
+        def client_weights(self, server_round, updates):
+            seen.append(torch.get_num_threads())
+            return super().client_weights(server_round, updates)
+
+    original = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        federation(aggregator=Spy(), num_rounds=2, num_threads=1).fit()
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+        seen.clear()
+        federation(aggregator=Spy(), num_rounds=1, num_threads=None).run_round(1)
+        assert seen == [2]
+    finally:
+        torch.set_num_threads(original)
+    with pytest.raises(ValueError, match=r"Expected argument `num_threads` to be an int >= 1, but got 0"):
+        federation(num_threads=0)
