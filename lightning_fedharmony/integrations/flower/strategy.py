@@ -27,9 +27,10 @@ from lightning_fedharmony.integrations.flower.wire import (
     weights_to_arrays,
     wire_name,
 )
-from lightning_fedharmony.orchestrator import FederationError, derive_seed, evaluate_weights, select_clients
+from lightning_fedharmony.orchestrator import FederationError
 from lightning_fedharmony.protocol import ProtocolError, Update
 from lightning_fedharmony.results import FederationResult, RoundRecord, client_round_metrics, named_pairs
+from lightning_fedharmony.rounds import derive_seed, evaluate_weights, select_clients
 
 
 class FedHarmonyStrategy(Strategy):
