@@ -307,12 +307,8 @@ class Federation:
         return {
             "fingerprint_version": FINGERPRINT_VERSION,
             **self.fingerprint_extra,
-            "clients": list(self.clients),
-            "client_samples": {cid: n for cid, n in samples.items() if isinstance(n, int) and not isinstance(n, bool)},
-            "model_class": f"{model_cls.__module__}.{model_cls.__qualname__}",
-            "model_hparams": _plain_items(dict(hparams)) if isinstance(hparams, Mapping) else {},
-            "aggregator": f"{aggregator_cls.__module__}.{aggregator_cls.__qualname__}",
-            "aggregator_args": _constructor_settings(self.aggregator),
+            # settings before what follows from them (the sample counts follow from the seed and the partition),
+            # so that the first difference named is the one the user changed
             "num_rounds": self.num_rounds,
             "local_epochs": self.local_epochs,
             "fraction_fit": self.fraction_fit,
@@ -321,6 +317,12 @@ class Federation:
             "seed": self.seed,
             "stats_noise_multiplier": self.stats_noise_multiplier,
             "stats_clip": self.stats_clip,
+            "aggregator": f"{aggregator_cls.__module__}.{aggregator_cls.__qualname__}",
+            "aggregator_args": _constructor_settings(self.aggregator),
+            "model_class": f"{model_cls.__module__}.{model_cls.__qualname__}",
+            "model_hparams": _plain_items(dict(hparams)) if isinstance(hparams, Mapping) else {},
+            "clients": list(self.clients),
+            "client_samples": {cid: n for cid, n in samples.items() if isinstance(n, int) and not isinstance(n, bool)},
         }
 
     def state_dict(self) -> dict[str, Any]:
