@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -15,8 +15,16 @@ CHECKPOINT_VERSION = 1
 CHECKPOINT_NAME = "federation.ckpt"
 
 
+#: What a user does about a checkpoint that cannot be used.
+CHECKPOINT_HINT = "HINT: delete it to start over, or use another `checkpoint_dir`."
+
+
 class CheckpointMismatchError(ValueError):
     """A checkpoint written by a federation with other settings than the one asked to resume from it."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be used: truncated, not a torch file, another layout, missing entries."""
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], object]) -> Path:
@@ -42,19 +50,44 @@ def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> Path
     return atomic_write(path, lambda handle: torch.save({"version": CHECKPOINT_VERSION, **state}, handle))
 
 
-def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike[str], keys: Sequence[str] = ()) -> dict[str, Any]:
     """Read a checkpoint with ``weights_only=True`` (nothing is unpickled beyond tensors and plain values).
 
+    Args:
+        path: the checkpoint file.
+        keys: entries the checkpoint must hold (besides ``version``).
+
     Raises:
-        RuntimeError: naming the file, if it cannot be read or has another layout version.
+        CheckpointError: naming the file and what is wrong with it, if it cannot be read (truncated, garbage, not a
+            torch file), has another layout version, or lacks one of ``keys``.
     """
+    where = os.fspath(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several unrelated types for a damaged file
-        raise RuntimeError(f"{os.fspath(path)}: not a readable federation checkpoint ({err}).") from None
+        raise CheckpointError(
+            f"{where}: expected a readable federation checkpoint, but {_load_failure(err)}. {CHECKPOINT_HINT}"
+        ) from None
     if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
-        version = state.get("version") if isinstance(state, dict) else None
-        raise RuntimeError(
-            f"{os.fspath(path)}: expected a federation checkpoint of version {CHECKPOINT_VERSION}, but got {version!r}."
+        version = state.get("version") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(
+            f"{where}: expected a federation checkpoint of version {CHECKPOINT_VERSION}, but got {version!r}."
+            f" {CHECKPOINT_HINT}"
+        )
+    missing = [key for key in keys if key not in state]
+    if missing:
+        raise CheckpointError(
+            f"{where}: expected a federation checkpoint with entries {list(keys)}, but {missing} are missing."
+            f" {CHECKPOINT_HINT}"
         )
     return state
+
+
+def _load_failure(err: Exception) -> str:
+    """One line on why ``torch.load`` failed; torch's own messages run over several paragraphs."""
+    text = " ".join(str(err).split())
+    marker = "WeightsUnpickler error:"
+    if marker in text:  # weights_only refused it: torch's advice to load with weights_only=False is not ours to give
+        detail = text.split(marker, 1)[1].split(". ")[0].strip().rstrip(".")
+        return f"it is not a torch file of tensors and plain values ({detail})"
+    return f"it is damaged or truncated ({text.split('. ')[0].rstrip('.') or type(err).__name__})"

@@ -24,7 +24,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from lightning_fedharmony.checkpoint import CheckpointMismatchError
+from lightning_fedharmony.checkpoint import CheckpointError, CheckpointMismatchError
 from lightning_fedharmony.config import ConfigError, load_config
 from lightning_fedharmony.drift import drift_summary, drift_table, label_drift
 from lightning_fedharmony.experiment import (
@@ -215,8 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"fedharmony: error: {err}", file=sys.stderr)
         return 2
-    except (ModuleNotFoundError, CheckpointMismatchError) as err:
-        print(f"fedharmony: error: {err}", file=sys.stderr)
+    except (ModuleNotFoundError, CheckpointMismatchError, CheckpointError) as err:
+        print(f"fedharmony: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     except FederationError as err:
         print(f"fedharmony: error: {' '.join(str(err).split())}", file=sys.stderr)

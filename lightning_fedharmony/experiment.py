@@ -85,6 +85,26 @@ def build_model(cfg: DictConfig, prepared: FederatedData) -> pl.LightningModule:
     )
 
 
+def run_fingerprint(cfg: DictConfig, method: str) -> dict[str, Any]:
+    """The configuration sections that decide a method's result, for the checkpoint's fingerprint.
+
+    The federation fingerprints its own settings (rounds, seed, ...); this adds the data, partition, model, the
+    method, the client Trainer overrides and the batch size, under the keys a user writes them with. Settings that
+    only say where or how fast things run (``out_dir``, ``plots``, ``checkpoint_dir``, ``client_timeout``,
+    ``round_retries``, ``num_threads``) are left out, so that changing them keeps a checkpoint usable.
+    """
+    sections = {
+        "data": cfg.data,
+        "partition": cfg.partition,
+        "model": cfg.model,
+        f"methods.{method}": cfg.methods[method],
+        "trainer": cfg.trainer,
+    }
+    extra = {key: OmegaConf.to_container(value, resolve=True) for key, value in sections.items()}
+    extra["federation.batch_size"] = cfg.federation.batch_size
+    return extra
+
+
 def run_methods(
     cfg: DictConfig,
     prepared: FederatedData | None = None,
@@ -126,6 +146,7 @@ def run_methods(
             stats_noise_multiplier=fcfg.stats_noise_multiplier,
             stats_clip=fcfg.stats_clip,
             label_names=prepared.train.label_names,
+            fingerprint_extra=run_fingerprint(cfg, name),
             num_threads=cfg.num_threads,
             verbose=verbose,
             stream=stream,
@@ -194,6 +215,7 @@ def serve_method(
         client_timeout=fcfg.client_timeout,
         round_retries=fcfg.round_retries,
         label_names=prepared.train.label_names,
+        fingerprint_extra=run_fingerprint(cfg, method),
         num_threads=cfg.num_threads,
         verbose=verbose,
         stream=stream,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import inspect
 import logging
 import os
 import sys
@@ -20,7 +21,9 @@ from torch.utils.data import DataLoader
 
 from lightning_fedharmony.aggregators.base import Aggregator
 from lightning_fedharmony.checkpoint import (
+    CHECKPOINT_HINT,
     CHECKPOINT_NAME,
+    CheckpointError,
     CheckpointMismatchError,
     load_checkpoint,
     save_checkpoint,
@@ -51,6 +54,13 @@ from lightning_fedharmony.transports.base import Transport
 from lightning_fedharmony.transports.memory import InMemoryTransport
 
 log = logging.getLogger(__name__)
+
+#: Layout of :meth:`Federation._fingerprint`; checkpoints with an older one cannot show which run wrote them.
+FINGERPRINT_VERSION = 2
+#: Entries a federation checkpoint must hold.
+_STATE_KEYS = ("server_round", "global_weights", "aggregator", "history", "fingerprint")
+#: Plain values that a fingerprint may hold (with lists and str-keyed dicts of them).
+_PLAIN = (type(None), bool, int, float, str)
 
 
 class _ProgressHandler(logging.StreamHandler):
@@ -116,6 +126,12 @@ class Federation:
         stats_clip: per-sample L2 bound of the prediction vectors in the statistics (``None``: ``sqrt(L)``).
         label_names: the ``L`` label names, to name the label pairs in :attr:`RoundRecord.client_pairs` (``None``:
             ``label_<i>``).
+        fingerprint_extra: what else decides this run's result, as plain values (str-keyed mappings, lists, str,
+            numbers, bool, None): e.g. the data, partition and model configuration (``fedharmony run`` passes its
+            ``data``, ``partition``, ``model``, ``methods.<name>``, ``trainer`` and ``federation.batch_size``
+            sections). It joins the checkpoint's fingerprint, which already holds the federation's settings, the
+            aggregator's constructor arguments, the model's class and hyperparameters and the clients' sample counts:
+            a checkpoint whose fingerprint differs in any entry is refused rather than resumed.
         num_threads: torch's intra-op threads while the federation runs (put back afterwards; ``None``: leave torch's
             setting). One thread by default: client models are small, and torch's default of one thread per core
             oversubscribes a machine that runs anything else (``examples/two_line_change/federate.py`` on 2 cores
@@ -148,6 +164,7 @@ class Federation:
         stats_noise_multiplier: float = 0.0,
         stats_clip: float | None = None,
         label_names: Sequence[str] | None = None,
+        fingerprint_extra: Mapping[str, Any] | None = None,
         num_threads: int | None = 1,
         verbose: bool = True,
         stream: TextIO | None = None,
@@ -224,6 +241,7 @@ class Federation:
         self.stats_noise_multiplier = stats_noise_multiplier
         self.stats_clip = stats_clip
         self.label_names = None if label_names is None else list(label_names)
+        self.fingerprint_extra = _check_fingerprint_extra(fingerprint_extra)
         self.result = FederationResult()
         self._last_gc, self._gc_seconds = 0.0, 0.0
         self._printing = False
@@ -277,13 +295,30 @@ class Federation:
 
     # ------------------------------------------------------------------ checkpoints
     def _fingerprint(self) -> dict[str, Any]:
+        """Everything known to decide the result: the caller's ``fingerprint_extra`` first (it names the settings
+        as the user wrote them), then what the federation sees itself."""
+        model_cls, aggregator_cls = type(self.model), type(self.aggregator)
+        hparams = getattr(self.model, "hparams", None)
+        samples = {cid: getattr(dm, "num_samples", None) for cid, dm in self.clients.items()}
         return {
-            "clients": list(self.clients),
-            "aggregator": f"{type(self.aggregator).__module__}.{type(self.aggregator).__qualname__}",
+            "fingerprint_version": FINGERPRINT_VERSION,
+            **self.fingerprint_extra,
+            # settings before what follows from them (the sample counts follow from the seed and the partition),
+            # so that the first difference named is the one the user changed
             "num_rounds": self.num_rounds,
             "local_epochs": self.local_epochs,
             "fraction_fit": self.fraction_fit,
+            "min_clients": self.min_clients,
+            "eval_every": self.eval_every,
             "seed": self.seed,
+            "stats_noise_multiplier": self.stats_noise_multiplier,
+            "stats_clip": self.stats_clip,
+            "aggregator": f"{aggregator_cls.__module__}.{aggregator_cls.__qualname__}",
+            "aggregator_args": _constructor_settings(self.aggregator),
+            "model_class": f"{model_cls.__module__}.{model_cls.__qualname__}",
+            "model_hparams": _plain_items(dict(hparams)) if isinstance(hparams, Mapping) else {},
+            "clients": list(self.clients),
+            "client_samples": {cid: n for cid, n in samples.items() if isinstance(n, int) and not isinstance(n, bool)},
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -297,14 +332,26 @@ class Federation:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned; the federation's settings must match the saved ones."""
-        saved = dict(state["fingerprint"])
-        current = self._fingerprint()
-        for key, value in current.items():
-            if saved.get(key) != value:
+        """Restore what :meth:`state_dict` returned; the federation's settings must match the saved ones.
+
+        Raises:
+            CheckpointMismatchError: naming the first setting (dotted key) whose saved value differs from the
+                current one, or if the checkpoint predates fingerprints of the whole run.
+        """
+        saved_fingerprint = state["fingerprint"]
+        if not isinstance(saved_fingerprint, Mapping) or "fingerprint_version" not in saved_fingerprint:
+            raise CheckpointMismatchError(
+                "Expected the checkpoint to record the data, partition, model and method settings of its run, but it"
+                " was written by an earlier version that recorded only the federation's, so it cannot show that it"
+                " belongs to this run. HINT: use a fresh `checkpoint_dir` (or delete this checkpoint) to start over."
+            )
+        saved, current = _flatten(saved_fingerprint), _flatten(self._fingerprint())
+        for key in [*current, *(k for k in saved if k not in current)]:
+            if saved.get(key, _ABSENT) != current.get(key, _ABSENT):
                 raise CheckpointMismatchError(
                     f"Expected the checkpoint to come from the same federation, but `{key}` differs: saved"
-                    f" {saved.get(key)!r}, now {value!r}. HINT: use another `checkpoint_dir` for another setup."
+                    f" {saved.get(key, _ABSENT)!r}, now {current.get(key, _ABSENT)!r}. HINT: use another"
+                    " `checkpoint_dir` for another setup."
                 )
         load_model_weights(self.model, state["global_weights"])
         self.global_weights = model_weights(self.model)
@@ -319,8 +366,25 @@ class Federation:
         return save_checkpoint(target, self.state_dict())
 
     def restore(self, path: str | os.PathLike[str]) -> None:
-        """Continue from a checkpoint written by :meth:`save`."""
-        self.load_state_dict(load_checkpoint(path))
+        """Continue from a checkpoint written by :meth:`save`.
+
+        Raises:
+            CheckpointError: the file cannot be read, or its content does not fit this federation's model or
+                aggregator (named, with a HINT).
+            CheckpointMismatchError: the checkpoint was written by another setup (names the setting and the file).
+        """
+        where = os.fspath(path)
+        state = load_checkpoint(path, _STATE_KEYS)
+        try:
+            self.load_state_dict(state)
+        except CheckpointMismatchError as err:
+            raise CheckpointMismatchError(f"{where}: {err}") from None
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+            reason = " ".join(f"{type(err).__name__}: {err}".split())
+            raise CheckpointError(
+                f"{where}: expected the checkpoint's content to fit this federation, but restoring it failed"
+                f" ({reason}). {CHECKPOINT_HINT}"
+            ) from None
         log.info("resumed from %s after round %d", os.fspath(path), len(self.result.rounds))
 
     def select_clients(self, server_round: int) -> list[str]:
@@ -480,3 +544,100 @@ class Federation:
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"Expected argument `{name}` to be an int >= {minimum}, but got {value!r}.")
+
+
+class _Absent:
+    """Stands for a fingerprint entry that one side lacks (``None`` is a value)."""
+
+    def __repr__(self) -> str:
+        return "<not recorded>"
+
+
+_ABSENT = _Absent()
+
+
+def _plain(value: Any, key: str) -> Any:
+    """``value`` as plain values (tuples become lists), or ``TypeError`` naming ``key``."""
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+        return {k: _plain(v, f"{key}.{k}") for k, v in value.items()}
+    raise TypeError(
+        f"Expected argument `fingerprint_extra` to hold plain values (str-keyed mappings, lists, str, numbers, bool,"
+        f" None), but `{key}` is {type(value).__name__}."
+    )
+
+
+def _plain_items(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``values`` that are plain values (others, e.g. tensors or modules, are left out)."""
+    kept = {}
+    for key, value in values.items():
+        with contextlib.suppress(TypeError):
+            kept[str(key)] = _plain(value, str(key))
+    return kept
+
+
+def _constructor_settings(obj: object) -> dict[str, Any]:
+    """The plain-valued attributes named like ``obj``'s constructor arguments: its settings, not its state."""
+    try:
+        parameters = inspect.signature(type(obj)).parameters
+    except (TypeError, ValueError):  # a signature Python cannot read (some builtins)
+        return {}
+    names = [
+        name
+        for name, p in parameters.items()
+        if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and not name.startswith("_") and hasattr(obj, name)
+    ]
+    return _plain_items({name: getattr(obj, name) for name in names})
+
+
+def _check_fingerprint_extra(extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    if extra is None:
+        return {}
+    if not isinstance(extra, Mapping):
+        raise TypeError(
+            f"Expected argument `fingerprint_extra` to be None or a mapping, but got {type(extra).__name__}."
+        )
+    plain = _plain(extra, "fingerprint_extra")
+    reserved = sorted(set(plain) & _RESERVED_KEYS)
+    if reserved:
+        raise ValueError(
+            f"Expected argument `fingerprint_extra` to leave the federation's own entries {sorted(_RESERVED_KEYS)} to"
+            f" it, but got {reserved}."
+        )
+    return plain
+
+
+_RESERVED_KEYS = frozenset(
+    {
+        "fingerprint_version",
+        "clients",
+        "client_samples",
+        "model_class",
+        "model_hparams",
+        "aggregator",
+        "aggregator_args",
+        "num_rounds",
+        "local_epochs",
+        "fraction_fit",
+        "min_clients",
+        "eval_every",
+        "seed",
+        "stats_noise_multiplier",
+        "stats_clip",
+    }
+)
+
+
+def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one mapping of dotted keys (``{"partition": {"alpha": 0.1}}`` -> ``partition.alpha``)."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = list(value) if isinstance(value, tuple) else value
+    return flat

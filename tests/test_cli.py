@@ -199,3 +199,54 @@ def test_run_ends_with_the_partitions_label_drift(first_run):
     assert "sample-weighted mean excess discrepancy" in lines[start + 2]
     assert lines[start + 4].startswith("FedHarmony's correlation terms are ")
     assert lines[start + 6].startswith("Results in ")
+
+
+# ---------------------------------------------------------------- resume that cannot be fooled
+RESUMABLE = ["run", "--methods", "fedharmony", "--quiet", *SMALL, "plots=false"]
+
+
+@pytest.fixture(scope="module")
+def checkpointed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished run's folder: its checkpoints in ``ck/`` and results in ``out/``."""
+    root = tmp_path_factory.mktemp("resume")
+    assert main([*RESUMABLE, f"federation.checkpoint_dir={root / 'ck'}", f"out_dir={root / 'out'}"]) == 0
+    return root
+
+
+def _copy(checkpointed: Path, tmp_path: Path) -> Path:
+    shutil.copytree(checkpointed / "ck", tmp_path / "ck")
+    return tmp_path / "ck"
+
+
+def test_same_command_resumes_the_finished_run(checkpointed, tmp_path, capsys):
+    ck = _copy(checkpointed, tmp_path)
+    argv = [*RESUMABLE, f"federation.checkpoint_dir={ck}", f"out_dir={tmp_path / 'out'}"]
+    assert main([a for a in argv if a != "--quiet"]) == 0
+    assert f"resumed from {ck / 'fedharmony' / 'federation.ckpt'} after round 2" in capsys.readouterr().out
+    assert _numbers(tmp_path / "out") == _numbers(checkpointed / "out")
+
+
+def test_checkpoint_of_another_partition_is_refused_in_one_line(checkpointed, tmp_path, capsys):
+    ck = _copy(checkpointed, tmp_path)
+    code = main([*RESUMABLE, "partition.alpha=0.5", f"federation.checkpoint_dir={ck}", f"out_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("fedharmony: error: ") and err.count("\n") == 1, err
+    assert "`partition.alpha` differs: saved 0.1, now 0.5" in err and "HINT:" in err
+    assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_damaged_checkpoint_is_one_line_with_a_hint(checkpointed, tmp_path, capsys, damage):
+    ck = _copy(checkpointed, tmp_path)
+    path = ck / "fedharmony" / "federation.ckpt"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3] if damage == "truncated" else b"garbage\x00" * 100)
+    code = main([*RESUMABLE, f"federation.checkpoint_dir={ck}", f"out_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert (
+        err.startswith(f"fedharmony: error: {path}: expected a readable federation checkpoint") and err.count("\n") == 1
+    ), err
+    assert "HINT: delete it to start over, or use another `checkpoint_dir`." in err
+    assert "Traceback" not in err

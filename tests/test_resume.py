@@ -1,0 +1,153 @@
+"""Resume that cannot be fooled: fingerprints of the whole run, and damaged checkpoints named with a HINT."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_fedharmony import FedAvg, FedHarmony
+from lightning_fedharmony.checkpoint import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    CheckpointMismatchError,
+    load_checkpoint,
+    save_checkpoint,
+)
+from lightning_fedharmony.data import ClientDataModule
+from lightning_fedharmony.models import MultilabelMLP
+from lightning_fedharmony.orchestrator import Federation
+
+
+def _clients(num: int = 2, n: int = 96) -> list[ClientDataModule]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 6, generator=generator)
+    y = (x @ torch.randn(6, 4, generator=generator) > 0.3).float()
+    return [ClientDataModule(x[i::num], y[i::num], batch_size=32) for i in range(num)]
+
+
+def _model(hidden: int = 8) -> MultilabelMLP:
+    torch.manual_seed(0)
+    return MultilabelMLP(6, 4, hidden=(hidden,))
+
+
+def _federation(tmp_path: Path, **kwargs) -> Federation:
+    args = {"model": _model(), "clients": _clients(), "aggregator": FedHarmony(), "num_rounds": 1}
+    args.update(kwargs)
+    return Federation(**args, checkpoint_dir=tmp_path, verbose=False)
+
+
+@pytest.fixture
+def finished(tmp_path: Path) -> Path:
+    """A checkpoint dir holding a finished one-round FedHarmony run with a `partition` fingerprint entry."""
+    _federation(tmp_path, fingerprint_extra={"partition": {"alpha": 0.1, "num_clients": 2}}).fit()
+    return tmp_path
+
+
+def test_same_setup_resumes_with_the_same_numbers(finished: Path) -> None:
+    first = load_checkpoint(finished / CHECKPOINT_NAME)["history"]["rounds"]
+    again = _federation(finished, fingerprint_extra={"partition": {"alpha": 0.1, "num_clients": 2}})
+    result = again.fit()
+    assert [r.metrics for r in result.rounds] == [r["metrics"] for r in first]
+
+
+def test_changed_aggregator_argument_is_refused(finished: Path) -> None:
+    other = _federation(
+        finished,
+        aggregator=FedHarmony(alignment_weight=0.5),
+        fingerprint_extra={"partition": {"alpha": 0.1, "num_clients": 2}},
+    )
+    with pytest.raises(
+        CheckpointMismatchError, match=r"federation\.ckpt: .*`aggregator_args\.alignment_weight` differs: saved 0\.03"
+    ):
+        other.fit()
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ({"fingerprint_extra": {"partition": {"alpha": 0.5, "num_clients": 2}}}, "partition.alpha"),
+        ({"fingerprint_extra": None}, "partition.alpha"),
+        ({"model": _model(hidden=16)}, "model_hparams.hidden"),
+        ({"clients": _clients(n=80)}, "client_samples.0"),
+        ({"eval_every": 2}, "eval_every"),
+        ({"stats_noise_multiplier": 0.5}, "stats_noise_multiplier"),
+    ],
+)
+def test_any_result_relevant_change_is_refused_naming_the_key(finished: Path, change: dict, key: str) -> None:
+    other = _federation(finished, **{"fingerprint_extra": {"partition": {"alpha": 0.1, "num_clients": 2}}, **change})
+    with pytest.raises(CheckpointMismatchError, match=rf"`{key}` differs: saved .*, now .*HINT: use another"):
+        other.fit()
+
+
+def test_checkpoint_of_an_earlier_version_is_refused_with_a_hint(finished: Path) -> None:
+    path = finished / CHECKPOINT_NAME
+    state = load_checkpoint(path)
+    state["fingerprint"] = {k: state["fingerprint"][k] for k in ("clients", "aggregator", "num_rounds", "seed")}
+    save_checkpoint(path, {k: v for k, v in state.items() if k != "version"})
+    other = _federation(finished, fingerprint_extra={"partition": {"alpha": 0.1, "num_clients": 2}})
+    with pytest.raises(CheckpointMismatchError, match=r"earlier version .* HINT: use a fresh `checkpoint_dir`"):
+        other.fit()
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _garbage(path: Path) -> None:
+    path.write_bytes(b"\x00not a checkpoint\xff" * 64)
+
+
+def _pickled_object(path: Path) -> None:
+    torch.save({"version": 1, "history": object()}, path)
+
+
+def _missing_keys(path: Path) -> None:
+    save_checkpoint(path, {"server_round": 1})
+
+
+def _other_version(path: Path) -> None:
+    torch.save({"version": 99}, path)
+
+
+@pytest.mark.parametrize(
+    ("damage", "what"),
+    [
+        (_truncate, "damaged or truncated"),
+        (_garbage, "expected a readable federation checkpoint, but it"),
+        (_pickled_object, "not a torch file of tensors and plain values"),
+        (_missing_keys, r"\['global_weights', 'aggregator', 'history', 'fingerprint'\] are missing"),
+        (_other_version, "of version 1, but got 99"),
+    ],
+)
+def test_damaged_checkpoint_is_one_library_error_naming_the_file(finished: Path, damage, what: str) -> None:
+    path = finished / CHECKPOINT_NAME
+    damage(path)
+    other = _federation(finished, fingerprint_extra={"partition": {"alpha": 0.1, "num_clients": 2}})
+    pattern = rf"^{re.escape(str(path))}: .*{what}.* HINT: delete it to start over"
+    with pytest.raises(CheckpointError, match=pattern) as err:
+        other.fit()
+    assert "\n" not in str(err.value)
+    assert isinstance(err.value, RuntimeError)
+
+
+def test_checkpoint_content_that_does_not_fit_is_a_checkpoint_error(finished: Path) -> None:
+    path = finished / CHECKPOINT_NAME
+    state = load_checkpoint(path)
+    state["history"] = {"rounds": "not a list"}
+    save_checkpoint(path, {k: v for k, v in state.items() if k != "version"})
+    other = _federation(finished, fingerprint_extra={"partition": {"alpha": 0.1, "num_clients": 2}})
+    with pytest.raises(CheckpointError, match=r"content to fit this federation, but restoring it failed .*HINT"):
+        other.fit()
+
+
+def test_fingerprint_extra_is_checked() -> None:
+    with pytest.raises(TypeError, match=r"`fingerprint_extra` to hold plain values .* `fingerprint_extra.x` is Tensor"):
+        Federation(_model(), _clients(), FedAvg(), fingerprint_extra={"x": torch.zeros(1)})
+    with pytest.raises(ValueError, match=r"leave the federation's own entries .* but got \['seed'\]"):
+        Federation(_model(), _clients(), FedAvg(), fingerprint_extra={"seed": 1})
+    with pytest.raises(TypeError, match="to be None or a mapping, but got list"):
+        Federation(_model(), _clients(), FedAvg(), fingerprint_extra=[1])  # type: ignore[arg-type]
