@@ -125,7 +125,10 @@ def compare_command(args: argparse.Namespace) -> dict[str, Any]:
     root = Path(cfg.out_dir)
     per_seed: dict[str, list[dict[str, float]]] = {}
     for seed in seeds:
-        seed_cfg = OmegaConf.merge(cfg, {"seed": seed, "out_dir": str(root / f"seed_{seed}")})
+        per_seed_dirs: dict[str, Any] = {"seed": seed, "out_dir": str(root / f"seed_{seed}")}
+        if cfg.federation.checkpoint_dir is not None:  # one checkpoint per seed: a seed must not resume another's
+            per_seed_dirs["federation"] = {"checkpoint_dir": str(Path(cfg.federation.checkpoint_dir) / f"seed_{seed}")}
+        seed_cfg = OmegaConf.merge(cfg, per_seed_dirs)
         print(f"==== seed {seed}", flush=True)
         prepared = prepare_data(seed_cfg)  # type: ignore[arg-type]
         federations = run_methods(seed_cfg, prepared, methods, verbose=not args.quiet)  # type: ignore[arg-type]

@@ -175,6 +175,18 @@ def test_compare_two_seeds_writes_mean_and_std(tmp_path, capsys):
     assert (tmp_path / "compare.md").read_text().startswith("| method (2 seeds) |")
 
 
+def test_compare_keeps_one_checkpoint_per_seed(tmp_path, capsys):
+    ckpt = tmp_path / "ck"
+    argv = ["compare", "--seeds", "0,1", "--methods", "fedavg", "--quiet", *SMALL, f"out_dir={tmp_path / 'out'}"]
+    argv += ["plots=false", f"federation.checkpoint_dir={ckpt}"]
+    assert main(argv) == 0  # the second seed does not meet the first seed's checkpoint
+    assert (ckpt / "seed_0" / "fedavg").is_dir() and (ckpt / "seed_1" / "fedavg").is_dir()
+    first = json.loads((tmp_path / "out" / "compare.json").read_text())["runs"]
+    capsys.readouterr()
+    assert main(argv) == 0  # the same command again resumes each seed from its own checkpoint
+    assert json.loads((tmp_path / "out" / "compare.json").read_text())["runs"] == first
+
+
 def test_console_script_entry_point(tmp_path):
     script = shutil.which("fedharmony", path=str(Path(sys.executable).parent))
     command = [script] if script else [sys.executable, "-m", "lightning_fedharmony.cli"]
