@@ -105,6 +105,28 @@ def run_fingerprint(cfg: DictConfig, method: str) -> dict[str, Any]:
     return extra
 
 
+def federation_settings(
+    cfg: DictConfig, prepared: FederatedData, method: str, verbose: bool, stream: TextIO | None
+) -> dict[str, Any]:
+    """The :class:`Federation` arguments a run configuration sets, the same for ``run``, ``compare`` and ``serve``."""
+    fcfg = cfg.federation
+    return {
+        "local_epochs": fcfg.local_epochs,
+        "fraction_fit": fcfg.fraction_fit,
+        "min_clients": fcfg.min_clients,
+        "seed": cfg.seed,
+        "eval_dataloader": prepared.test_loader(),
+        "eval_every": fcfg.eval_every,
+        "client_timeout": fcfg.client_timeout,
+        "round_retries": fcfg.round_retries,
+        "label_names": prepared.train.label_names,
+        "fingerprint_extra": run_fingerprint(cfg, method),
+        "num_threads": cfg.num_threads,
+        "verbose": verbose,
+        "stream": stream,
+    }
+
+
 def run_methods(
     cfg: DictConfig,
     prepared: FederatedData | None = None,
@@ -122,7 +144,6 @@ def run_methods(
     build_model(cfg, prepared)
     federations: dict[str, Federation] = {}
     clients = prepared.clients(cfg.federation.batch_size, cfg.seed)
-    test = prepared.test_loader()
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     fcfg = cfg.federation
     for name in names:
@@ -132,24 +153,12 @@ def run_methods(
             build_model(cfg, prepared),
             clients,
             aggregators[name],
-            cfg.federation.num_rounds,
-            local_epochs=cfg.federation.local_epochs,
-            fraction_fit=cfg.federation.fraction_fit,
-            min_clients=cfg.federation.min_clients,
-            seed=cfg.seed,
-            eval_dataloader=test,
-            eval_every=cfg.federation.eval_every,
+            fcfg.num_rounds,
             trainer_kwargs=trainer if isinstance(trainer, dict) else {},  # type: ignore[arg-type]
             checkpoint_dir=None if fcfg.checkpoint_dir is None else Path(fcfg.checkpoint_dir) / name,
-            client_timeout=fcfg.client_timeout,
-            round_retries=fcfg.round_retries,
             stats_noise_multiplier=fcfg.stats_noise_multiplier,
             stats_clip=fcfg.stats_clip,
-            label_names=prepared.train.label_names,
-            fingerprint_extra=run_fingerprint(cfg, name),
-            num_threads=cfg.num_threads,
-            verbose=verbose,
-            stream=stream,
+            **federation_settings(cfg, prepared, name, verbose, stream),
         )
         fed.fit()
         fed.result.config = {"method": name}  # its seconds are the rounds' own (`summarize`)
@@ -205,20 +214,9 @@ def serve_method(
         aggregator,
         fcfg.num_rounds,
         transport=transport,
-        local_epochs=fcfg.local_epochs,
-        fraction_fit=fcfg.fraction_fit,
-        min_clients=fcfg.min_clients,
-        seed=cfg.seed,
-        eval_dataloader=prepared.test_loader(),
-        eval_every=fcfg.eval_every,
         checkpoint_dir=checkpoint_dir,
-        client_timeout=fcfg.client_timeout,
-        round_retries=fcfg.round_retries,
-        label_names=prepared.train.label_names,
-        fingerprint_extra=run_fingerprint(cfg, method),
-        num_threads=cfg.num_threads,
-        verbose=verbose,
-        stream=stream,
+        # the clients noise their own statistics (`FederatedClient(stats_noise_multiplier=...)`)
+        **federation_settings(cfg, prepared, method, verbose, stream),
     )
     if verbose:
         print(
