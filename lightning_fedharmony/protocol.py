@@ -181,8 +181,12 @@ class Update:
     stats: CorrelationStats | None = None
     metrics: dict[str, float] = field(default_factory=dict)
 
-    def validate(self, reference: Mapping[str, Tensor] | None = None) -> None:
+    def validate(self, reference: Mapping[str, Tensor] | None = None, *, stats_values: bool = True) -> None:
         """Check every field, and the weights against ``reference`` (the global weights) when given.
+
+        ``stats_values=False`` checks the statistics' type only, not their ``L x L`` values: for a server step whose
+        runner already screened the update (:class:`~lightning_fedharmony.faults.UpdateCollector`), so that the
+        values are read once per round, not twice.
 
         Raises:
             ProtocolError: naming the client and the first field at fault.
@@ -199,10 +203,11 @@ class Update:
                 raise ProtocolError(
                     cid, "stats", f"expected CorrelationStats or None, but got {type(self.stats).__name__}."
                 )
-            try:
-                validate_stats_state(self.stats.state_dict())
-            except ValueError as err:
-                raise ProtocolError(cid, "stats", str(err)) from None
+            if stats_values:
+                try:
+                    validate_stats_state(self.stats.state_dict())
+                except ValueError as err:
+                    raise ProtocolError(cid, "stats", str(err)) from None
         for name, value in self.metrics.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ProtocolError(cid, f"metrics.{name}", f"expected a float, but got {value!r}.")

@@ -42,8 +42,11 @@ class AggregationResult:
     client_pairs: dict[str, list[tuple[int, int, float, float]]] = field(default_factory=dict)
 
 
-def validate_updates(updates: Sequence[ClientUpdate], reference: Mapping[str, Tensor] | None = None) -> None:
-    """Check that client updates agree with each other and with the reference (global) weights.
+def validate_updates(
+    updates: Sequence[ClientUpdate], reference: Mapping[str, Tensor] | None = None, *, stats_values: bool = True
+) -> None:
+    """Check that client updates agree with each other and with the reference (global) weights; with
+    ``stats_values=False`` the statistics' ``L x L`` values are left to the runner's screening.
 
     Raises:
         ValueError: if there is no update.
@@ -59,7 +62,7 @@ def validate_updates(updates: Sequence[ClientUpdate], reference: Mapping[str, Te
         if cid in seen:
             raise ProtocolError(cid, "client_id", "sent more than one update this round.")
         seen.add(cid)
-        update.validate(ref)
+        update.validate(ref, stats_values=stats_values)
         if update.stats is not None:
             if ref_labels is None:
                 ref_labels = update.stats.num_labels
@@ -108,9 +111,14 @@ class Aggregator(ABC):
         updates: Sequence[ClientUpdate],
         global_weights: Mapping[str, Tensor] | None = None,
     ) -> AggregationResult:
-        """Validate the updates, then combine them into new global weights."""
+        """Validate the updates, then combine them into new global weights.
+
+        The statistics' ``L x L`` values are not read again here: every runner screens each update as it arrives
+        (:class:`~lightning_fedharmony.faults.UpdateCollector`, with :func:`validate_updates`); call that yourself when
+        you feed updates from elsewhere.
+        """
         _check_round(server_round)
-        validate_updates(updates, global_weights)
+        validate_updates(updates, global_weights, stats_values=False)
         client_weights, metrics = self.client_weights(server_round, updates)
         client_metrics, client_pairs = self.client_report()
         return AggregationResult(
