@@ -3,16 +3,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import pytest
 import torch
+from helpers.benchmarks import load_benchmark
 from helpers.data import clustered_labels
 
 import lightning_fedharmony.drift as drift_module
@@ -219,12 +218,7 @@ def test_drift_command_errors_are_one_line(args, start, capsys):
 # ---------------------------------------------------------------------------- benchmarks/drift.py
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("drift_benchmark", ROOT / "benchmarks" / "drift.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("drift")
 
 
 def test_drift_benchmark_smoke(tmp_path, bench):
