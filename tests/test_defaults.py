@@ -198,8 +198,6 @@ def _block_consensus(num_labels: int, num_groups: int) -> Tensor:
 
 
 def test_auto_blocks_on_both_sides_of_the_crossover() -> None:
-    small = FedHarmony()
-    small._sums = None
     below = _block_consensus(BLOCK_KERNEL_MIN_LABELS - 56, 4)
     low, high = auto_block_range(below.shape[0])
     assert int(spectral_label_blocks(below, "auto", min_blocks=low, max_blocks=high).max()) + 1 == 1
@@ -213,7 +211,6 @@ def test_auto_blocks_on_both_sides_of_the_crossover() -> None:
 
 def test_auto_blocks_through_the_aggregator() -> None:
     for num_labels, expected in ((BLOCK_KERNEL_MIN_LABELS - 6, 1), (300, 12)):
-        corr = _block_consensus(num_labels, 12)
         aggregator = FedHarmony(t0=1)
         stats = []
         for seed in range(3):
@@ -225,7 +222,7 @@ def test_auto_blocks_through_the_aggregator() -> None:
             s.update(torch.sigmoid(logits), torch.ones(400, num_labels, dtype=torch.float64))
             stats.append(ClientUpdate(str(seed), {"w": torch.zeros(1)}, 400, s))
         result = aggregator.aggregate_round(1, stats)
-        assert result.metrics["num_blocks"] == expected, (num_labels, corr.shape)
+        assert result.metrics["num_blocks"] == expected, num_labels
 
 
 def test_proximal_mu_per_local_epoch() -> None:
