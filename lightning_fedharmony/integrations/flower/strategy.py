@@ -29,7 +29,7 @@ from lightning_fedharmony.integrations.flower.wire import (
 )
 from lightning_fedharmony.orchestrator import FederationError
 from lightning_fedharmony.protocol import ProtocolError, Update
-from lightning_fedharmony.results import FederationResult, RoundRecord, client_round_metrics, named_pairs
+from lightning_fedharmony.results import FederationResult, round_record
 from lightning_fedharmony.rounds import derive_seed, evaluate_weights, select_clients
 
 
@@ -319,23 +319,13 @@ class FedHarmonyStrategy(Strategy):
         t_end = time.perf_counter()
         train_loss = collected.train_loss
         self.result.rounds.append(
-            RoundRecord(
-                server_round=server_round,
-                clients=list(self._selected),
-                failures=failures,
-                client_weights=aggregated.client_weights,
-                train_loss=train_loss,
+            round_record(
+                server_round,
+                self._selected,
+                collected,
+                aggregated,
                 metrics={},
-                server_metrics=aggregated.metrics,
-                seconds={
-                    "clients": t_replies - self._round_started,
-                    "trainer_setup": collected.setup_seconds,
-                    "server": t_end - t_replies,
-                    "eval": 0.0,
-                    "total": t_end - self._round_started,
-                },
-                client_metrics=client_round_metrics(updates, aggregated.client_weights, aggregated.client_metrics),
-                client_pairs={cid: named_pairs(pairs) for cid, pairs in aggregated.client_pairs.items()},
+                times=(self._round_started, t_replies, t_end, t_end),
             )
         )
         metrics = MetricRecord(
