@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.processes import descendants
 
 flwr = pytest.importorskip("flwr")
 
@@ -32,7 +33,6 @@ from flwr.app import (  # noqa: E402
     MetricRecord,
     RecordDict,
 )
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from lightning_fedharmony import FedAvg, FedHarmony, FedProx  # noqa: E402
 from lightning_fedharmony.aggregators import ClientUpdate  # noqa: E402
@@ -68,14 +68,6 @@ NUM_LABELS = 4
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-@pytest.fixture
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Flower stamps new messages with the identity of the running task; outside a run there is none, so set one
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 0)
-
-
 class FakeGrid:
     """A Grid whose nodes answer the partition-id query; train messages are answered by the test."""
 
@@ -566,21 +558,6 @@ def _wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: flo
     pytest.fail(f"nothing listened on 127.0.0.1:{port} within {timeout}s:\n{log.read_text()[-3000:]}")
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every descendant of ``pid`` (Linux ``/proc``; elsewhere none, and process groups alone are stopped)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            children.setdefault(parent, []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 class FlowerProcesses:
     """A SuperLink (and SuperNodes) on 127.0.0.1, each in its own process group, stopped on exit."""
 
@@ -622,7 +599,7 @@ class FlowerProcesses:
         own = os.getpgrp()
         groups: list[int] = []
         for process, _ in reversed(self.processes):
-            for pid in [process.pid, *_descendants(process.pid)]:
+            for pid in [process.pid, *descendants(process.pid)]:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     group = os.getpgid(pid)
                     if group != own and group not in groups:
