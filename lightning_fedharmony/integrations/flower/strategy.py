@@ -289,7 +289,8 @@ class FedHarmonyStrategy(Strategy):
 
         def collect(attempt: int) -> UpdateCollector:
             messages = first if attempt == 0 else self.train_messages(server_round, attempt)
-            return self.collect_replies(server_round, grid.send_and_receive(messages, timeout=wait), waited=wait)
+            replies = grid.send_and_receive(messages, timeout=wait)
+            return self.collect_replies(server_round, replies, waited=self.client_timeout)
 
         where = "" if self.checkpoint_path is None else f" ({os.fspath(self.checkpoint_path)})"
         collected, attempts = collect_with_retries(
@@ -601,7 +602,7 @@ def make_evaluate_fn(module: pl.LightningModule, dataloader: DataLoader) -> Call
     return evaluate
 
 
-def _error_reason(reason: str) -> str:
+def _error_reason(reason: str | None) -> str:
     """A ClientApp's error on one line: the simulation engine wraps the exception's message in Ray's traceback."""
     text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(reason)).split())
     if _APP_MESSAGE in text:
