@@ -33,7 +33,7 @@ def main(grid: Grid, context: Context) -> None:
         client_timeout=float(config["client-timeout"]) or None,
         # the data, partition and model settings join the checkpoint's fingerprint: a checkpoint of another setup
         # is refused rather than resumed
-        fingerprint_extra={key: value for key, value in config.items() if key not in RUN_ONLY},
+        fingerprint_extra={"run_config": {key: value for key, value in config.items() if key not in RUN_ONLY}},
     )
     strategy.start(
         grid,
