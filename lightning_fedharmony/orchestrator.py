@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_fedharmony.aggregators.base import Aggregator
+from lightning_fedharmony.client_terms import ConsensusMemory
 from lightning_fedharmony.checkpoint import (
     CHECKPOINT_HINT,
     CHECKPOINT_NAME,
@@ -243,6 +244,9 @@ class Federation:
         self.label_names = None if label_names is None else list(label_names)
         self.fingerprint_extra = _check_fingerprint_extra(fingerprint_extra)
         self.result = FederationResult()
+        #: what the clients trained here keep of their terms in a sums-only server's consensus (FedHarmony
+        #: ``leave_one_out="client"``): client state, which lives here because the clients do
+        self.client_memory: dict[str, ConsensusMemory] = {}
         self._last_gc, self._gc_seconds = 0.0, 0.0
         self._printing = False
         if num_threads is not None:
@@ -329,6 +333,7 @@ class Federation:
             "aggregator": self.aggregator.state_dict(),
             "history": self.result.to_dict(),
             "fingerprint": self._fingerprint(),
+            "client_memory": {cid: m.state_dict() for cid, m in self.client_memory.items() if m.rounds()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -357,6 +362,10 @@ class Federation:
         self.global_weights = model_weights(self.model)
         self.aggregator.load_state_dict(state["aggregator"])
         self.result = FederationResult.from_dict(state["history"])
+        self.client_memory = {}
+        for cid, memory_state in state.get("client_memory", {}).items():
+            self.client_memory[cid] = ConsensusMemory()
+            self.client_memory[cid].load_state_dict(memory_state)
 
     def save(self, path: str | os.PathLike[str] | None = None) -> Path:
         """Write the federation's state atomically (default: ``checkpoint_dir``)."""
