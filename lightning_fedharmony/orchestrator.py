@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_fedharmony.aggregators.base import Aggregator
+from lightning_fedharmony.aggregators.base import Aggregator, RoundAggregation
 from lightning_fedharmony.client_terms import ConsensusMemory
 from lightning_fedharmony.checkpoint import (
     CHECKPOINT_HINT,
@@ -35,6 +35,7 @@ from lightning_fedharmony.client import (  # noqa: F401 - re-exported: their hom
     train_client,
 )
 from lightning_fedharmony.exchange import check_client_id
+from lightning_fedharmony.faults import UpdateCollector
 from lightning_fedharmony.mixin import FedHarmonyMixin, load_model_weights, model_weights
 from lightning_fedharmony.privacy import check_privacy_args
 from lightning_fedharmony.protocol import Instruction
@@ -248,6 +249,7 @@ class Federation:
         #: ``leave_one_out="client"``): client state, which lives here because the clients do
         self.client_memory: dict[str, ConsensusMemory] = {}
         self._last_gc, self._gc_seconds = 0.0, 0.0
+        self._aggregation: RoundAggregation | None = None
         self._printing = False
         if num_threads is not None:
             _check_int("num_threads", num_threads, 1)
@@ -422,6 +424,11 @@ class Federation:
         instructions = self.aggregator.configure_round(server_round, selected, self.global_weights)
         for attempt in range(self.round_retries + 1):
             sent = self.complete_instructions(server_round, instructions, attempt)
+            # a fresh aggregation per attempt: one given up leaves the aggregator as it was. An aggregator that
+            # overrides `aggregate_round` itself gets the round's updates in one list, as before rounds streamed.
+            self._aggregation = None
+            if type(self.aggregator).aggregate_round is Aggregator.aggregate_round:
+                self._aggregation = self.aggregator.begin_round(server_round, self.global_weights)
             collected = self.transport.collect(self, server_round, sent, attempt)
             if len(collected.updates) >= self.min_clients:
                 break
@@ -444,7 +451,11 @@ class Federation:
                 f"{where}"
             )
         t_clients = time.perf_counter()
-        aggregated = self.aggregator.aggregate_round(server_round, collected.updates, self.global_weights)
+        if self._aggregation is not None:
+            aggregated = self._aggregation.finish()
+        else:
+            aggregated = self.aggregator.aggregate_round(server_round, collected.updates, self.global_weights)
+        self._aggregation = None
         self.global_weights = aggregated.weights
         t_server = time.perf_counter()
         metrics: dict[str, float] = {}
@@ -508,6 +519,11 @@ class Federation:
             )
             complete[cid].validate(cid)
         return complete
+
+    def new_collector(self) -> UpdateCollector:
+        """The collector a transport screens this round's updates with: each usable one goes straight into the
+        round's aggregation (:meth:`~lightning_fedharmony.aggregators.Aggregator.begin_round`)."""
+        return UpdateCollector(self.global_weights, sink=self._aggregation)
 
     def _collect_garbage(self) -> None:
         # Every client fit leaves a Trainer behind in reference cycles, which Python's generational collector frees

@@ -340,3 +340,21 @@ def test_resume_after_sigkill_gives_bit_identical_weights_with_client_side_terms
         assert torch.equal(value, b["global_weights"][key]), key
     assert a["aggregator"]["member_ids"] == b["aggregator"]["member_ids"]
     assert torch.equal(a["aggregator"]["numerator"], b["aggregator"]["numerator"])
+
+
+def test_federation_streams_updates_and_records_a_refused_term_as_a_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    original = ConsensusMemory.complete
+
+    def complete(self, update, *args, **kwargs):
+        done = original(self, update, *args, **kwargs)
+        if update.client_id == "1" and done.term is not None:  # a client that weighs its own term wrongly
+            done.term.weight += 1.0
+        return done
+
+    monkeypatch.setattr(ConsensusMemory, "complete", complete)
+    federation = _federation(min_clients=2)
+    federation.aggregator.setup(3)
+    record = federation.run_round(1)
+    assert set(record.client_weights) == {"0", "2"}
+    assert record.failures["1"].startswith("rejected update: Client '1', field `term.weight`: expected")
+    assert federation.aggregator.state_dict()["member_ids"] == ["0", "2"]

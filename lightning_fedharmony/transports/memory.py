@@ -23,7 +23,7 @@ class InMemoryTransport(Transport):
         # here, not at the top: the client module uses the folder transport, and this package imports both
         from lightning_fedharmony.client import quiet_lightning, train_client
 
-        collected = UpdateCollector(federation.global_weights)
+        collected = federation.new_collector()
         with quiet_lightning():
             for cid, instruction in instructions.items():
                 try:
