@@ -17,7 +17,8 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_fedharmony.aggregators.base import Aggregator
+from lightning_fedharmony.aggregators.base import Aggregator, RoundAggregation
+from lightning_fedharmony.client_terms import ConsensusMemory
 from lightning_fedharmony.checkpoint import (
     CHECKPOINT_NAME,
     check_fingerprint,
@@ -240,7 +241,11 @@ class Federation:
         self.label_names = None if label_names is None else list(label_names)
         self.fingerprint_extra = check_fingerprint_extra(fingerprint_extra, _RESERVED_KEYS)
         self.result = FederationResult()
+        #: what the clients trained here keep of their terms in a sums-only server's consensus (FedHarmony
+        #: ``leave_one_out="client"``): client state, which lives here because the clients do
+        self.client_memory: dict[str, ConsensusMemory] = {}
         self._last_gc, self._gc_seconds = 0.0, 0.0
+        self._aggregation: RoundAggregation | None = None
         self._printing = False
         if num_threads is not None:
             _check_int("num_threads", num_threads, 1)
@@ -326,6 +331,7 @@ class Federation:
             "aggregator": self.aggregator.state_dict(),
             "history": self.result.to_dict(),
             "fingerprint": self._fingerprint(),
+            "client_memory": {cid: m.state_dict() for cid, m in self.client_memory.items() if m.rounds()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -340,6 +346,10 @@ class Federation:
         self.global_weights = model_weights(self.model)
         self.aggregator.load_state_dict(state["aggregator"])
         self.result = FederationResult.from_dict(state["history"])
+        self.client_memory = {}
+        for cid, memory_state in state.get("client_memory", {}).items():
+            self.client_memory[cid] = ConsensusMemory()
+            self.client_memory[cid].load_state_dict(memory_state)
 
     def save(self, path: str | os.PathLike[str] | None = None) -> Path:
         """Write the federation's state atomically (default: ``checkpoint_dir``)."""
@@ -386,6 +396,11 @@ class Federation:
 
         def collect(attempt: int) -> UpdateCollector:
             sent = self.complete_instructions(server_round, instructions, attempt)
+            # a fresh aggregation per attempt: one given up leaves the aggregator as it was. An aggregator that
+            # overrides `aggregate_round` itself gets the round's updates in one list, as before rounds streamed.
+            self._aggregation = None
+            if type(self.aggregator).aggregate_round is Aggregator.aggregate_round:
+                self._aggregation = self.aggregator.begin_round(server_round, self.global_weights)
             return self.transport.collect(self, server_round, sent, attempt)
 
         where = ""
@@ -401,7 +416,11 @@ class Federation:
             logger=log,
         )
         t_clients = time.perf_counter()
-        aggregated = self.aggregator.aggregate_round(server_round, collected.updates, self.global_weights)
+        if self._aggregation is not None:
+            aggregated = self._aggregation.finish()
+        else:
+            aggregated = self.aggregator.aggregate_round(server_round, collected.updates, self.global_weights)
+        self._aggregation = None
         self.global_weights = aggregated.weights
         t_server = time.perf_counter()
         metrics: dict[str, float] = {}
@@ -456,6 +475,11 @@ class Federation:
             )
             for cid, instruction in instructions.items()
         }
+
+    def new_collector(self) -> UpdateCollector:
+        """The collector a transport screens this round's updates with: each usable one goes straight into the
+        round's aggregation (:meth:`~lightning_fedharmony.aggregators.Aggregator.begin_round`)."""
+        return UpdateCollector(self.global_weights, sink=self._aggregation)
 
     def _collect_garbage(self) -> None:
         # Every client fit leaves a Trainer behind in reference cycles, which Python's generational collector frees

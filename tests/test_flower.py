@@ -400,6 +400,27 @@ def test_client_app_trains_like_federation_and_keeps_its_state_in_the_context(ta
     assert state[Key.CLIENT_ID] == "1" and state[Key.ROUNDS_TRAINED] == 1 and state[Key.LAST_ROUND] == 1
 
 
+def test_client_app_keeps_its_consensus_terms_in_the_context(task_identity: None) -> None:
+    """FedHarmony with ``leave_one_out="client"``: the node builds its teacher from the sums, replies with a term in
+    place of statistics, and finds its earlier term in ``Context.state`` the next round."""
+    app = _tiny_client_app()
+    context = _context({"partition-id": 1, "num-partitions": 2})
+    grid = FakeGrid({7: 1})
+    torch.manual_seed(0)
+    arrays = weights_to_arrays(model_weights(MultilabelMLP(3, NUM_LABELS, hidden=(8,))))
+    strategy = FedHarmonyStrategy(FedHarmony(leave_one_out="client"), min_available_clients=1, seed=3)
+    strategy.aggregator.setup(2)
+    for server_round in (1, 2):
+        (msg,) = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)  # type: ignore[arg-type]
+        assert Key.CONSENSUS in msg.content and Key.TEACHER not in msg.content
+        reply = app(msg, context)
+        update, _, _ = strategy.parse_reply(reply, "1")
+        assert update.stats is None and update.term is not None
+        assert update.term.replaced_round == server_round - 1 and update.term.scored == (server_round > 1)
+        arrays, _ = strategy.aggregate_train(server_round, [reply])
+        assert Key.CONSENSUS_MEMORY in context.state
+
+
 def test_client_app_needs_a_partition_id_and_its_own_instructions(task_identity: None) -> None:
     app = _tiny_client_app()
     strategy = FedHarmonyStrategy(FedAvg(), min_available_clients=1)

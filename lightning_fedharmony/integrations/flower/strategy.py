@@ -471,7 +471,7 @@ class FedHarmonyStrategy(Strategy):
             ProtocolError: naming the client and the record entry that is missing or malformed.
         """
         update = update_from_records(reply.content, client_id)
-        if self.collect_stats and update.stats is None:
+        if self.collect_stats and update.stats is None and update.term is None:
             raise ProtocolError(
                 client_id,
                 Key.STATS,

@@ -40,6 +40,8 @@ class Key:
     METRICS = "metrics"
     CLIENT = "client"
     STATS = "stats"
+    CONSENSUS = "consensus"
+    TERM = "term"
     # the envelope: which client a message is for (`config`) or from (`client`)
     CLIENT_ID = "client-id"
     # entries of `metrics` (client -> server)
@@ -49,6 +51,7 @@ class Key:
     # node configuration (simulation engine, `flower-supernode --node-config`) and client state
     PARTITION_ID = "partition-id"
     CLIENT_STATE = "fedharmony-client"
+    CONSENSUS_MEMORY = "fedharmony-consensus-memory"
     ROUNDS_TRAINED = "rounds-trained"
     LAST_ROUND = "last-round"
 
@@ -101,6 +104,7 @@ _INSTRUCTION_SLOTS = (
     _Slot("teacher", Key.TEACHER, Key.TEACHER),
     _Slot("mask", Key.TEACHER, Key.MASK),
     *(_Slot(name, Key.CONFIG, key) for name, key in Key.SETTINGS.items()),
+    _Slot("consensus.", Key.CONSENSUS),
 )
 _UPDATE_SLOTS = (
     _Slot("client_id", Key.CLIENT, Key.CLIENT_ID),
@@ -108,8 +112,9 @@ _UPDATE_SLOTS = (
     _Slot("weights.", Key.ARRAYS, kebab=False),
     _Slot("stats.", Key.STATS),
     _Slot("metrics.", Key.METRICS),
+    _Slot("term.", Key.TERM),
 )
-_ARRAY_RECORDS = (Key.ARRAYS, Key.TEACHER, Key.STATS)
+_ARRAY_RECORDS = (Key.ARRAYS, Key.TEACHER, Key.STATS, Key.CONSENSUS, Key.TERM)
 
 
 def _to_records(arrays: Mapping[str, np.ndarray], slots: tuple[_Slot, ...]) -> RecordDict:
