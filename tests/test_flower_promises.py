@@ -278,3 +278,10 @@ def test_metric_record_reports_the_attempts(task_identity: None) -> None:
     result = _strategy().start(TrainingGrid(3), _initial(), num_rounds=1)  # type: ignore[arg-type]
     assert isinstance(result.train_metrics_clientapp[1], MetricRecord)
     assert result.train_metrics_clientapp[1]["attempts"] == 1
+
+
+def test_resume_is_refused_for_an_aggregator_that_keeps_state_on_the_clients(tmp_path) -> None:
+    hint = r"FedHarmony\(leave_one_out=.client.\).*HINT: use FedHarmony\(leave_one_out=.server.\)"
+    with pytest.raises(ValueError, match=hint):
+        FedHarmonyStrategy(FedHarmony(leave_one_out="client"), checkpoint_dir=tmp_path)
+    assert FedHarmonyStrategy(FedHarmony(leave_one_out="client")).checkpoint_path is None

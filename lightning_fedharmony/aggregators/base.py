@@ -85,6 +85,9 @@ class Aggregator(ABC):
     requires_stats: bool = False
     #: whether clients' modules must use :class:`~lightning_fedharmony.FedHarmonyMixin` (teachers, proximal terms)
     requires_mixin: bool = False
+    #: whether the clients keep part of the aggregator's cross-round state (a runner that restarts its clients
+    #: afresh cannot resume it)
+    relies_on_client_state: bool = False
 
     def setup(self, num_rounds: int, local_epochs: int = 1) -> None:
         """Called once by the runner before round 1 with the planned rounds and each client's local epochs."""

@@ -289,6 +289,11 @@ class FedHarmony(Aggregator):
         return instructions
 
     @property
+    def relies_on_client_state(self) -> bool:  # type: ignore[override]
+        """With ``leave_one_out="client"`` each client keeps its own term in the sums."""
+        return self.leave_one_out == "client"
+
+    @property
     def client_proximal_mu(self) -> float:
         """The ``mu`` sent to the clients: ``proximal_mu``, divided by the local epochs under ``"epochs"`` scaling."""
         if self.proximal_scaling == "epochs":

@@ -154,6 +154,13 @@ class FedHarmonyStrategy(Strategy):
             raise ValueError(f"Expected argument `wait_timeout` to be > 0, but got {wait_timeout!r}.")
         if client_timeout is not None and not client_timeout > 0:
             raise ValueError(f"Expected argument `client_timeout` to be None or > 0, but got {client_timeout!r}.")
+        if checkpoint_dir is not None and aggregator.relies_on_client_state:
+            raise ValueError(
+                f"Expected an aggregator whose state the server holds alone with `checkpoint_dir`, but"
+                f" {type(aggregator).__name__} keeps part of it on the clients (FedHarmony(leave_one_out='client'): each"
+                " node's own term in the consensus sums), and a Flower run started again gives every node a fresh"
+                " state. HINT: use FedHarmony(leave_one_out='server') (the default) for Flower runs that resume."
+            )
         self.aggregator = aggregator
         self.fraction_fit = float(fraction_fit)
         self.min_clients = min_clients
