@@ -227,13 +227,15 @@ class WeightedModelSum:
 
     def __init__(self) -> None:
         self.sums: dict[str, Tensor] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
         self.total = 0.0
         self._top = -1.0
         self.integers: dict[str, Tensor] = {}
 
     def add(self, weights: Mapping[str, Tensor], scale: float) -> None:
         """Add ``scale * weights``."""
-        if not self.sums:
+        if not self.dtypes:
+            self.dtypes = {k: v.dtype for k, v in weights.items()}
             self.sums = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in weights.items() if _averaged(v)}
         for key, tensor in weights.items():
             if key in self.sums:

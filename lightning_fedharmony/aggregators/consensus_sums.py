@@ -252,17 +252,16 @@ class SumsRound(RoundAggregation):
         agg = self.aggregator
         n = torch.tensor([s.num_samples for s in self._scored], dtype=torch.float64)
         quality = torch.tensor([s.quality for s in self._scored], dtype=torch.float64)
-        reference = self.global_weights if self.global_weights is not None else self._by_samples.sums
         if agg.quality_aggregation and agg.quality_weighting == "product" and self._by_product.total > 0:
             weights = aggregation_weights(n, quality, self.server_round, agg._t0(), mode="product")
-            model = _mixed(self._by_product, 1.0, None, 0.0, reference)
+            model = _mixed(self._by_product, 1.0, None, 0.0)
         elif agg.quality_aggregation and agg.quality_weighting == "additive":
             alpha = balance_factor(self.server_round, agg._t0())
             weights = aggregation_weights(n, quality, self.server_round, agg._t0(), mode="additive")
-            model = _mixed(self._by_samples, alpha, self._by_quality, 1.0 - alpha, reference)
+            model = _mixed(self._by_samples, alpha, self._by_quality, 1.0 - alpha)
         else:  # sample weights (also when every quality underflowed to 0)
             weights = n / n.sum()
-            model = _mixed(self._by_samples, 1.0, None, 0.0, reference)
+            model = _mixed(self._by_samples, 1.0, None, 0.0)
         numerator = self._numerator if self._numerator is not None else torch.zeros(0, 0, dtype=torch.float64)
         denominator = self._denominator if self._denominator is not None else torch.zeros_like(numerator)
         self._commit(numerator, denominator)
@@ -311,19 +310,18 @@ class SumsRound(RoundAggregation):
         sums.cluster_ids = torch.zeros(sums.numerator.shape[0], dtype=torch.int64)
 
 
-def _mixed(
-    first: WeightedModelSum, a: float, second: WeightedModelSum | None, b: float, like: Mapping[str, Tensor]
-) -> dict[str, Tensor]:
-    """``a S_1 / sum_1 + b S_2 / sum_2`` (a zero coefficient drops its sum)."""
+def _mixed(first: WeightedModelSum, a: float, second: WeightedModelSum | None, b: float) -> dict[str, Tensor]:
+    """``a S_1 / sum_1 + b S_2 / sum_2`` in the clients' dtypes (a zero coefficient drops its sum); integer entries
+    come from the state dict with the largest weight in ``S_1``."""
     out: dict[str, Tensor] = {}
-    for key, reference in like.items():
+    for key, dtype in first.dtypes.items():
         if key not in first.sums:
             out[key] = first.integers[key]
             continue
         value = first.sums[key] * (a / first.total)
         if second is not None and b > 0 and second.total > 0:
             value.add_(second.sums[key], alpha=b / second.total)
-        out[key] = value.to(reference.dtype)
+        out[key] = value.to(dtype)
     return out
 
 

@@ -20,6 +20,7 @@ from lightning_fedharmony.aggregators.base import (
     ClientUpdate,
     InconsistentClientUpdates,
     RoundAggregation,
+    _check_round,
     sample_weights,
 )
 from lightning_fedharmony.aggregators.consensus_sums import ConsensusSums, SumsRound
@@ -344,7 +345,7 @@ class FedHarmony(Aggregator):
         if self.leave_one_out == "client":
             if self.quality_aggregation:
                 self._t0()  # fail before any update is taken
-            super().begin_round(server_round, global_weights)  # checks the round
+            _check_round(server_round)
             return SumsRound(self, self._consensus_sums, server_round, global_weights)
         return super().begin_round(server_round, global_weights)
 
