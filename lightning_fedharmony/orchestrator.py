@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -45,6 +46,8 @@ from lightning_fedharmony.results import (  # noqa: F401 - re-exported: their ho
     named_pairs,
 )
 from lightning_fedharmony.rounds import (
+    check_client_sampling,
+    check_client_sizes,
     client_val_loader,
     derive_seed,
     evaluate_weights,
@@ -59,6 +62,8 @@ log = logging.getLogger(__name__)
 FINGERPRINT_VERSION = 2
 #: Entries a federation checkpoint must hold.
 _STATE_KEYS = ("server_round", "global_weights", "aggregator", "history", "fingerprint")
+#: Fingerprint entries added since checkpoints of this layout were first written: one without them ran with these.
+_FINGERPRINT_DEFAULTS = {"client_sampling": "uniform"}
 #: Plain values that a fingerprint may hold (with lists and str-keyed dicts of them).
 _PLAIN = (type(None), bool, int, float, str)
 
@@ -94,7 +99,10 @@ class Federation:
     aggregator's scores of it in :attr:`RoundRecord.client_metrics`.
 
     One module instance serves every client in turn (weights are loaded before each fit), so memory does not grow
-    with the number of clients. The module's ``forward(x)`` must return logits ``(N, L)``.
+    with the number of clients. A round's work grows with the clients it selects, not with the registered ones: the
+    client order, indices and sizes are read once, here, so a population of 10,000 clients with 1% per round costs
+    what its 100 fits cost (``benchmarks/memory.py --population``). The module's ``forward(x)`` must return logits
+    ``(N, L)``.
 
     Args:
         model: the LightningModule to federate (mix in :class:`~lightning_fedharmony.FedHarmonyMixin` for FedProx
@@ -110,6 +118,12 @@ class Federation:
         local_epochs: epochs each selected client trains per round.
         fraction_fit: share of clients selected per round.
         min_clients: fewest clients selected, and fewest usable updates for a round to count.
+        client_sampling: how a round's clients are drawn when not all train: ``"uniform"`` (each equally likely) or
+            ``"size"`` (in proportion to their data size, without replacement, as in the paper's FLAIR setting; see
+            :func:`~lightning_fedharmony.rounds.select_clients`). Seeded by ``seed`` and the round either way, and
+            the same rule as the Flower strategy's.
+        client_sizes: client id -> data size for ``client_sampling="size"`` (default: each datamodule's
+            ``num_samples``); needed with a remote ``transport``, whose clients' datamodules live elsewhere.
         seed: seeds client selection and each client's training (``torch.manual_seed`` per fit).
         eval_dataloader: held-out data ``(x, y)`` batches for the global model; ``None`` skips evaluation.
         eval_every: evaluate every this many rounds (and always after the last).
@@ -154,6 +168,8 @@ class Federation:
         local_epochs: int = 1,
         fraction_fit: float = 1.0,
         min_clients: int = 1,
+        client_sampling: str = "uniform",
+        client_sizes: Mapping[str, int] | None = None,
         seed: int = 0,
         eval_dataloader: DataLoader | None = None,
         eval_every: int = 1,
@@ -227,6 +243,17 @@ class Federation:
         self.local_epochs = local_epochs
         self.fraction_fit = fraction_fit
         self.min_clients = min_clients
+        self.client_sampling = check_client_sampling(client_sampling)
+        # read once: a round then touches only the clients it selects (10,000 registered, 100 per round)
+        self._client_ids = list(self.clients)
+        self._client_index = {cid: i for i, cid in enumerate(self._client_ids)}
+        self._client_samples = {
+            cid: n
+            for cid, n in ((cid, getattr(dm, "num_samples", None)) for cid, dm in self.clients.items())
+            if isinstance(n, int) and not isinstance(n, bool)
+        }
+        self.client_sizes = None if client_sizes is None else dict(client_sizes)
+        self._sizes = self._sampling_sizes() if client_sampling == "size" else None
         self.seed = seed
         self.eval_dataloader = eval_dataloader
         self.eval_every = eval_every
@@ -248,6 +275,18 @@ class Federation:
         if num_threads is not None:
             _check_int("num_threads", num_threads, 1)
         self.num_threads = num_threads
+
+    def _sampling_sizes(self) -> np.ndarray:
+        """The clients' data sizes in client order, for ``client_sampling="size"``."""
+        sizes = self._client_samples if self.client_sizes is None else self.client_sizes
+        missing = [cid for cid in self._client_ids if cid not in sizes]
+        if missing:
+            raise ValueError(
+                f"Expected a data size for every client with `client_sampling='size'`, but client {missing[0]!r} has"
+                " none. HINT: give each client a datamodule with `num_samples`, or pass `client_sizes` (client id ->"
+                " data size), as a remote transport requires."
+            )
+        return check_client_sizes([sizes[cid] for cid in self._client_ids], len(self._client_ids))
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> FederationResult:
@@ -299,7 +338,6 @@ class Federation:
         as the user wrote them), then what the federation sees itself."""
         model_cls, aggregator_cls = type(self.model), type(self.aggregator)
         hparams = getattr(self.model, "hparams", None)
-        samples = {cid: getattr(dm, "num_samples", None) for cid, dm in self.clients.items()}
         return {
             "fingerprint_version": FINGERPRINT_VERSION,
             **self.fingerprint_extra,
@@ -309,6 +347,7 @@ class Federation:
             "local_epochs": self.local_epochs,
             "fraction_fit": self.fraction_fit,
             "min_clients": self.min_clients,
+            "client_sampling": self.client_sampling,
             "eval_every": self.eval_every,
             "seed": self.seed,
             "stats_noise_multiplier": self.stats_noise_multiplier,
@@ -317,8 +356,9 @@ class Federation:
             "aggregator_args": _constructor_settings(self.aggregator),
             "model_class": f"{model_cls.__module__}.{model_cls.__qualname__}",
             "model_hparams": _plain_items(dict(hparams)) if isinstance(hparams, Mapping) else {},
-            "clients": list(self.clients),
-            "client_samples": {cid: n for cid, n in samples.items() if isinstance(n, int) and not isinstance(n, bool)},
+            "clients": self._client_ids,
+            "client_samples": self._client_samples,
+            **({} if self.client_sizes is None else {"client_sizes": self.client_sizes}),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -345,7 +385,8 @@ class Federation:
                 " was written by an earlier version that recorded only the federation's, so it cannot show that it"
                 " belongs to this run. HINT: use a fresh `checkpoint_dir` (or delete this checkpoint) to start over."
             )
-        saved, current = _flatten(saved_fingerprint), _flatten(self._fingerprint())
+        saved = {**_FINGERPRINT_DEFAULTS, **_flatten(saved_fingerprint)}
+        current = _flatten(self._fingerprint())
         for key in [*current, *(k for k in saved if k not in current)]:
             if saved.get(key, _ABSENT) != current.get(key, _ABSENT):
                 raise CheckpointMismatchError(
@@ -388,13 +429,16 @@ class Federation:
         log.info("resumed from %s after round %d", os.fspath(path), len(self.result.rounds))
 
     def select_clients(self, server_round: int) -> list[str]:
-        """The clients of a round: all, or a seeded sample of ``max(min_clients, ceil(fraction_fit * K))``."""
+        """The clients of a round: all, or a seeded sample of ``max(min_clients, ceil(fraction_fit * K))``, uniform
+        or in proportion to the clients' sizes (``client_sampling``)."""
         return select_clients(
-            list(self.clients),
+            self._client_ids,
             server_round,
             fraction_fit=self.fraction_fit,
             min_clients=self.min_clients,
             seed=self.seed,
+            client_sampling=self.client_sampling,
+            sizes=self._sizes,
         )
 
     def run_round(self, server_round: int) -> RoundRecord:
@@ -486,7 +530,7 @@ class Federation:
         Raises:
             ProtocolError: an instruction with a malformed field (names the client and the field).
         """
-        index = {cid: i for i, cid in enumerate(self.clients)}
+        index = self._client_index
         complete = {}
         for cid, instruction in instructions.items():
             seed_parts = (self.seed, server_round, index[cid]) + ((attempt,) if attempt else ())
@@ -623,6 +667,8 @@ _RESERVED_KEYS = frozenset(
         "local_epochs",
         "fraction_fit",
         "min_clients",
+        "client_sampling",
+        "client_sizes",
         "eval_every",
         "seed",
         "stats_noise_multiplier",

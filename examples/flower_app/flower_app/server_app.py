@@ -24,6 +24,7 @@ def main(grid: Grid, context: Context) -> None:
         min_available_clients=int(config["min-available-clients"]),
         local_epochs=int(config["local-epochs"]),
         seed=int(config["seed"]),
+        client_sampling=str(config.get("client-sampling", "uniform")),
     )
     strategy.start(
         grid,
