@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -13,6 +14,8 @@ import torch
 #: Layout version of federation checkpoints; a reader rejects any other.
 CHECKPOINT_VERSION = 1
 CHECKPOINT_NAME = "federation.ckpt"
+#: The per-client part of a federation's history, one JSON line per round, next to :data:`CHECKPOINT_NAME`.
+CLIENT_LOG_NAME = "federation.clients.jsonl"
 
 
 #: What a user does about a checkpoint that cannot be used.
@@ -91,3 +94,53 @@ def _load_failure(err: Exception) -> str:
         detail = text.split(marker, 1)[1].split(". ")[0].strip().rstrip(".")
         return f"it is not a torch file of tensors and plain values ({detail})"
     return f"it is damaged or truncated ({text.split('. ')[0].rstrip('.') or type(err).__name__})"
+
+
+def append_client_log(
+    path: str | os.PathLike[str], server_round: int, detail: dict[str, Any], *, fresh: bool = False
+) -> None:
+    """Append one round's per-client history to the log at ``path`` (``fresh``: start a new log), durably.
+
+    A checkpoint then writes the bulk of what grows with rounds x clients once instead of at every round. The line
+    is synced before the checkpoint that counts the round replaces the previous one, so a checkpoint never counts a
+    round its log lacks; the log may hold one round more, which :func:`read_client_log` drops.
+    """
+    line = json.dumps({"server_round": server_round, **detail}, separators=(",", ":"))
+    with open(path, "w" if fresh else "a", encoding="utf-8") as handle:
+        handle.write(line + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_client_log(path: str | os.PathLike[str], server_rounds: Sequence[int]) -> list[dict[str, Any]]:
+    """The first ``len(server_rounds)`` lines of the log that :func:`append_client_log` wrote, one per round of
+    ``server_rounds``; later lines (a round whose checkpoint was never written) are cut from the file, so that the
+    next append follows the last round counted.
+
+    Raises:
+        CheckpointError: if the log is missing or unreadable, or a line does not hold the expected round.
+    """
+    where = os.fspath(path)
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise CheckpointError(
+            f"{where}: expected the per-client history that the checkpoint next to it refers to, but it cannot be"
+            f" read ({type(err).__name__}). {CHECKPOINT_HINT}"
+        ) from None
+    entries: list[dict[str, Any]] = []
+    for number, expected in enumerate(server_rounds):
+        try:
+            entry = json.loads(lines[number])
+        except (IndexError, json.JSONDecodeError):
+            entry = None
+        if not isinstance(entry, dict) or entry.get("server_round") != expected:
+            raise CheckpointError(
+                f"{where}: expected line {number + 1} to hold round {expected} of the per-client history, but it"
+                f" does not. {CHECKPOINT_HINT}"
+            )
+        entries.append(entry)
+    if len(lines) > len(entries):
+        kept = "".join(f"{line}\n" for line in lines[: len(entries)]).encode()
+        atomic_write(path, lambda handle: handle.write(kept))
+    return entries

@@ -24,9 +24,12 @@ from lightning_fedharmony.aggregators.base import Aggregator
 from lightning_fedharmony.checkpoint import (
     CHECKPOINT_HINT,
     CHECKPOINT_NAME,
+    CLIENT_LOG_NAME,
     CheckpointError,
     CheckpointMismatchError,
+    append_client_log,
     load_checkpoint,
+    read_client_log,
     save_checkpoint,
 )
 from lightning_fedharmony.client import (  # noqa: F401 - re-exported: their home was here
@@ -39,6 +42,7 @@ from lightning_fedharmony.mixin import FedHarmonyMixin, load_model_weights, mode
 from lightning_fedharmony.privacy import check_privacy_args
 from lightning_fedharmony.protocol import Instruction
 from lightning_fedharmony.results import (  # noqa: F401 - re-exported: their home was here
+    CLIENT_FIELDS,
     FederationResult,
     RoundRecord,
     client_round_metrics,
@@ -361,15 +365,18 @@ class Federation:
             **({} if self.client_sizes is None else {"client_sizes": self.client_sizes}),
         }
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue after the last finished round (tensors and plain values only)."""
-        return {
+    def state_dict(self, *, history: bool = True) -> dict[str, Any]:
+        """Everything needed to continue after the last finished round (tensors and plain values only); without
+        ``history``, all but the history."""
+        state = {
             "server_round": len(self.result.rounds),
             "global_weights": self.global_weights,
             "aggregator": self.aggregator.state_dict(),
-            "history": self.result.to_dict(),
             "fingerprint": self._fingerprint(),
         }
+        if history:
+            state["history"] = self.result.to_dict()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned; the federation's settings must match the saved ones.
@@ -406,6 +413,21 @@ class Federation:
             raise ValueError("Expected a path or a `checkpoint_dir` to save the federation to, but got neither.")
         return save_checkpoint(target, self.state_dict())
 
+    def _save_round(self, record: RoundRecord) -> None:
+        """The checkpoint after a round: the round's per-client detail (:data:`CLIENT_FIELDS`, the bulk of what the
+        history gains per round x client) is appended to a log next to it (:data:`CLIENT_LOG_NAME`), the rest is
+        rewritten."""
+        path = self.checkpoint_path
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        detail = {name: getattr(record, name) for name in CLIENT_FIELDS}
+        append_client_log(
+            path.parent / CLIENT_LOG_NAME, record.server_round, detail, fresh=len(self.result.rounds) == 1
+        )
+        history = {**self.result.to_dict(client_fields=False), "client_log": CLIENT_LOG_NAME}
+        save_checkpoint(path, {**self.state_dict(history=False), "history": history})
+
     def restore(self, path: str | os.PathLike[str]) -> None:
         """Continue from a checkpoint written by :meth:`save`.
 
@@ -417,6 +439,15 @@ class Federation:
         where = os.fspath(path)
         state = load_checkpoint(path, _STATE_KEYS)
         try:
+            history = state["history"]
+            if isinstance(history, Mapping) and history.get("client_log") == CLIENT_LOG_NAME:
+                # a per-round checkpoint: the rounds' per-client fields are in the log next to it
+                rounds = history["rounds"]
+                detail = read_client_log(Path(path).parent / CLIENT_LOG_NAME, [r["server_round"] for r in rounds])
+                state["history"] = {
+                    **history,
+                    "rounds": [{**r, **{k: d[k] for k in CLIENT_FIELDS if k in d}} for r, d in zip(rounds, detail)],
+                }
             self.load_state_dict(state)
         except CheckpointMismatchError as err:
             raise CheckpointMismatchError(f"{where}: {err}") from None
@@ -516,7 +547,7 @@ class Federation:
         self.result.rounds.append(record)
         self._collect_garbage()
         if self.checkpoint_path is not None:
-            self.save()
+            self._save_round(record)
         with self._progress_output():
             log.info("%s", self._progress_line(record))
         return record

@@ -72,6 +72,11 @@ class RoundRecord:
         return cls(**fields)
 
 
+#: The per-client detail of a :class:`RoundRecord` (scores and label pairs of each trained client): the bulk of what a
+#: history gains per round x client (who trained and their weights stay with the round's summary).
+CLIENT_FIELDS = ("client_metrics", "client_pairs")
+
+
 @dataclass
 class FederationResult:
     """Per-round history of a federation, writable as JSON and CSV."""
@@ -99,10 +104,15 @@ class FederationResult:
         """``(round, value)`` for every round evaluated with ``metric``."""
         return [(r.server_round, r.metrics[metric]) for r in self.rounds if metric in r.metrics]
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, *, client_fields: bool = True) -> dict[str, Any]:
         """The history as plain values (a copy: what :func:`dataclasses.asdict` gives, several times faster on the
-        per-client records of long runs with many clients, which every checkpoint writes)."""
-        return {"config": _copy_plain(self.config), "rounds": [_record_dict(r) for r in self.rounds]}
+        per-client records of long runs with many clients); without ``client_fields``, the rounds leave out
+        :data:`CLIENT_FIELDS`."""
+        names = _RECORD_FIELDS if client_fields else tuple(n for n in _RECORD_FIELDS if n not in CLIENT_FIELDS)
+        return {
+            "config": _copy_plain(self.config),
+            "rounds": [{name: _copy_plain(getattr(r, name)) for name in names} for r in self.rounds],
+        }
 
     def to_json(self, path: str | os.PathLike[str]) -> None:
         """Write the whole history as strict JSON (a NaN, such as a loss never logged, becomes ``null``)."""
@@ -167,10 +177,6 @@ class FederationResult:
 
 
 _RECORD_FIELDS = tuple(f.name for f in fields(RoundRecord))
-
-
-def _record_dict(record: RoundRecord) -> dict[str, Any]:
-    return {name: _copy_plain(getattr(record, name)) for name in _RECORD_FIELDS}
 
 
 def _copy_plain(value: Any) -> Any:

@@ -1,4 +1,5 @@
-"""Client populations: uniform or size-proportional client sampling, and 10,000 registered clients per federation."""
+"""Client populations: uniform or size-proportional client sampling, 10,000 registered clients per federation, and
+per-round checkpoints that do not rewrite every past round's per-client detail."""
 
 from __future__ import annotations
 
@@ -10,13 +11,20 @@ import pytest
 import torch
 from helpers.models import NUM_FEATURES, NUM_LABELS, TinyMLP
 
-from lightning_fedharmony import FedAvg
-from lightning_fedharmony.checkpoint import CheckpointMismatchError
+from lightning_fedharmony import FedAvg, FedHarmony
+from lightning_fedharmony.checkpoint import (
+    CHECKPOINT_NAME,
+    CLIENT_LOG_NAME,
+    CheckpointError,
+    CheckpointMismatchError,
+    load_checkpoint,
+)
 from lightning_fedharmony.data import ClientDataModule
 from lightning_fedharmony.data.datamodule import client_datamodules
 from lightning_fedharmony.data.loaders import MultilabelDataset
 from lightning_fedharmony.data.partition import label_set_dirichlet
 from lightning_fedharmony.orchestrator import Federation
+from lightning_fedharmony.results import CLIENT_FIELDS
 from lightning_fedharmony.rounds import select_clients, size_proportional_sample
 from lightning_fedharmony.transports.base import Transport
 
@@ -173,3 +181,54 @@ def test_a_population_of_10000_clients_builds_and_runs_a_round_quickly() -> None
     assert len(record.clients) == 100 and not record.failures
     assert set(record.client_weights) == set(record.clients)
     assert finished - started < 10.0, f"build {built - started:.1f} s, round {finished - built:.1f} s"
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def _checkpointed(tmp_path: Path, num_rounds: int) -> Federation:
+    torch.manual_seed(0)
+    return Federation(
+        TinyMLP(),
+        _clients((6, 9, 12, 7)),
+        FedHarmony(),
+        num_rounds,
+        fraction_fit=0.5,
+        client_sampling="size",
+        checkpoint_dir=tmp_path,
+        verbose=False,
+    )
+
+
+def test_per_round_checkpoints_keep_the_per_client_history_in_an_append_only_log(tmp_path: Path) -> None:
+    finished = _checkpointed(tmp_path, 3)
+    finished.fit()
+    saved = load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    # the checkpoint no longer rewrites every past round's per-client detail
+    assert saved["history"]["client_log"] == CLIENT_LOG_NAME
+    assert all(not set(CLIENT_FIELDS) & set(r) for r in saved["history"]["rounds"])
+    assert len((tmp_path / CLIENT_LOG_NAME).read_text().splitlines()) == 3
+    resumed = _checkpointed(tmp_path, 3)
+    resumed.restore(tmp_path / CHECKPOINT_NAME)
+    assert resumed.result.to_dict() == finished.result.to_dict()
+    assert resumed.result.rounds[-1].client_metrics and resumed.result.rounds[-1].client_pairs
+
+
+def test_a_round_logged_but_not_checkpointed_is_dropped_on_resume(tmp_path: Path) -> None:
+    first = _checkpointed(tmp_path, 2)
+    first.aggregator.setup(2)
+    first.run_round(1)
+    first.run_round(2)
+    whole = first.result.to_dict()
+    # a crash after round 3's log line and before its checkpoint: the log holds one round more
+    log = tmp_path / CLIENT_LOG_NAME
+    log.write_text(log.read_text() + '{"server_round":3,"clients":[]}\n')
+    resumed = _checkpointed(tmp_path, 2)
+    resumed.restore(tmp_path / CHECKPOINT_NAME)
+    assert resumed.result.to_dict() == whole
+    assert len(log.read_text().splitlines()) == 2  # cut back, so the next round's line follows round 2's
+
+
+def test_a_missing_client_log_is_a_checkpoint_error(tmp_path: Path) -> None:
+    _checkpointed(tmp_path, 1).fit()
+    (tmp_path / CLIENT_LOG_NAME).unlink()
+    with pytest.raises(CheckpointError, match=r"federation\.clients\.jsonl: expected the per-client history.*HINT"):
+        _checkpointed(tmp_path, 1).fit()
