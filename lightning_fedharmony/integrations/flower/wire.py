@@ -40,6 +40,8 @@ class Key:
     METRICS = "metrics"
     CLIENT = "client"
     STATS = "stats"
+    CONSENSUS = "consensus"
+    TERM = "term"
     # the envelope: which client a message is for (`config`) or from (`client`)
     CLIENT_ID = "client-id"
     # entries of `metrics` (client -> server)
@@ -51,6 +53,7 @@ class Key:
     # the partition-id query: the server asks for the node's data size too (client sampling by size)
     REPORT_NUM_EXAMPLES = "report-num-examples"
     CLIENT_STATE = "fedharmony-client"
+    CONSENSUS_MEMORY = "fedharmony-consensus-memory"
     ROUNDS_TRAINED = "rounds-trained"
     LAST_ROUND = "last-round"
 
@@ -103,6 +106,7 @@ _INSTRUCTION_SLOTS = (
     _Slot("teacher", Key.TEACHER, Key.TEACHER),
     _Slot("mask", Key.TEACHER, Key.MASK),
     *(_Slot(name, Key.CONFIG, key) for name, key in Key.SETTINGS.items()),
+    _Slot("consensus.", Key.CONSENSUS),
 )
 _UPDATE_SLOTS = (
     _Slot("client_id", Key.CLIENT, Key.CLIENT_ID),
@@ -110,8 +114,9 @@ _UPDATE_SLOTS = (
     _Slot("weights.", Key.ARRAYS, kebab=False),
     _Slot("stats.", Key.STATS),
     _Slot("metrics.", Key.METRICS),
+    _Slot("term.", Key.TERM),
 )
-_ARRAY_RECORDS = (Key.ARRAYS, Key.TEACHER, Key.STATS)
+_ARRAY_RECORDS = (Key.ARRAYS, Key.TEACHER, Key.STATS, Key.CONSENSUS, Key.TERM)
 
 
 def _to_records(arrays: Mapping[str, np.ndarray], slots: tuple[_Slot, ...]) -> RecordDict:
