@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -19,6 +20,8 @@ CHECKPOINT_NAME = "federation.ckpt"
 STATE_KEYS = ("server_round", "global_weights", "aggregator", "history", "fingerprint")
 #: Plain values that a fingerprint may hold (with lists and str-keyed dicts of them).
 _PLAIN = (type(None), bool, int, float, str)
+#: The per-client part of a federation's history, one JSON line per round, next to :data:`CHECKPOINT_NAME`.
+CLIENT_LOG_NAME = "federation.clients.jsonl"
 
 
 #: What a user does about a checkpoint that cannot be used.
@@ -99,6 +102,56 @@ def _load_failure(err: Exception) -> str:
     return f"it is damaged or truncated ({text.split('. ')[0].rstrip('.') or type(err).__name__})"
 
 
+def append_client_log(
+    path: str | os.PathLike[str], server_round: int, detail: dict[str, Any], *, fresh: bool = False
+) -> None:
+    """Append one round's per-client history to the log at ``path`` (``fresh``: start a new log), durably.
+
+    A checkpoint then writes the bulk of what grows with rounds x clients once instead of at every round. The line
+    is synced before the checkpoint that counts the round replaces the previous one, so a checkpoint never counts a
+    round its log lacks; the log may hold one round more, which :func:`read_client_log` drops.
+    """
+    line = json.dumps({"server_round": server_round, **detail}, separators=(",", ":"))
+    with open(path, "w" if fresh else "a", encoding="utf-8") as handle:
+        handle.write(line + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_client_log(path: str | os.PathLike[str], server_rounds: Sequence[int]) -> list[dict[str, Any]]:
+    """The first ``len(server_rounds)`` lines of the log that :func:`append_client_log` wrote, one per round of
+    ``server_rounds``; later lines (a round whose checkpoint was never written) are cut from the file, so that the
+    next append follows the last round counted.
+
+    Raises:
+        CheckpointError: if the log is missing or unreadable, or a line does not hold the expected round.
+    """
+    where = os.fspath(path)
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as err:
+        raise CheckpointError(
+            f"{where}: expected the per-client history that the checkpoint next to it refers to, but it cannot be"
+            f" read ({type(err).__name__}). {CHECKPOINT_HINT}"
+        ) from None
+    entries: list[dict[str, Any]] = []
+    for number, expected in enumerate(server_rounds):
+        try:
+            entry = json.loads(lines[number])
+        except (IndexError, json.JSONDecodeError):
+            entry = None
+        if not isinstance(entry, dict) or entry.get("server_round") != expected:
+            raise CheckpointError(
+                f"{where}: expected line {number + 1} to hold round {expected} of the per-client history, but it"
+                f" does not. {CHECKPOINT_HINT}"
+            )
+        entries.append(entry)
+    if len(lines) > len(entries):
+        kept = "".join(f"{line}\n" for line in lines[: len(entries)]).encode()
+        atomic_write(path, lambda handle: handle.write(kept))
+    return entries
+
+
 def restore_checkpoint(path: str | os.PathLike[str], load_state_dict: Callable[[Mapping[str, Any]], None]) -> None:
     """Read the checkpoint at ``path`` and hand it to ``load_state_dict`` (a runner's), with one-line errors.
 
@@ -110,6 +163,13 @@ def restore_checkpoint(path: str | os.PathLike[str], load_state_dict: Callable[[
     where = os.fspath(path)
     state = load_checkpoint(path, STATE_KEYS)
     try:
+        history = state["history"]
+        if isinstance(history, Mapping) and history.get("client_log") == CLIENT_LOG_NAME:
+            # a per-round checkpoint: the rounds' per-client detail is in the log next to it
+            rounds = history["rounds"]
+            detail = read_client_log(Path(path).parent / CLIENT_LOG_NAME, [r["server_round"] for r in rounds])
+            merged = [{**r, **{k: v for k, v in d.items() if k != "server_round"}} for r, d in zip(rounds, detail)]
+            state["history"] = {**history, "rounds": merged}
         load_state_dict(state)
     except CheckpointMismatchError as err:
         raise CheckpointMismatchError(f"{where}: {err}") from None
@@ -135,7 +195,7 @@ def check_fingerprint(saved_fingerprint: Any, current: Mapping[str, Any]) -> Non
             " was written by an earlier version that recorded only the federation's, so it cannot show that it"
             " belongs to this run. HINT: use a fresh `checkpoint_dir` (or delete this checkpoint) to start over."
         )
-    saved, now = flatten(saved_fingerprint), flatten(current)
+    saved, now = {**_FINGERPRINT_DEFAULTS, **flatten(saved_fingerprint)}, flatten(current)
     for key in [*now, *(k for k in saved if k not in now)]:
         if saved.get(key, _ABSENT) != now.get(key, _ABSENT):
             raise CheckpointMismatchError(
@@ -143,6 +203,10 @@ def check_fingerprint(saved_fingerprint: Any, current: Mapping[str, Any]) -> Non
                 f" {saved.get(key, _ABSENT)!r}, now {now.get(key, _ABSENT)!r}. HINT: use another"
                 " `checkpoint_dir` for another setup."
             )
+
+
+#: Fingerprint entries added since checkpoints of this layout were first written: one without them ran with these.
+_FINGERPRINT_DEFAULTS = {"client_sampling": "uniform"}
 
 
 class _Absent:

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lightning_fedharmony.aggregators.fedharmony import PAPER_SETTINGS
+from lightning_fedharmony.rounds import CLIENT_SAMPLING
 
 PARTITIONS = ("dirichlet", "kmeans", "masking", "iid")
 
@@ -80,6 +81,7 @@ class FederationConfig:
             resumes after the last finished round. ``None``: no checkpoints.
         client_timeout: seconds a client may train per round before it counts as failed (``None``: no limit).
         round_retries: retries of a round that got fewer than ``min_clients`` usable updates.
+        client_sampling: ``"uniform"`` or ``"size"`` (clients drawn in proportion to their data size).
         stats_noise_multiplier: Gaussian noise on the clients' exported statistics (0 = off).
         stats_clip: per-sample L2 bound of the statistics' prediction vectors (``None``: ``sqrt(L)``).
     """
@@ -88,6 +90,7 @@ class FederationConfig:
     local_epochs: int = 1
     fraction_fit: float = 1.0
     min_clients: int = 1
+    client_sampling: str = "uniform"
     batch_size: int = 64
     eval_every: int = 1
     checkpoint_dir: str | None = None
@@ -200,6 +203,11 @@ def validate_config(cfg: DictConfig) -> None:
         ("federation.eval_every", cfg.federation.eval_every >= 1, "an int >= 1"),
         ("federation.fraction_fit", 0 < cfg.federation.fraction_fit <= 1, "in (0, 1]"),
         ("federation.min_clients", cfg.federation.min_clients >= 1, "an int >= 1"),
+        (
+            "federation.client_sampling",
+            cfg.federation.client_sampling in CLIENT_SAMPLING,
+            f"one of {CLIENT_SAMPLING}",
+        ),
         ("federation.round_retries", cfg.federation.round_retries >= 0, "an int >= 0"),
         (
             "federation.client_timeout",

@@ -114,6 +114,7 @@ def federation_settings(
         "local_epochs": fcfg.local_epochs,
         "fraction_fit": fcfg.fraction_fit,
         "min_clients": fcfg.min_clients,
+        "client_sampling": fcfg.client_sampling,
         "seed": cfg.seed,
         "eval_dataloader": prepared.test_loader(),
         "eval_every": fcfg.eval_every,
@@ -208,6 +209,8 @@ def serve_method(
         transport.mailbox.clear()
     client_ids = [str(k) for k in range(prepared.partition.num_clients)]
     log.info("serving %s to clients %s through %s", method, client_ids, os.fspath(root))
+    # the clients' datamodules live in their processes: the server reads their sizes off the shared partition
+    sizes = dict(zip(client_ids, prepared.partition.sizes.tolist()))
     fed = Federation(
         build_model(cfg, prepared),
         client_ids,
@@ -215,6 +218,7 @@ def serve_method(
         fcfg.num_rounds,
         transport=transport,
         checkpoint_dir=checkpoint_dir,
+        client_sizes=sizes if fcfg.client_sampling == "size" else None,
         # the clients noise their own statistics (`FederatedClient(stats_noise_multiplier=...)`)
         **federation_settings(cfg, prepared, method, verbose, stream),
     )

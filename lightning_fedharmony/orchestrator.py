@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -21,6 +22,8 @@ from lightning_fedharmony.aggregators.base import Aggregator, RoundAggregation
 from lightning_fedharmony.client_terms import ConsensusMemory
 from lightning_fedharmony.checkpoint import (
     CHECKPOINT_NAME,
+    CLIENT_LOG_NAME,
+    append_client_log,
     check_fingerprint,
     check_fingerprint_extra,
     constructor_settings,
@@ -39,6 +42,7 @@ from lightning_fedharmony.mixin import FedHarmonyMixin, load_model_weights, mode
 from lightning_fedharmony.privacy import check_privacy_args
 from lightning_fedharmony.protocol import Instruction
 from lightning_fedharmony.results import (  # noqa: F401 - re-exported: their home was here
+    CLIENT_FIELDS,
     FederationResult,
     RoundRecord,
     client_round_metrics,
@@ -48,6 +52,8 @@ from lightning_fedharmony.results import (  # noqa: F401 - re-exported: their ho
 )
 from lightning_fedharmony.rounds import (  # noqa: F401 - FederationError and derive_seed re-exported
     FederationError,
+    check_client_sampling,
+    check_client_sizes,
     client_seed,
     client_val_loader,
     collect_with_retries,
@@ -92,7 +98,10 @@ class Federation:
     aggregator's scores of it in :attr:`RoundRecord.client_metrics`.
 
     One module instance serves every client in turn (weights are loaded before each fit), so memory does not grow
-    with the number of clients. The module's ``forward(x)`` must return logits ``(N, L)``.
+    with the number of clients. A round's work grows with the clients it selects, not with the registered ones: the
+    client order, indices and sizes are read once, here, so a population of 10,000 clients with 1% per round costs
+    what its 100 fits cost (``benchmarks/memory.py --population``). The module's ``forward(x)`` must return logits
+    ``(N, L)``.
 
     Args:
         model: the LightningModule to federate (mix in :class:`~lightning_fedharmony.FedHarmonyMixin` for FedProx
@@ -108,6 +117,12 @@ class Federation:
         local_epochs: epochs each selected client trains per round.
         fraction_fit: share of clients selected per round.
         min_clients: fewest clients selected, and fewest usable updates for a round to count.
+        client_sampling: how a round's clients are drawn when not all train: ``"uniform"`` (each equally likely) or
+            ``"size"`` (in proportion to their data size, without replacement, as in the paper's FLAIR setting; see
+            :func:`~lightning_fedharmony.rounds.select_clients`). Seeded by ``seed`` and the round either way, and
+            the same rule as the Flower strategy's.
+        client_sizes: client id -> data size for ``client_sampling="size"`` (default: each datamodule's
+            ``num_samples``); needed with a remote ``transport``, whose clients' datamodules live elsewhere.
         seed: seeds client selection and each client's training (``torch.manual_seed`` per fit).
         eval_dataloader: held-out data ``(x, y)`` batches for the global model; ``None`` skips evaluation.
         eval_every: evaluate every this many rounds (and always after the last).
@@ -152,6 +167,8 @@ class Federation:
         local_epochs: int = 1,
         fraction_fit: float = 1.0,
         min_clients: int = 1,
+        client_sampling: str = "uniform",
+        client_sizes: Mapping[str, int] | None = None,
         seed: int = 0,
         eval_dataloader: DataLoader | None = None,
         eval_every: int = 1,
@@ -225,6 +242,17 @@ class Federation:
         self.local_epochs = local_epochs
         self.fraction_fit = fraction_fit
         self.min_clients = min_clients
+        self.client_sampling = check_client_sampling(client_sampling)
+        # read once: a round then touches only the clients it selects (10,000 registered, 100 per round)
+        self._client_ids = list(self.clients)
+        self._client_index = {cid: i for i, cid in enumerate(self._client_ids)}
+        self._client_samples = {
+            cid: n
+            for cid, n in ((cid, getattr(dm, "num_samples", None)) for cid, dm in self.clients.items())
+            if isinstance(n, int) and not isinstance(n, bool)
+        }
+        self.client_sizes = None if client_sizes is None else dict(client_sizes)
+        self._sizes = self._sampling_sizes() if client_sampling == "size" else None
         self.seed = seed
         self.eval_dataloader = eval_dataloader
         self.eval_every = eval_every
@@ -250,6 +278,18 @@ class Federation:
         if num_threads is not None:
             _check_int("num_threads", num_threads, 1)
         self.num_threads = num_threads
+
+    def _sampling_sizes(self) -> np.ndarray:
+        """The clients' data sizes in client order, for ``client_sampling="size"``."""
+        sizes = self._client_samples if self.client_sizes is None else self.client_sizes
+        missing = [cid for cid in self._client_ids if cid not in sizes]
+        if missing:
+            raise ValueError(
+                f"Expected a data size for every client with `client_sampling='size'`, but client {missing[0]!r} has"
+                " none. HINT: give each client a datamodule with `num_samples`, or pass `client_sizes` (client id ->"
+                " data size), as a remote transport requires."
+            )
+        return check_client_sizes([sizes[cid] for cid in self._client_ids], len(self._client_ids))
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> FederationResult:
@@ -301,7 +341,6 @@ class Federation:
         as the user wrote them), then what the federation sees itself."""
         model_cls, aggregator_cls = type(self.model), type(self.aggregator)
         hparams = getattr(self.model, "hparams", None)
-        samples = {cid: getattr(dm, "num_samples", None) for cid, dm in self.clients.items()}
         return {
             "fingerprint_version": FINGERPRINT_VERSION,
             **self.fingerprint_extra,
@@ -311,6 +350,7 @@ class Federation:
             "local_epochs": self.local_epochs,
             "fraction_fit": self.fraction_fit,
             "min_clients": self.min_clients,
+            "client_sampling": self.client_sampling,
             "eval_every": self.eval_every,
             "seed": self.seed,
             "stats_noise_multiplier": self.stats_noise_multiplier,
@@ -319,20 +359,24 @@ class Federation:
             "aggregator_args": constructor_settings(self.aggregator),
             "model_class": f"{model_cls.__module__}.{model_cls.__qualname__}",
             "model_hparams": plain_items(dict(hparams)) if isinstance(hparams, Mapping) else {},
-            "clients": list(self.clients),
-            "client_samples": {cid: n for cid, n in samples.items() if isinstance(n, int) and not isinstance(n, bool)},
+            "clients": self._client_ids,
+            "client_samples": self._client_samples,
+            **({} if self.client_sizes is None else {"client_sizes": self.client_sizes}),
         }
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue after the last finished round (tensors and plain values only)."""
-        return {
+    def state_dict(self, *, history: bool = True) -> dict[str, Any]:
+        """Everything needed to continue after the last finished round (tensors and plain values only); without
+        ``history``, all but the history."""
+        state = {
             "server_round": len(self.result.rounds),
             "global_weights": self.global_weights,
             "aggregator": self.aggregator.state_dict(),
-            "history": self.result.to_dict(),
             "fingerprint": self._fingerprint(),
             "client_memory": {cid: m.state_dict() for cid, m in self.client_memory.items() if m.rounds()},
         }
+        if history:
+            state["history"] = self.result.to_dict()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned; the federation's settings must match the saved ones.
@@ -358,6 +402,21 @@ class Federation:
             raise ValueError("Expected a path or a `checkpoint_dir` to save the federation to, but got neither.")
         return save_checkpoint(target, self.state_dict())
 
+    def _save_round(self, record: RoundRecord) -> None:
+        """The checkpoint after a round: the round's per-client detail (:data:`CLIENT_FIELDS`, the bulk of what the
+        history gains per round x client) is appended to a log next to it (:data:`CLIENT_LOG_NAME`), the rest is
+        rewritten."""
+        path = self.checkpoint_path
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        detail = {name: getattr(record, name) for name in CLIENT_FIELDS}
+        append_client_log(
+            path.parent / CLIENT_LOG_NAME, record.server_round, detail, fresh=len(self.result.rounds) == 1
+        )
+        history = {**self.result.to_dict(client_fields=False), "client_log": CLIENT_LOG_NAME}
+        save_checkpoint(path, {**self.state_dict(history=False), "history": history})
+
     def restore(self, path: str | os.PathLike[str]) -> None:
         """Continue from a checkpoint written by :meth:`save`.
 
@@ -370,13 +429,16 @@ class Federation:
         log.info("resumed from %s after round %d", os.fspath(path), len(self.result.rounds))
 
     def select_clients(self, server_round: int) -> list[str]:
-        """The clients of a round: all, or a seeded sample of ``max(min_clients, ceil(fraction_fit * K))``."""
+        """The clients of a round: all, or a seeded sample of ``max(min_clients, ceil(fraction_fit * K))``, uniform
+        or in proportion to the clients' sizes (``client_sampling``)."""
         return select_clients(
-            list(self.clients),
+            self._client_ids,
             server_round,
             fraction_fit=self.fraction_fit,
             min_clients=self.min_clients,
             seed=self.seed,
+            client_sampling=self.client_sampling,
+            sizes=self._sizes,
         )
 
     def run_round(self, server_round: int) -> RoundRecord:
@@ -449,7 +511,7 @@ class Federation:
         self.result.rounds.append(record)
         self._collect_garbage()
         if self.checkpoint_path is not None:
-            self.save()
+            self._save_round(record)
         with self._progress_output():
             log.info("%s", self._progress_line(record))
         return record
@@ -463,7 +525,7 @@ class Federation:
         Raises:
             ProtocolError: an instruction with a malformed field (names the client and the field).
         """
-        index = {cid: i for i, cid in enumerate(self.clients)}
+        index = self._client_index
         return {
             cid: complete_instruction(
                 instruction,
@@ -540,6 +602,8 @@ _RESERVED_KEYS = frozenset(
         "local_epochs",
         "fraction_fit",
         "min_clients",
+        "client_sampling",
+        "client_sizes",
         "eval_every",
         "seed",
         "stats_noise_multiplier",

@@ -36,6 +36,82 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+#: How :func:`select_clients` samples a round's clients.
+CLIENT_SAMPLING = ("uniform", "size")
+
+
+def check_client_sampling(client_sampling: object) -> str:
+    """``client_sampling`` if it is one of :data:`CLIENT_SAMPLING`.
+
+    Raises:
+        ValueError: naming the options otherwise.
+    """
+    if not isinstance(client_sampling, str) or client_sampling not in CLIENT_SAMPLING:
+        raise ValueError(
+            f"Expected argument `client_sampling` to be one of {CLIENT_SAMPLING}, but got {client_sampling!r}."
+        )
+    return client_sampling
+
+
+def check_client_sizes(sizes: object, num_clients: int) -> np.ndarray:
+    """The clients' data sizes as a float64 array ``(K,)``: finite, non-negative, with a positive sum.
+
+    Raises:
+        ValueError: on another shape or a value outside the rule.
+    """
+    try:
+        array = np.asarray(sizes, dtype=np.float64)
+    except (TypeError, ValueError):
+        array = np.empty(0)
+    if array.shape != (num_clients,) or not np.isfinite(array).all() or (array < 0).any() or array.sum() <= 0:
+        raise ValueError(
+            f"Expected the clients' sizes to be {num_clients} finite numbers >= 0 with a positive sum (one per client),"
+            f" but got {sizes if array.size <= 8 else f'{array.size} values'}."
+        )
+    return array
+
+
+def size_proportional_sample(sizes: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """``count`` distinct indices drawn in proportion to ``sizes``, without replacement; sorted.
+
+    Successive sampling: each draw picks one of the clients not yet drawn with probability proportional to its size
+    (the distribution of ``rng.choice(K, count, replace=False, p=sizes / sizes.sum())``), computed in one pass as the
+    ``count`` smallest keys ``E_k / n_k`` with ``E_k ~ Exp(1)`` (Efraimidis and Spirakis, 2006). A single draw
+    (``count == 1``) picks client ``k`` with probability exactly ``n_k / sum(n)``. Clients of size 0 are drawn only
+    when the others cannot fill ``count``, lowest index first.
+
+    Args:
+        sizes: ``(K,)`` non-negative sizes with a positive sum.
+        count: how many indices, in ``[0, K]``.
+        rng: the generator (seeded by the caller).
+
+    Returns:
+        ``(count,)`` int64 indices, ascending.
+
+    Example:
+        >>> size_proportional_sample(np.array([1.0, 0.0, 1000.0, 1.0]), 1, np.random.default_rng(0)).tolist()
+        [2]
+    """
+    num_clients = sizes.shape[0]
+    if count >= num_clients:
+        return np.arange(num_clients, dtype=np.int64)
+    if count <= 0:
+        return np.empty(0, dtype=np.int64)
+    positive = sizes > 0
+    keys: np.ndarray = np.where(
+        positive, rng.standard_exponential(num_clients) / np.where(positive, sizes, 1.0), np.inf
+    )
+    chosen = np.argpartition(keys, count - 1)[:count]
+    if np.isinf(keys[chosen]).any():  # size-0 clients fill the sample: a stable order breaks their ties by index
+        chosen = np.argsort(keys, kind="stable")[:count]
+    return np.sort(chosen).astype(np.int64)
+
+
+def sample_size(num_clients: int, fraction_fit: float = 1.0, min_clients: int = 1) -> int:
+    """Clients per round: ``max(min_clients, ceil(fraction_fit * K))``, at most ``K``."""
+    return min(num_clients, max(min_clients, math.ceil(fraction_fit * num_clients)))
+
+
 def client_seed(seed: int, server_round: int, index: int, attempt: int = 0) -> int:
     """The training seed of client ``index`` in a round's ``attempt`` (0 = the first; every retry gets fresh seeds)."""
     return derive_seed(seed, server_round, index, *((attempt,) if attempt else ()))
@@ -112,19 +188,60 @@ def collect_with_retries(
 
 
 def select_clients(
-    client_ids: Sequence[str], server_round: int, *, fraction_fit: float = 1.0, min_clients: int = 1, seed: int = 0
+    client_ids: Sequence[str],
+    server_round: int,
+    *,
+    fraction_fit: float = 1.0,
+    min_clients: int = 1,
+    seed: int = 0,
+    client_sampling: str = "uniform",
+    sizes: Sequence[float] | np.ndarray | None = None,
 ) -> list[str]:
     """The clients of a round: all, or a sample of ``max(min_clients, ceil(fraction_fit * K))`` seeded by the round.
 
     The same rule wherever the server runs (:class:`Federation`, the Flower strategy), so both pick the same clients.
+    Its cost grows with the sample, not with ``K`` (uniform: Floyd's algorithm in numpy; ``"size"``: one vectorised
+    pass over the ``K`` sizes).
+
+    Args:
+        client_ids: every registered client, in a fixed order (the order decides who a seeded draw picks).
+        server_round: the round, which seeds the draw with ``seed``.
+        fraction_fit: share of the clients to pick.
+        min_clients: fewest clients to pick.
+        seed: the federation's seed.
+        client_sampling: ``"uniform"`` (every client equally likely) or ``"size"`` (in proportion to ``sizes``,
+            without replacement: see :func:`size_proportional_sample`; the paper's FLAIR setting).
+        sizes: ``(K,)`` the clients' data sizes, in the order of ``client_ids`` (``"size"`` only).
+
+    Returns:
+        The selected ids, in the order of ``client_ids``.
+
+    Raises:
+        ValueError: on an unknown ``client_sampling``, or ``"size"`` without valid ``sizes``.
+
+    Example:
+        >>> select_clients(["0", "1", "2", "3"], 1, fraction_fit=0.5, seed=7)
+        ['2', '3']
     """
-    ids = list(client_ids)
-    count = min(len(ids), max(min_clients, math.ceil(fraction_fit * len(ids))))
+    check_client_sampling(client_sampling)
+    ids = client_ids if isinstance(client_ids, Sequence) else list(client_ids)
+    weights = None
+    if client_sampling == "size":
+        if sizes is None:
+            raise ValueError(
+                "Expected the clients' sizes with `client_sampling='size'`, but got none."
+                " HINT: pass `sizes`, one data size per client id."
+            )
+        weights = check_client_sizes(sizes, len(ids))
+    count = sample_size(len(ids), fraction_fit, min_clients)
     if count == len(ids):
-        return ids
+        return list(ids)
     rng = np.random.default_rng([seed, server_round])
-    chosen = np.sort(rng.choice(len(ids), size=count, replace=False))
-    return [ids[i] for i in chosen]
+    if weights is None:
+        chosen = np.sort(rng.choice(len(ids), size=count, replace=False))
+    else:
+        chosen = size_proportional_sample(weights, count, rng)
+    return [ids[int(i)] for i in chosen]
 
 
 def client_val_loader(datamodule: pl.LightningDataModule) -> DataLoader | None:

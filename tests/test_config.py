@@ -68,6 +68,10 @@ def test_yaml_then_dotted_overrides(tmp_path: Path):
         (["partition.observed_fraction=[a, b]"], r"^partition\.observed_fraction\[0\]: "),
         (["federation.num_rounds=0"], r"^federation\.num_rounds: expected an int >= 1, but got 0\."),
         (["federation.fraction_fit=0"], r"^federation\.fraction_fit: expected in \(0, 1\], but got 0"),
+        (
+            ["federation.client_sampling=weighted"],
+            r"^federation\.client_sampling: expected one of \('uniform', 'size'\), but got 'weighted'\.",
+        ),
         (["federation.min_clients=11"], r"^federation\.min_clients: expected at most partition\.num_clients \(10\)"),
         (["federation.min_clients=4", "partition.num_clients=3"], r"^federation\.min_clients: .*\(3\), but got 4\."),
         (["partition.kind=random"], r"^partition\.kind: expected one of \('dirichlet', .*\), but got 'random'\."),

@@ -60,6 +60,7 @@ from lightning_fedharmony.orchestrator import (  # noqa: E402
 )
 from lightning_fedharmony.protocol import ProtocolError  # noqa: E402
 from lightning_fedharmony.stats import CorrelationStats  # noqa: E402
+from lightning_fedharmony.transports.base import Transport  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "flower_app"
@@ -173,6 +174,67 @@ def test_selection_seeds_and_identity_follow_federation(task_identity: None) -> 
             assert msg.content[Key.CONFIG][Key.SERVER_ROUND] == server_round
     assert grid.queries == 4  # each node is asked its partition id once
     assert strategy.client_nodes == {"0": 13, "1": 42, "2": 907, "3": 555}
+
+
+class SizedGrid(FakeGrid):
+    """A FakeGrid whose nodes also report their data size when the query asks for it."""
+
+    def __init__(self, partitions: dict[int, int], sizes: dict[int, int]) -> None:
+        super().__init__(partitions)
+        self.sizes = sizes  # partition id -> data size
+        self.asked_sizes = 0
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = super().send_and_receive(messages, timeout=timeout)
+        for msg, reply in zip(messages, replies):
+            if msg.content[Key.CONFIG].get(Key.REPORT_NUM_EXAMPLES):
+                self.asked_sizes += 1
+                cid = reply.content[Key.CLIENT][Key.CLIENT_ID]
+                reply.content[Key.CLIENT][Key.NUM_EXAMPLES] = self.sizes[int(cid)]
+        return replies
+
+
+def test_size_sampling_picks_what_federation_picks_from_the_sizes_the_nodes_report(task_identity: None) -> None:
+    sizes = {0: 5, 1: 80, 2: 3, 3: 60, 4: 1, 5: 40, 6: 2, 7: 90}
+    grid = SizedGrid({100 + k: k for k in sizes}, sizes)
+    strategy = FedHarmonyStrategy(FedAvg(), 0.25, min_available_clients=8, seed=5, client_sampling="size")
+    strategy.aggregator.setup(3)
+    arrays = weights_to_arrays(_weights(0))
+    local = Federation(
+        MultilabelMLP(3, NUM_LABELS, hidden=(4,)),
+        [str(k) for k in sizes],
+        FedAvg(),
+        3,
+        transport=_RemoteTransport(),
+        fraction_fit=0.25,
+        client_sampling="size",
+        client_sizes={str(k): n for k, n in sizes.items()},
+        seed=5,
+        verbose=False,
+    )
+    for server_round in (1, 2, 3):
+        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))  # type: ignore[arg-type]
+        assert [m.content[Key.CONFIG][Key.CLIENT_ID] for m in messages] == local.select_clients(server_round)
+    assert grid.asked_sizes == 8  # once per node, with its partition id
+    with pytest.raises(ValueError, match=r"Expected argument `client_sampling` to be one of"):
+        FedHarmonyStrategy(FedAvg(), client_sampling="weighted")
+
+
+def test_size_sampling_needs_the_nodes_sizes(task_identity: None) -> None:
+    strategy = FedHarmonyStrategy(FedAvg(), 0.5, min_available_clients=2, client_sampling="size")
+    strategy.aggregator.setup(1)
+    with pytest.raises(ProtocolError, match=r"Client '0', field `client.num-examples`: expected the node's data size"):
+        strategy.configure_train(1, weights_to_arrays(_weights(0)), ConfigRecord(), FakeGrid({7: 0, 8: 1}))  # type: ignore[arg-type]
+
+
+def test_client_app_reports_its_size_when_asked(task_identity: None) -> None:
+    app = _tiny_client_app()
+    context = _context({"partition-id": 1, "num-partitions": 2})
+    for ask, expected in ((ConfigRecord(), None), (ConfigRecord({Key.REPORT_NUM_EXAMPLES: True}), 24)):
+        query = Message(RecordDict({Key.CONFIG: ask}), dst_node_id=7, message_type=MessageType.QUERY)
+        reply = app(query, context)
+        assert reply.content[Key.CLIENT][Key.CLIENT_ID] == "1"
+        assert reply.content[Key.CLIENT].get(Key.NUM_EXAMPLES) == expected
 
 
 def test_fedharmony_sends_each_client_its_own_teacher_and_delegates_the_math(task_identity: None) -> None:
@@ -346,6 +408,13 @@ def test_failed_clients_are_recorded_and_too_few_updates_end_the_round(task_iden
 
 
 # ---------------------------------------------------------------------------------------------- the ClientApp
+class _RemoteTransport(Transport):
+    remote = True
+
+    def collect(self, federation, server_round, instructions, attempt):  # pragma: no cover - never trained
+        raise NotImplementedError
+
+
 def _tiny_client_app(**trainer_kwargs: object):
     def model_fn(context: Context) -> MultilabelMLP:
         return MultilabelMLP(3, NUM_LABELS, hidden=(8,))

@@ -123,13 +123,13 @@ class ClientDataModule(pl.LightningDataModule):
                 f"Expected argument `val_fraction` to leave at least one sample in each of the training and validation"
                 f" parts of the {num_samples} samples, but got {val_fraction}."
             )
-        perm = torch.randperm(num_samples, generator=torch.Generator().manual_seed(int(seed)))
-        val_idx, train_idx = perm[:num_val].sort().values, perm[num_val:].sort().values
-        if num_val == 0:
-            train_idx = torch.arange(num_samples)
         tensors = (x, y) if mask is None else (x, y, mask)
-        self.train_dataset = TensorDataset(*(t[train_idx] if num_val else t for t in tensors))
-        self.val_dataset = TensorDataset(*(t[val_idx] for t in tensors)) if num_val else None
+        self.train_dataset, self.val_dataset = TensorDataset(*tensors), None
+        if num_val:  # no permutation without a split: a population builds thousands of these
+            perm = torch.randperm(num_samples, generator=torch.Generator().manual_seed(int(seed)))
+            val_idx, train_idx = perm[:num_val].sort().values, perm[num_val:].sort().values
+            self.train_dataset = TensorDataset(*(t[train_idx] for t in tensors))
+            self.val_dataset = TensorDataset(*(t[val_idx] for t in tensors))
         self.num_features = int(x.shape[1])
         self.num_labels = int(num_labels)
         self.has_observed = mask is not None

@@ -28,6 +28,7 @@ def main(grid: Grid, context: Context) -> None:
         min_available_clients=int(config["min-available-clients"]),
         local_epochs=int(config["local-epochs"]),
         seed=int(config["seed"]),
+        client_sampling=str(config.get("client-sampling", "uniform")),
         checkpoint_dir=str(config["checkpoint-dir"]) or None,
         round_retries=int(config["round-retries"]),
         client_timeout=float(config["client-timeout"]) or None,

@@ -53,7 +53,8 @@ def make_client_app(
     with the seed the server sent (``derive_seed(seed, server_round, partition_id)``), fits a Trainer built from
     :data:`~lightning_fedharmony.orchestrator.CLIENT_TRAINER_DEFAULTS` and ``trainer_kwargs`` for ``local-epochs``
     epochs, and replies with its weights, sample count, loss and (FedHarmony) raw prediction statistics. A ``query``
-    message is answered with the node's client id.
+    message is answered with the node's client id, and its datamodule's ``num_samples`` when the server samples
+    clients by size.
 
     Nothing is kept in memory between messages (a deployed SuperNode starts a fresh process for each): what the
     client remembers (its id, rounds trained, and for FedHarmony with ``leave_one_out="client"`` its terms in the
@@ -77,8 +78,12 @@ def make_client_app(
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        content = RecordDict({Key.CLIENT: ConfigRecord({Key.CLIENT_ID: str(partition_id(context))})})
-        return Message(content, reply_to=msg)
+        index = partition_id(context)
+        client = ConfigRecord({Key.CLIENT_ID: str(index)})
+        config = msg.content.config_records.get(Key.CONFIG)
+        if config is not None and config.get(Key.REPORT_NUM_EXAMPLES):
+            client[Key.NUM_EXAMPLES] = _num_examples(datamodule_fn(index, context), str(index))
+        return Message(RecordDict({Key.CLIENT: client}), reply_to=msg)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -122,6 +127,17 @@ def make_client_app(
         return Message(update_to_records(update), reply_to=msg)
 
     return app
+
+
+def _num_examples(datamodule: pl.LightningDataModule, client_id: str) -> int:
+    """The datamodule's ``num_samples`` (its training samples), which size sampling weighs the client by."""
+    value = getattr(datamodule, "num_samples", None)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise RuntimeError(
+            f"Expected client {client_id!r}'s datamodule to have `num_samples`, an int >= 0, for sampling clients by"
+            f" size, but got {value!r}. HINT: use `ClientDataModule` or `PartitionedDataModule`, or add the property."
+        )
+    return value
 
 
 def _consensus_memory(context: Context) -> ConsensusMemory:

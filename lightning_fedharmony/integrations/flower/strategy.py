@@ -45,6 +45,7 @@ from lightning_fedharmony.protocol import Instruction, ProtocolError, Update
 from lightning_fedharmony.results import FederationResult, round_record
 from lightning_fedharmony.rounds import (
     FederationError,
+    check_client_sampling,
     client_seed,
     collect_with_retries,
     complete_instruction,
@@ -62,6 +63,7 @@ _RESERVED_KEYS = frozenset(
         "fraction_fit",
         "min_clients",
         "min_available_clients",
+        "client_sampling",
         "seed",
         "aggregator",
         "aggregator_args",
@@ -101,6 +103,8 @@ class FedHarmonyStrategy(Strategy):
             same selection as a local ``Federation``).
         local_epochs: epochs each selected client trains per round.
         seed: seeds client selection and each client's training.
+        client_sampling: ``"uniform"`` or ``"size"``: clients drawn in proportion to their data size (each node
+            reports its ``num_samples`` once, with its partition id); the same rule as ``Federation``'s.
         wait_timeout: seconds to wait for ``min_available_clients`` nodes (and for their partition ids).
         checkpoint_dir: after every round, save what is needed to continue there (atomically, ``federation.ckpt``
             as ``Federation`` writes it); :meth:`start` resumes after the last finished round when a checkpoint is
@@ -132,6 +136,7 @@ class FedHarmonyStrategy(Strategy):
         min_available_clients: int = 1,
         local_epochs: int = 1,
         seed: int = 0,
+        client_sampling: str = "uniform",
         wait_timeout: float = 600.0,
         checkpoint_dir: str | os.PathLike[str] | None = None,
         round_retries: int = 0,
@@ -167,6 +172,7 @@ class FedHarmonyStrategy(Strategy):
         self.min_available_clients = min_available_clients
         self.local_epochs = local_epochs
         self.seed = seed
+        self.client_sampling = check_client_sampling(client_sampling)
         self.wait_timeout = float(wait_timeout)
         self.checkpoint_path = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME
         self.round_retries = round_retries
@@ -176,6 +182,7 @@ class FedHarmonyStrategy(Strategy):
         self.num_rounds: int | None = None  # set by `start`
         self._model_arrays: dict[str, list[int]] = {}  # name -> shape of the model's arrays, set by `start`
         self._node_of: dict[str, int] = {}  # client id -> node id
+        self._size_of: dict[str, int] = {}  # client id -> data size (size sampling)
         self._global: dict[str, Tensor] = {}
         self._arrays = ArrayRecord()  # the round's input, as sent
         self._config = ConfigRecord()
@@ -204,7 +211,8 @@ class FedHarmonyStrategy(Strategy):
         log(INFO, "\t├──> Aggregator: %s", type(self.aggregator).__name__)
         log(
             INFO,
-            "\t├──> Sampling: fraction_fit %.2f, min_clients %d, min_available_clients %d, seed %d",
+            "\t├──> Sampling: %s, fraction_fit %.2f, min_clients %d, min_available_clients %d, seed %d",
+            self.client_sampling,
             self.fraction_fit,
             self.min_clients,
             self.min_available_clients,
@@ -340,6 +348,7 @@ class FedHarmonyStrategy(Strategy):
             "fraction_fit": self.fraction_fit,
             "min_clients": self.min_clients,
             "min_available_clients": self.min_available_clients,
+            "client_sampling": self.client_sampling,
             "seed": self.seed,
             "aggregator": f"{aggregator_cls.__module__}.{aggregator_cls.__qualname__}",
             "aggregator_args": constructor_settings(self.aggregator),
@@ -408,8 +417,9 @@ class FedHarmonyStrategy(Strategy):
         known = set(self._node_of.values())
         unknown = [node for node in node_ids if node not in known]
         if unknown:
+            ask = ConfigRecord({Key.REPORT_NUM_EXAMPLES: True}) if self.client_sampling == "size" else ConfigRecord()
             queries = [
-                Message(RecordDict({Key.CONFIG: ConfigRecord()}), dst_node_id=node, message_type=MessageType.QUERY)
+                Message(RecordDict({Key.CONFIG: ask}), dst_node_id=node, message_type=MessageType.QUERY)
                 for node in unknown
             ]
             for reply in grid.send_and_receive(queries, timeout=self.wait_timeout):
@@ -418,6 +428,8 @@ class FedHarmonyStrategy(Strategy):
                     log(WARNING, "Node %d did not report its partition id: %s", node, reply.error.reason)
                     continue
                 cid = _reply_client_id(reply.content, f"node-{node}")
+                if self.client_sampling == "size":
+                    self._size_of[cid] = _reply_num_examples(reply.content, cid)
                 if cid in self._node_of and self._node_of[cid] != node:
                     log(WARNING, "Client %s moved from node %d to node %d.", cid, self._node_of[cid], node)
                 self._node_of[cid] = node
@@ -438,7 +450,13 @@ class FedHarmonyStrategy(Strategy):
                 f" `min_clients`={self.min_clients}."
             )
         self._selected = select_clients(
-            client_ids, server_round, fraction_fit=self.fraction_fit, min_clients=self.min_clients, seed=self.seed
+            client_ids,
+            server_round,
+            fraction_fit=self.fraction_fit,
+            min_clients=self.min_clients,
+            seed=self.seed,
+            client_sampling=self.client_sampling,
+            sizes=[self._size_of[cid] for cid in client_ids] if self.client_sampling == "size" else None,
         )
         self._instructions = self.aggregator.configure_round(server_round, self._selected, self._global)
         log(INFO, "configure_train: %d of %d clients: %s", len(self._selected), len(client_ids), self._selected)
@@ -640,3 +658,15 @@ def _reply_client_id(content: RecordDict, name: str) -> str:
             " HINT: build the ClientApp with `make_client_app`.",
         )
     return str(record[Key.CLIENT_ID])
+
+
+def _reply_num_examples(content: RecordDict, client_id: str) -> int:
+    value = content.config_records[Key.CLIENT].get(Key.NUM_EXAMPLES)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ProtocolError(
+            client_id,
+            f"{Key.CLIENT}.{Key.NUM_EXAMPLES}",
+            f"expected the node's data size (an int >= 0) for sampling clients by size, but got {value!r}."
+            " HINT: build the ClientApp with `make_client_app`.",
+        )
+    return value

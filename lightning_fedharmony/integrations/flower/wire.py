@@ -50,6 +50,8 @@ class Key:
     TRAINER_SETUP_SECONDS = wire_name("trainer_setup_seconds")
     # node configuration (simulation engine, `flower-supernode --node-config`) and client state
     PARTITION_ID = "partition-id"
+    # the partition-id query: the server asks for the node's data size too (client sampling by size)
+    REPORT_NUM_EXAMPLES = "report-num-examples"
     CLIENT_STATE = "fedharmony-client"
     CONSENSUS_MEMORY = "fedharmony-consensus-memory"
     ROUNDS_TRAINED = "rounds-trained"
