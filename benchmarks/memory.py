@@ -88,6 +88,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--stale-stats", choices=("keep", "drop"), default="keep", help="FedHarmony's `stale_stats` (its own state)"
     )
+    parser.add_argument(
+        "--leave-one-out",
+        choices=("server", "client"),
+        default="server",
+        help="FedHarmony's `leave_one_out`: 'client' keeps only the consensus sums on the server",
+    )
     parser.add_argument("--checkpoint", action="store_true", help="checkpoint every round; record the file's size")
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
@@ -117,7 +123,11 @@ def main(argv: list[str] | None = None) -> dict:
     clients = data.clients(batch_size=64, seed=args.seed)
     torch.manual_seed(args.seed)
     model = MultilabelMLP(data.train.num_features, data.train.num_labels, hidden=(256,))
-    aggregator: Aggregator = FedHarmony(stale_stats=args.stale_stats) if args.method == "fedharmony" else FedAvg()
+    aggregator: Aggregator = (
+        FedHarmony(stale_stats=args.stale_stats, leave_one_out=args.leave_one_out)
+        if args.method == "fedharmony"
+        else FedAvg()
+    )
     checkpoint_dir = tempfile.TemporaryDirectory(prefix="fedharmony-memory-") if args.checkpoint else None
     federation = Federation(
         model,
@@ -163,12 +173,17 @@ def main(argv: list[str] | None = None) -> dict:
     history_mib = len(pickle.dumps(federation.result.to_dict())) / 2**20
     state = federation.aggregator.state_dict()
     state_mib = sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor)) / 2**20
-    seen = len(state.get("client_ids", ()))
+    seen = len(state.get("client_ids", state.get("member_ids", ())))
+    # the in-process clients' own terms (leave_one_out="client"): client state, kept here because the clients are
+    client_mib = sum(
+        t.numel() * t.element_size() for m in federation.client_memory.values() for t in m.state_dict().values()
+    ) / 2**20
     marks = [r for r in (1, 10, 25, 100, args.rounds) if r <= args.rounds]
     report = {
         "data": args.data,
         "method": args.method,
         "stale_stats": args.stale_stats if args.method == "fedharmony" else None,
+        "leave_one_out": args.leave_one_out if args.method == "fedharmony" else None,
         "clients": args.clients,
         "fraction_fit": args.fraction,
         "clients_per_round": len(federation.result.final.clients),
@@ -202,6 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
         "history_pickled_mib": history_mib,
         "aggregator_state_tensor_mib": state_mib,
         "aggregator_clients_kept": seen,
+        "client_memory_tensor_mib": client_mib,
         "final_map": federation.result.final.metrics.get("map"),
         "machine": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads",
     }
@@ -213,7 +229,9 @@ def main(argv: list[str] | None = None) -> dict:
         + " | ".join(f"RSS round {r} (MiB)" for r in marks)
         + " | peak RSS (MiB) | growth round 10 to last (MiB) | slope (MiB/round) | s/round (median) | CPU s/round |",
         "|---|---|---:|---:|---|---:|" + "---:|" * len(marks) + "---:|---:|---:|---:|---:|",
-        f"| {args.data} ({args.partition}) | {args.method} | {args.clients} | {report['clients_per_round']}"
+        f"| {args.data} ({args.partition}) | {args.method}"
+        + (f" ({args.leave_one_out})" if args.method == "fedharmony" else "")
+        + f" | {args.clients} | {report['clients_per_round']}"
         f" | {args.client_sampling} | {args.rounds} | "
         + " | ".join(f"{report['rss_mib_at'][str(r)]:.1f}" for r in marks)
         + f" | {report['peak_rss_mib']:.1f} | {report['growth_mib_round10_to_last']:+.1f}"
