@@ -51,19 +51,30 @@ class ConsensusSums:
         self.denominator = torch.zeros(0, 0, dtype=torch.float64)
         self.cluster_ids = torch.zeros(0, dtype=torch.int64)
         self.members: dict[str, Member] = {}
+        self.total_samples = 0.0  # over the members, kept as they change: no pass over every client per share
+        self.total_weight = 0.0
+
+    def set_members(self, members: dict[str, Member]) -> None:
+        """Replace the members (and their totals)."""
+        self.members = members
+        self.total_samples = sum(m.samples for m in members.values())
+        self.total_weight = sum(m.weight for m in members.values())
+
+    def update_members(self, new: Mapping[str, Member]) -> None:
+        """Add or replace members, adjusting the totals by what changed."""
+        for cid, member in new.items():
+            old = self.members.get(cid)
+            if old is not None:
+                self.total_samples -= old.samples
+                self.total_weight -= old.weight
+            self.members[cid] = member
+            self.total_samples += member.samples
+            self.total_weight += member.weight
 
     @property
     def num_labels(self) -> int:
         """``L``, or 0 before the first round."""
         return int(self.cluster_ids.shape[0])
-
-    @property
-    def total_samples(self) -> float:
-        return sum(m.samples for m in self.members.values())
-
-    @property
-    def total_weight(self) -> float:
-        return sum(m.weight for m in self.members.values())
 
     def consensus(self, dtype: torch.dtype = torch.float32) -> Tensor | None:
         """The global consensus ``R*`` ``(L, L)``, or ``None`` before the first round."""
@@ -107,15 +118,17 @@ class ConsensusSums:
         self.numerator = state["numerator"].to(torch.float64)
         self.denominator = state["denominator"].to(torch.float64)
         self.cluster_ids = state["cluster_ids"].to(torch.int64)
-        self.members = {
-            cid: Member(float(w), float(n), int(r))
-            for cid, w, n, r in zip(
-                state["member_ids"],
-                state["member_weight"].tolist(),
-                state["member_samples"].tolist(),
-                state["member_round"].tolist(),
-            )
-        }
+        self.set_members(
+            {
+                cid: Member(float(w), float(n), int(r))
+                for cid, w, n, r in zip(
+                    state["member_ids"],
+                    state["member_weight"].tolist(),
+                    state["member_samples"].tolist(),
+                    state["member_round"].tolist(),
+                )
+            }
+        )
 
 
 @dataclass
@@ -298,11 +311,14 @@ class SumsRound(RoundAggregation):
         sums = self.sums
         if self.aggregator.stale_stats == "drop" or sums.num_labels == 0:
             sums.numerator, sums.denominator = numerator, denominator
-            sums.members = dict(self._new) if self.aggregator.stale_stats == "drop" else {**sums.members, **self._new}
+            if self.aggregator.stale_stats == "drop":
+                sums.set_members(dict(self._new))
+            else:
+                sums.update_members(self._new)
         else:
             sums.numerator.add_(numerator)
             sums.denominator.add_(denominator)
-            sums.members.update(self._new)
+            sums.update_members(self._new)
         # removing the last supporter of a pair leaves rounding residue: a denominator within a few ulps of the
         # total weight of zero is no support
         tiny = 16 * torch.finfo(torch.float64).eps * max(sums.total_weight, 1.0)
