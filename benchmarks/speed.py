@@ -53,8 +53,10 @@ def _round_seconds(data: Any, aggregator: Any, rounds: int) -> float:
 
 
 def bench_round(data: Any, repeats: int, rounds: int) -> dict[str, Any]:
-    fedavg = [_round_seconds(data, FedAvg(), rounds) for _ in range(repeats)]
-    fedharmony = [_round_seconds(data, FedHarmony(), rounds) for _ in range(repeats)]
+    fedavg, fedharmony = [], []
+    for _ in range(repeats):  # in turn, so that a slower spell of a shared machine falls on both
+        fedavg.append(_round_seconds(data, FedAvg(), rounds))
+        fedharmony.append(_round_seconds(data, FedHarmony(), rounds))
     return {
         "fedavg_s_per_round": statistics.median(fedavg),
         "fedharmony_s_per_round": statistics.median(fedharmony),

@@ -22,7 +22,7 @@ from lightning_fedharmony.functional.correlation import (
     block_soft_phi,
     phi_from_means,
 )
-from lightning_fedharmony.functional.losses import alignment_loss, proximal_term, soft_phi_alignment_loss
+from lightning_fedharmony.functional.losses import masked_mean_square, proximal_term, soft_phi_alignment_loss
 
 #: State-dict keys owned by FedHarmony: they travel with checkpoints but never with the averaged weights.
 FEDHARMONY_PREFIX = "fedharmony_"
@@ -111,7 +111,10 @@ class FedHarmonyMixin:
         module.register_buffer(_MASK, torch.empty(0, 0, dtype=torch.bool))
         self._fedharmony_running: tuple[Tensor, Tensor, Tensor | None] | None = None
         self._fedharmony_anchor: list[Tensor] | None = None
-        self._fedharmony_batch: tuple[Tensor, Tensor, Tensor | None] | None = None
+        self._fedharmony_anchored: list[Tensor] = []  # the parameters the anchor was taken of, in its order
+        # (preds or logits, target, observed, whether the first entry still needs the sigmoid)
+        self._fedharmony_batch: tuple[Tensor, Tensor, Tensor | None, bool] | None = None
+        self._fedharmony_pair_weight: tuple[Tensor, int, torch.dtype, Tensor, Tensor] | None = None
         self._fedharmony_layout: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
         self._fedharmony_sums: dict[str, tuple[Tensor | float, int]] = {}
         self._fedharmony_layout_key: tuple[int, int, torch.device] | None = None
@@ -209,7 +212,15 @@ class FedHarmonyMixin:
     def fedharmony_set_anchor(self) -> None:
         """Snapshot the current parameters as FedProx's global anchor (call after loading the global weights)."""
         module = self._fedharmony_module()
-        self._fedharmony_anchor = [p.detach().clone() for p in module.parameters() if p.requires_grad]
+        self._fedharmony_anchored = [p for p in module.parameters() if p.requires_grad]
+        self._fedharmony_anchor = [p.detach().clone() for p in self._fedharmony_anchored]
+
+    def _fedharmony_proximal_params(self) -> list[Tensor]:
+        # walking `parameters()` costs more than the rest of the term's Python on a small model: reuse the list the
+        # anchor was taken of, unless module conversions may have replaced the Parameter objects since
+        if torch.__future__.get_overwrite_module_params_on_conversion():
+            return [p for p in self._fedharmony_module().parameters() if p.requires_grad]
+        return self._fedharmony_anchored
 
     # ------------------------------------------------------------------ the loss
     def fedharmony_loss(
@@ -240,13 +251,22 @@ class FedHarmonyMixin:
         obs = None if observed is None else torch.broadcast_to(observed.to(torch.bool), logits.shape)
         target_f = target.to(logits.dtype)
         task = self._fedharmony_task_loss(logits, target_f, obs, loss_fn)
-        preds = torch.sigmoid(logits)
-        self._fedharmony_batch = (preds.detach(), target.detach(), None if obs is None else obs.detach())
-
         training = self._fedharmony_module().training
+        aligning = training and self.fedharmony_has_teacher and self.fedharmony_alignment_weight > 0
+        # log only inside the Trainer's hooks: after fit `_trainer` stays set but `self.log` would raise
+        logging = (
+            self.fedharmony_log_loss_parts
+            and getattr(self, "_trainer", None) is not None
+            and getattr(self, "_current_fx_name", None) is not None
+        )
+        # the probabilities only when a term or the log reads them; otherwise whoever pops the batch computes them
+        preds = torch.sigmoid(logits) if aligning or logging else None
+        kept = logits if preds is None else preds
+        self._fedharmony_batch = (kept.detach(), target.detach(), None if obs is None else obs.detach(), preds is None)
+
         total = task
         align = None
-        if training and self.fedharmony_has_teacher and self.fedharmony_alignment_weight > 0:
+        if aligning and preds is not None:
             if self.fedharmony_teacher.shape[0] != logits.shape[1]:
                 raise RuntimeError(
                     f"Expected a teacher over {logits.shape[1]} labels, but the installed one has"
@@ -256,21 +276,16 @@ class FedHarmonyMixin:
             total = total + self.fedharmony_alignment_weight * align
         prox = None
         if training and self.fedharmony_proximal_mu > 0 and self._fedharmony_anchor is not None:
-            params = [p for p in self._fedharmony_module().parameters() if p.requires_grad]
+            params = self._fedharmony_proximal_params()
             prox = proximal_term(params, self._fedharmony_anchor, self.fedharmony_proximal_mu)
             total = total + prox
 
-        # log only inside the Trainer's hooks: after fit `_trainer` stays set but `self.log` would raise
         if training:
             num = logits.shape[0]
             self._fedharmony_accumulate("task_loss", task, num)
             if align is not None:
                 self._fedharmony_accumulate("align_loss", align, num)
-        if (
-            self.fedharmony_log_loss_parts
-            and getattr(self, "_trainer", None) is not None
-            and getattr(self, "_current_fx_name", None) is not None
-        ):
+        if logging and preds is not None:
             self._fedharmony_log(task, align, prox, preds, logits.shape[0])
         return total
 
@@ -306,7 +321,7 @@ class FedHarmonyMixin:
                     preds, self.fedharmony_teacher, mask, eps, normalization, detach_scale=detach
                 )
             corr = self._fedharmony_running_corr(preds[:, None, :], None)[0]
-            return alignment_loss(corr, self.fedharmony_teacher, mask)
+            return masked_mean_square(corr, self.fedharmony_teacher, *self._fedharmony_weights(mask, corr.dtype))
         # only the in-block correlations: N * G * S^2 work instead of N * L^2
         index, valid, teacher, mask = layout
         if observed_labels is not None:
@@ -315,7 +330,17 @@ class FedHarmonyMixin:
             corr = block_soft_phi(preds, index, eps, normalization, detach_scale=detach)
         else:
             corr = self._fedharmony_running_corr(preds[:, index], index)
-        return alignment_loss(corr, teacher, mask)
+        return masked_mean_square(corr, teacher, *self._fedharmony_weights(mask, corr.dtype))
+
+    def _fedharmony_weights(self, mask: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``mask`` as weights of ``dtype`` and their count (at least 1), kept while the same mask (same object,
+        unchanged in place) comes back: the teacher's mask is fixed for a round, so this is once per round."""
+        cached = self._fedharmony_pair_weight
+        if cached is None or cached[0] is not mask or cached[1] != mask._version or cached[2] != dtype:
+            weight = mask.to(dtype)
+            cached = (mask, mask._version, dtype, weight, weight.sum().clamp_min(1.0))
+            self._fedharmony_pair_weight = cached
+        return cached[3], cached[4]
 
     def _fedharmony_block_layout(self) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
         """Teacher and mask gathered per block, cached until either changes."""
@@ -376,7 +401,10 @@ class FedHarmonyMixin:
     def fedharmony_pop_batch(self) -> tuple[Tensor, Tensor, Tensor | None] | None:
         """The detached ``(preds, target, observed)`` of the last :meth:`fedharmony_loss` call, once."""
         batch, self._fedharmony_batch = self._fedharmony_batch, None
-        return batch
+        if batch is None:
+            return None
+        kept, target, observed, needs_sigmoid = batch
+        return torch.sigmoid(kept) if needs_sigmoid else kept, target, observed
 
     # ------------------------------------------------------------------ checkpoints
     def _load_from_state_dict(

@@ -111,6 +111,27 @@ def test_proximal_term_gradient() -> None:
     torch.testing.assert_close(w.grad, 0.4 * (w.detach() - g))
 
 
+def test_proximal_term_bit_identical_to_the_composition() -> None:
+    """The one-node term gives the value and, next to another loss on the same parameters, the gradients of the
+    autograd composition bit for bit (the pinned FedProx weights depend on it)."""
+    for seed in range(20):
+        generator = torch.Generator().manual_seed(seed)
+        shapes = [(32, 12), (32,), (5, 32), (5,)]
+        base = [torch.randn(s, generator=generator) for s in shapes]
+        anchors = [b + 1e-2 * torch.randn(b.shape, generator=generator) for b in base]
+        x = torch.randn(8, 12, generator=generator)
+        mu = (0.01, 0.7, 3.0)[seed % 3]
+        fused, composed = ([b.clone().requires_grad_() for b in base] for _ in range(2))
+        composition = 0.5 * mu * torch.stack([(p - g).square().sum() for p, g in zip(composed, anchors)]).sum()
+        loss_fused = (x @ fused[0].T).square().mean() + proximal_term(fused, anchors, mu)
+        loss_composed = (x @ composed[0].T).square().mean() + composition
+        loss_fused.backward()
+        loss_composed.backward()
+        assert torch.equal(loss_fused, loss_composed)
+        for a, b in zip(fused, composed):
+            assert a.grad is not None and b.grad is not None and torch.equal(a.grad, b.grad)
+
+
 def test_proximal_term_edge_cases() -> None:
     assert proximal_term([], [], mu=1.0).item() == 0.0
     w = torch.randn(5, generator=torch.Generator().manual_seed(12))

@@ -184,6 +184,44 @@ def test_batch_of_predictions_is_kept_once() -> None:
     assert model.fedharmony_pop_batch() is None
 
 
+def test_batch_without_alignment_keeps_the_logits_until_popped() -> None:
+    """With no term reading the probabilities, the sigmoid runs when the batch is popped: the same values."""
+    model, (x, y) = _model(), _batch(4)
+    model.fedharmony_log_loss_parts = False
+    logits = model(x)
+    model.fedharmony_loss(logits, y)
+    batch = model.fedharmony_pop_batch()
+    assert batch is not None
+    assert torch.equal(batch[0], torch.sigmoid(logits).detach()) and not batch[0].requires_grad
+
+
+def test_cached_pair_weights_follow_the_mask() -> None:
+    """The running-moment path keeps the alignment's pair weights while the mask is unchanged and rebuilds them after
+    an in-place edit or a new teacher: always the value of `alignment_loss` with the current mask."""
+    model, (x, _) = _model(), _batch()
+    model.fedharmony_log_loss_parts = False
+    model.fedharmony_configure(alignment_weight=LAMBDA, corr_momentum=0.5)
+
+    def check(mask: Tensor) -> None:
+        model.fedharmony_reset_running()
+        preds = torch.sigmoid(model(x))
+        got = model._fedharmony_alignment(preds, None)
+        model.fedharmony_reset_running()
+        corr = model._fedharmony_running_corr(preds[:, None, :], None)[0]
+        assert torch.equal(got, alignment_loss(corr, _teacher(), mask))
+
+    model.fedharmony_set_teacher(_teacher(), _off_diagonal())
+    check(_off_diagonal())
+    check(_off_diagonal())
+    with torch.no_grad():
+        model.fedharmony_mask[:, 2:] = False  # in place: the cache must notice
+    edited = _off_diagonal()
+    edited[:, 2:] = False
+    check(edited)
+    model.fedharmony_set_teacher(_teacher(), _off_diagonal())
+    check(_off_diagonal())
+
+
 # ---------------------------------------------------------------------------------------------------- custom loss_fn
 def test_custom_scalar_loss_fn() -> None:
     model, (x, y) = _model(), _batch()

@@ -155,6 +155,20 @@ def test_same_seed_same_weights_different_seed_differs():
 
 
 # ---------------------------------------------------------------------------- client selection
+def test_client_seeding_gives_torch_manual_seed_state(monkeypatch):
+    """A client's round seed leaves torch's CPU generator as `torch.manual_seed` does, with or without accelerators."""
+    from lightning_fedharmony import client
+
+    seed = 2**62 + 12345
+    torch.manual_seed(seed)
+    expected = torch.get_rng_state()
+    for present in (False, True):
+        monkeypatch.setattr(client, "_accelerator_present", lambda present=present: present)
+        torch.manual_seed(0)
+        client.manual_seed(seed)
+        assert torch.equal(torch.get_rng_state(), expected)
+
+
 def test_selection_seeded_sized_and_varies_by_round():
     clients = tiny_clients(sizes=(16,) * 10)
     fed = federation(clients=clients, fraction_fit=0.3, seed=7)

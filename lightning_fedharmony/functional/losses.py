@@ -36,9 +36,14 @@ def alignment_loss(corr: Tensor, teacher: Tensor, mask: Tensor) -> Tensor:
             f" {tuple(corr.shape)}, {tuple(teacher.shape)} and {tuple(mask.shape)}."
         )
     weight = mask.to(corr.dtype)
-    count = weight.sum()
+    return masked_mean_square(corr, teacher, weight, weight.sum().clamp_min(1.0))
+
+
+def masked_mean_square(corr: Tensor, teacher: Tensor, weight: Tensor, count: Tensor) -> Tensor:
+    """:func:`alignment_loss` from a mask already turned into ``weight`` (``corr``'s dtype) and its pair ``count``
+    (at least 1): a training step whose mask stays fixed for the round builds both once, not at every step."""
     squared = (corr - teacher.to(corr.dtype)).square() * weight
-    return squared.sum() / count.clamp_min(1.0)
+    return squared.sum() / count
 
 
 def soft_phi_alignment_loss(
@@ -147,8 +152,20 @@ class _SoftPhiAlignment(torch.autograd.Function):
 def proximal_term(params: Iterable[Tensor], global_params: Iterable[Tensor], mu: float) -> Tensor:
     """FedProx's ``mu / 2 * sum ||w - w_global||^2`` (Li et al., MLSys 2020).
 
+    One autograd node: the value of ``0.5 * mu * sum_i ((w_i - g_i) ** 2).sum()`` and, in backward, the gradient
+    ``2 * (grad * (mu / 2)) * (w_i - g_i)`` per parameter in one multiplication. Autograd through the composition
+    computes ``(grad * (mu / 2)) * (2 * (w_i - g_i))`` after a copy and a doubling of ``w_i - g_i``: the same exact
+    product (doubling is exact in floating point), so the gradients are bit for bit those of the composition (tested)
+    at a fraction of the passes over the parameters (the term ran at a third of a small model's step).
+
     Raises:
         ValueError: if ``mu`` is negative or the two parameter lists differ in length.
+
+    Example:
+        >>> import torch
+        >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> proximal_term([w], [torch.zeros(2)], mu=0.5)
+        tensor(1.2500, grad_fn=<_ProximalBackward>)
     """
     if mu < 0:
         raise ValueError(f"Expected argument `mu` to be non-negative, but got {mu}.")
@@ -159,5 +176,26 @@ def proximal_term(params: Iterable[Tensor], global_params: Iterable[Tensor], mu:
         )
     if not params:
         return torch.tensor(0.0)
-    total = torch.stack([(p - g.to(p)).square().sum() for p, g in zip(params, global_params)]).sum()
-    return 0.5 * mu * total
+    anchors = [g.to(p) for p, g in zip(params, global_params)]
+    return _Proximal.apply(0.5 * mu, len(params), *params, *anchors)
+
+
+class _Proximal(torch.autograd.Function):
+    """``scale * sum_i ((w_i - g_i) ** 2).sum()``; ``g_i`` get no gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, scale: float, num: int, *tensors: Tensor) -> Tensor:
+        diffs = torch._foreach_sub(tensors[:num], tensors[num:])
+        ctx.save_for_backward(*diffs)
+        ctx.scale, ctx.num = scale, num
+        # the composition's reductions, in its order: the same value
+        return scale * torch.stack([d.square().sum() for d in diffs]).sum()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        # the composition's MulBackward gives `grad * scale` to each squared sum; its PowBackward multiplies that by
+        # `2 * d`: one rounding of the same exact product as `d * (2 * (grad * scale))`
+        twice = 2 * (grad * ctx.scale)
+        grads = torch._foreach_mul(list(ctx.saved_tensors), twice)
+        return (None, None, *grads, *([None] * ctx.num))
