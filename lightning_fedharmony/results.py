@@ -29,7 +29,9 @@ class RoundRecord:
         client_weights: aggregation weight of each client that contributed.
         train_loss: clients' task loss over their local training, weighted by sample counts (``nan`` without the
             mixin).
-        metrics: the global model's evaluation metrics after aggregation (empty if not evaluated this round).
+        metrics: the global model's evaluation metrics after aggregation (empty if not evaluated this round): on the
+            server's test data under the report's keys (``map``, ...), and the federated ones, merged from every
+            client's held-out split, as ``fed_<key>`` (``fed_map``, ..., ``fed_num_samples``).
         server_metrics: the aggregator's scalars (e.g. number of label blocks).
         seconds: wall time of the round's phases: ``clients``, ``trainer_setup``, ``server``, ``eval``, ``total``.
         attempts: how many times the clients were trained this round (more than 1 after retries).
@@ -37,10 +39,13 @@ class RoundRecord:
             FedHarmony also ``discrepancy`` (``s_k``, its correlation's mean squared gap to its leave-one-out
             teacher), ``sampling_discrepancy`` (what sampling noise alone would give) and ``quality`` (``q_k``); and
             ``val_map``, the mAP of this round's global model on the client's own validation split, on evaluated
-            rounds when the client has one (absent otherwise).
+            rounds when the client has one (absent otherwise); with federated evaluation every client that evaluated
+            has its own metrics of the global model on its held-out split as ``val_<key>`` (``val_map``,
+            ``val_micro_f1``, ..., ``val_num_samples``), contributor this round or not.
         client_pairs: per client that contributed (FedHarmony), up to five label pairs where its correlation departs
             most from its teacher, largest gap first: ``(label_a, label_b, client_corr, teacher_corr)`` with labels
             by name.
+        eval_failures: client id -> reason, for clients whose federated evaluation failed this round.
     """
 
     server_round: int
@@ -55,6 +60,7 @@ class RoundRecord:
     # newer fields keep defaults, so that histories and checkpoints written before them still load
     client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     client_pairs: dict[str, list[tuple[str, str, float, float]]] = field(default_factory=dict)
+    eval_failures: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RoundRecord:

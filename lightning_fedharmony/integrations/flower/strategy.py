@@ -21,16 +21,18 @@ from lightning_fedharmony.faults import UpdateCollector
 from lightning_fedharmony.integrations.flower.wire import (
     Key,
     arrays_to_weights,
+    evaluation_from_records,
     instruction_to_records,
     library_name,
     update_from_records,
     weights_to_arrays,
     wire_name,
 )
-from lightning_fedharmony.orchestrator import FederationError
-from lightning_fedharmony.protocol import ProtocolError, Update
+from lightning_fedharmony.metrics import check_bins
+from lightning_fedharmony.orchestrator import FEDERATED_EVAL, FederationError
+from lightning_fedharmony.protocol import Evaluation, Instruction, ProtocolError, Update
 from lightning_fedharmony.results import FederationResult, RoundRecord, client_round_metrics, named_pairs
-from lightning_fedharmony.rounds import derive_seed, evaluate_weights, select_clients
+from lightning_fedharmony.rounds import derive_seed, evaluate_weights, merge_evaluations, select_clients
 
 
 class FedHarmonyStrategy(Strategy):
@@ -41,8 +43,11 @@ class FedHarmonyStrategy(Strategy):
     ``aggregator.configure_round`` (global weights; for FedHarmony that client's teacher and mask), validate the
     replies, hand them to ``aggregator.aggregate_round`` in selection order and return the new global weights.
     Clients train with the seed ``derive_seed(seed, server_round, partition_id)``, as in
-    :class:`~lightning_fedharmony.orchestrator.Federation`. Evaluation runs on the server through ``evaluate_fn``
-    of :meth:`start` (see :func:`make_evaluate_fn`); no federated evaluation messages are sent.
+    :class:`~lightning_fedharmony.orchestrator.Federation`. After each round every known client gets an ``evaluate``
+    message with the new global weights and answers with the metric state of its held-out split; the server merges
+    the states exactly (as ``Federation`` does), into ``fed_<key>`` metrics and each client's ``val_<key>`` in the
+    round's record. Server-side evaluation on a test set runs through ``evaluate_fn`` of :meth:`start` (see
+    :func:`make_evaluate_fn`).
 
     The history of the run, in the library's own form, is :attr:`result` (a
     :class:`~lightning_fedharmony.results.FederationResult`, writable with ``to_json``/``to_csv``).
@@ -56,6 +61,9 @@ class FedHarmonyStrategy(Strategy):
         local_epochs: epochs each selected client trains per round.
         seed: seeds client selection and each client's training.
         wait_timeout: seconds to wait for ``min_available_clients`` nodes (and for their partition ids).
+        federated_eval: ``"exact"``, ``"binned"`` (no per-sample score leaves a client) or ``"off"``, as in
+            ``Federation``.
+        eval_bins: thresholds of the binned average precision.
 
     Example (a ``ServerApp``)::
 
@@ -76,6 +84,8 @@ class FedHarmonyStrategy(Strategy):
         local_epochs: int = 1,
         seed: int = 0,
         wait_timeout: float = 600.0,
+        federated_eval: str = "exact",
+        eval_bins: int = 100,
     ) -> None:
         if not isinstance(aggregator, Aggregator):
             raise TypeError(f"Expected argument `aggregator` to be an Aggregator, but got {type(aggregator).__name__}.")
@@ -90,6 +100,14 @@ class FedHarmonyStrategy(Strategy):
                 raise ValueError(f"Expected argument `{name}` to be an int >= 1, but got {value!r}.")
         if not wait_timeout > 0:
             raise ValueError(f"Expected argument `wait_timeout` to be > 0, but got {wait_timeout!r}.")
+        if federated_eval not in FEDERATED_EVAL:
+            raise ValueError(
+                f"Expected argument `federated_eval` to be one of {FEDERATED_EVAL}, but got {federated_eval!r}."
+            )
+        check_bins(eval_bins)
+        self.federated_eval = federated_eval
+        self.eval_bins = eval_bins
+        self._eval_pending: dict[int, str] = {}  # node id -> client id, for the evaluation in flight
         self.aggregator = aggregator
         self.fraction_fit = float(fraction_fit)
         self.min_clients = min_clients
@@ -154,9 +172,10 @@ class FedHarmonyStrategy(Strategy):
                 metrics = user_fn(server_round, arrays)
                 if metrics is not None and server_round >= 1 and self.result.rounds:
                     record = self.result.rounds[-1]
-                    record.metrics = {
-                        library_name(k): float(v) for k, v in metrics.items() if isinstance(v, (int, float))
-                    }
+                    # update, not replace: the federated metrics of aggregate_evaluate are already there
+                    record.metrics.update(
+                        {library_name(k): float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+                    )
                     record.seconds["eval"] = time.perf_counter() - started
                     record.seconds["total"] += record.seconds["eval"]
                 return metrics
@@ -351,11 +370,54 @@ class FedHarmonyStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """No federated evaluation: the global model is evaluated on the server (``evaluate_fn`` of :meth:`start`)."""
-        return []
+        """Federated evaluation: one ``evaluate`` message with the new global weights per known client (none with
+        ``federated_eval="off"``)."""
+        self._eval_pending = {}
+        if self.federated_eval == "off":
+            return []
+        request = Instruction(weights=self._global, server_round=server_round, eval_bins=self._bins)
+        messages = []
+        for cid, node in sorted(self._node_of.items(), key=lambda item: _client_order(item[0])):
+            content = instruction_to_records(request, cid, arrays=arrays, config=config)
+            messages.append(
+                Message(content, dst_node_id=node, message_type=MessageType.EVALUATE, group_id=str(server_round))
+            )
+            self._eval_pending[node] = cid
+        return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return None
+        """Merge the clients' metric states exactly into the round's record (``fed_<key>`` metrics, each client's
+        ``val_<key>``, failures in ``eval_failures``) and return the federated metrics."""
+        evaluations: dict[str, Evaluation] = {}
+        failures: dict[str, str] = {}
+        for reply in replies:
+            cid = self._eval_pending.get(reply.metadata.src_node_id)
+            if cid is None or cid in evaluations:
+                continue
+            if reply.has_error():
+                failures[cid] = f"ClientAppError: {' '.join(str(reply.error.reason).split())}"
+                continue
+            try:
+                evaluations[cid] = evaluation_from_records(reply.content, cid, self._bins)
+            except ProtocolError as err:
+                failures[cid] = f"rejected evaluation: {err}"
+        failures.update({cid: "no reply" for cid in self._eval_pending.values() if cid not in evaluations})
+        failures = {cid: reason for cid, reason in failures.items() if cid not in evaluations}
+        ordered = [evaluations[cid] for cid in sorted(evaluations, key=_client_order)]
+        federated, own = merge_evaluations(ordered, self._bins)
+        if self.result.rounds and self.result.rounds[-1].server_round == server_round:
+            record = self.result.rounds[-1]
+            record.metrics.update(federated)
+            record.eval_failures = failures
+            for cid, values in own.items():
+                record.client_metrics.setdefault(cid, {}).update(values)
+        if failures:
+            log(WARNING, "Round %d evaluation failures: %s", server_round, failures)
+        return MetricRecord({wire_name(k): v for k, v in federated.items()}) if federated else None
+
+    @property
+    def _bins(self) -> int | None:
+        return self.eval_bins if self.federated_eval == "binned" else None
 
 
 def make_evaluate_fn(module: pl.LightningModule, dataloader: DataLoader) -> Callable[[int, ArrayRecord], MetricRecord]:
