@@ -172,7 +172,7 @@ class Federation:
         eval_dataloader: DataLoader | None = None,
         eval_every: int = 1,
         federated_eval: str = "exact",
-        eval_bins: int = 100,
+        eval_bins: int = 200,
         trainer_kwargs: Mapping[str, Any] | None = None,
         checkpoint_dir: str | os.PathLike[str] | None = None,
         client_timeout: float | None = None,

@@ -85,7 +85,7 @@ class FedHarmonyStrategy(Strategy):
         seed: int = 0,
         wait_timeout: float = 600.0,
         federated_eval: str = "exact",
-        eval_bins: int = 100,
+        eval_bins: int = 200,
     ) -> None:
         if not isinstance(aggregator, Aggregator):
             raise TypeError(f"Expected argument `aggregator` to be an Aggregator, but got {type(aggregator).__name__}.")
