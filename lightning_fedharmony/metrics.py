@@ -528,12 +528,10 @@ class MultilabelReport(Metric):
         if isinstance(incoming_state, dict):
             incoming_state = dict(incoming_state)
             binned = all(name in incoming_state for name in _BINNED_STATES)
-            if binned != (self.bins is not None) or (
-                binned and incoming_state["ap_positives"].shape[0] != self.bins
-            ):
+            got = incoming_state["ap_positives"].shape[0] if binned else None
+            if got != self.bins:
                 raise ValueError(
-                    f"Expected a report state with bins={self.bins} to merge, but got one"
-                    f" {'with ' + str(incoming_state['ap_positives'].shape[0]) + ' bins' if binned else 'of exact scores'}."
+                    f"Expected a report state with bins={self.bins} to merge, but got one with bins={got}."
                     " HINT: every client must evaluate with the same `bins`."
                 )
             for name in _CAT_STATES:

@@ -34,6 +34,7 @@ from lightning_fedharmony.client import (  # noqa: F401 - re-exported: their hom
     train_client,
 )
 from lightning_fedharmony.exchange import check_client_id
+from lightning_fedharmony.metrics import check_bins
 from lightning_fedharmony.mixin import FedHarmonyMixin, load_model_weights, model_weights
 from lightning_fedharmony.privacy import check_privacy_args
 from lightning_fedharmony.protocol import Instruction
@@ -44,7 +45,6 @@ from lightning_fedharmony.results import (  # noqa: F401 - re-exported: their ho
     label_name,
     named_pairs,
 )
-from lightning_fedharmony.metrics import check_bins
 from lightning_fedharmony.rounds import (  # noqa: F401 - client_val_loader re-exported: its home was here
     client_val_loader,
     derive_seed,

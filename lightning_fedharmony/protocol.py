@@ -338,7 +338,9 @@ class Evaluation:
                 raise ProtocolError(cid, "report", str(err)) from None
             if int(self.report["num_samples"]) != n:
                 raise ProtocolError(
-                    cid, "num_samples", f"expected the report's num_samples {int(self.report['num_samples'])}, but got {n}."
+                    cid,
+                    "num_samples",
+                    f"expected the report's num_samples {int(self.report['num_samples'])}, but got {n}.",
                 )
             if check_bins and got_bins != bins:
                 raise ProtocolError(cid, "report", f"expected a report with eval_bins={bins}, but got {got_bins}.")
@@ -372,7 +374,9 @@ class Evaluation:
         named = _scalar_from(arrays["client_id"], source, "client_id", str)
         if client_id is not None and named != client_id:
             raise ProtocolError(client_id, "client_id", f"expected {client_id!r}, but the evaluation names {named!r}.")
-        unknown = sorted(k for k in arrays if k not in ("client_id", "num_samples") and not k.startswith((_REPORT, _METRICS)))
+        unknown = sorted(
+            k for k in arrays if k not in ("client_id", "num_samples") and not k.startswith((_REPORT, _METRICS))
+        )
         if unknown:
             raise ProtocolError(
                 named, unknown[0], "unknown entry; expected client_id, num_samples, report.* or metrics.*."

@@ -134,7 +134,7 @@ def test_report_state_validation_names_the_entry() -> None:
         validate_report_state({**state, "extra": torch.zeros(1)})
     with pytest.raises(ValueError, match=r"`bins` to be None \(exact\) or an int >= 2, but got 1"):
         MultilabelReport(3, bins=1)
-    with pytest.raises(ValueError, match="Expected a report state with bins=None to merge.*HINT"):
+    with pytest.raises(ValueError, match=r"Expected a report state with bins=None to merge.*HINT"):
         MultilabelReport(3).merge_state(MultilabelReport(3, bins=5).export_state())
 
 
@@ -208,8 +208,13 @@ def test_flower_evaluate_messages_merge_to_central_evaluation(monkeypatch: pytes
     replies = []
     for msg in messages:
         partition = nodes[msg.metadata.dst_node_id]
-        context = Context(run_id=1, node_id=msg.metadata.dst_node_id, node_config={"partition-id": partition},
-                          state=RecordDict(), run_config={})
+        context = Context(
+            run_id=1,
+            node_id=msg.metadata.dst_node_id,
+            node_config={"partition-id": partition},
+            state=RecordDict(),
+            run_config={},
+        )
         replies.append(app(msg, context))
     metrics = strategy.aggregate_evaluate(1, replies)
     assert metrics is not None
