@@ -159,65 +159,121 @@ def bench_blocks(name: str, repeats: int, num_blocks: int, epochs: int) -> dict[
     }
 
 
-def _server_cell(num_clients: int, num_labels: int, repeats: int) -> dict[str, Any]:
+def _server_cell(num_clients: int, num_labels: int, repeats: int, leave_one_out: str = "client") -> dict[str, Any]:
     """One server step of FedHarmony with K synthetic clients over L labels (runs in its own process).
 
-    ``step``: ``aggregate_round`` (each client's correlation, the consensus, blocks, quality, weights), the part of
-    the round the server cannot hand out. ``teacher``: one client's leave-one-out teacher and mask, built when that
-    client is configured for the next round. ``state``: what the aggregator keeps between rounds, one float32
-    ``L x L`` correlation per client (the paper's teachers subtract each client's own latest term).
+    ``leave_one_out="client"`` (the sums-only server): ``step`` is round 2 of ``aggregate_round`` over an iterator that
+    makes each client's update when it is asked for (each replaces the client's round-1 term), the way updates arrive
+    over a network; the terms come from a pool of 16 distinct ``L x L`` matrices, so that the inputs take no ``K L^2``
+    memory and do not sit in the cache. ``teacher``: one client's teacher built on its side from the share.
+    ``state``: what the aggregator keeps between rounds. ``step_peak_extra_mib``: the peak resident memory of rounds 1
+    and 2 above what the process held before them (the pool included there).
+
+    ``leave_one_out="server"`` (every client's correlation kept): ``step`` is ``aggregate_round`` over K updates with
+    statistics built beforehand (``K L^2`` float64 of input); ``teacher``: one client's teacher on the server.
     """
     import resource
 
+    from lightning_fedharmony.client_terms import share_teacher
+    from lightning_fedharmony.protocol import ConsensusTerm
+
     generator = torch.Generator().manual_seed(0)
     weights = {"w": torch.zeros(4)}
-    updates = []
-    for k in range(num_clients):
-        preds = torch.rand(32, num_labels, generator=generator)
-        stats = CorrelationStats(num_labels)
-        stats.update(preds, (preds > 0.5).float())
-        updates.append(ClientUpdate(str(k), {"w": torch.full((4,), float(k))}, 32, stats))
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     step_times, teacher_times = [], []
-    for _ in range(max(repeats, 1)):
-        aggregator = FedHarmony(t0=5)
-        started = time.perf_counter()
-        aggregator.aggregate_round(1, updates, weights)
-        step_times.append(time.perf_counter() - started)
-    step_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    sample = [u.client_id for u in updates[: min(num_clients, 50)]]
-    for _ in range(repeats):
-        started = time.perf_counter()
-        for client_id in sample:
-            aggregator.teacher(client_id)
-        teacher_times.append((time.perf_counter() - started) / len(sample))
+    if leave_one_out == "client":
+        pool = []
+        for _ in range(16):
+            corr = torch.rand(num_labels, num_labels, generator=generator) * 2 - 1
+            pool.append(((corr + corr.T) / 2).fill_diagonal_(1.0))
+        # round 1 adds w R (w = 32); round 2 replaces it: w (R' - R), here 0.5 R
+        deltas = {1: [32.0 * corr for corr in pool], 2: [0.5 * corr for corr in pool]}
+        valid = torch.ones(num_labels, dtype=torch.bool)
+
+        def updates(server_round: int):
+            for k in range(num_clients):
+                replaced = (1, 32.0) if server_round > 1 else (0, 0.0)
+                term = ConsensusTerm(
+                    delta=deltas[server_round][k % 16],
+                    valid=valid,
+                    weight=32.0,
+                    replaced_round=replaced[0],
+                    replaced_weight=replaced[1],
+                    previous_valid=valid,
+                    discrepancy=0.01 * (k % 7),
+                    scored=server_round > 1,
+                )
+                yield ClientUpdate(str(k), {"w": torch.full((4,), float(k))}, 32, term=term)
+
+        baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        for _ in range(max(repeats, 1)):
+            aggregator = FedHarmony(t0=5, leave_one_out="client")
+            aggregator.aggregate_round(1, updates(1), weights)
+            started = time.perf_counter()
+            aggregator.aggregate_round(2, updates(2), weights)
+            step_times.append(time.perf_counter() - started)
+        step_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        share = aggregator.client_instructions(3, "0", weights).consensus
+        own = (pool[0], valid)
+        for _ in range(repeats):
+            started = time.perf_counter()
+            for _ in range(10):
+                share_teacher(share, own)  # type: ignore[arg-type]
+            teacher_times.append((time.perf_counter() - started) / 10)
+    else:
+        built = []
+        for k in range(num_clients):
+            preds = torch.rand(32, num_labels, generator=generator)
+            stats = CorrelationStats(num_labels)
+            stats.update(preds, (preds > 0.5).float())
+            built.append(ClientUpdate(str(k), {"w": torch.full((4,), float(k))}, 32, stats))
+        baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        for _ in range(max(repeats, 1)):
+            aggregator = FedHarmony(t0=5, leave_one_out="server")
+            started = time.perf_counter()
+            aggregator.aggregate_round(1, built, weights)
+            step_times.append(time.perf_counter() - started)
+        step_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        sample = [u.client_id for u in built[: min(num_clients, 50)]]
+        for _ in range(repeats):
+            started = time.perf_counter()
+            for client_id in sample:
+                aggregator.teacher(client_id)
+            teacher_times.append((time.perf_counter() - started) / len(sample))
     state = aggregator.state_dict()
+    state_bytes = sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
     return {
         "clients": num_clients,
         "labels": num_labels,
+        "leave_one_out": leave_one_out,
         "step_seconds": statistics.median(step_times),
         "teacher_ms": 1000 * statistics.median(teacher_times),
         "step_peak_extra_mib": (step_peak - baseline) / 1024,
-        "state_mib": state["corr"].numel() * state["corr"].element_size() / 2**20,
-        "input_stats_mib": num_clients * num_labels * num_labels * 8 / 2**20,
+        "state_mib": state_bytes / 2**20,
+        "input_stats_mib": 0.0 if leave_one_out == "client" else num_clients * num_labels * num_labels * 8 / 2**20,
     }
 
 
-def bench_server(cells: list[tuple[int, int]], repeats: int, threads: int) -> list[dict[str, Any]]:
+def bench_server(
+    cells: list[tuple[int, int]], repeats: int, threads: int, leave_one_out: str = "client"
+) -> list[dict[str, Any]]:
     rows = []
     for num_clients, num_labels in cells:
         here = str(Path(__file__).parent)
         code = (
             f"import json, sys, torch; torch.set_num_threads({threads}); sys.path.insert(0, {here!r});"
             " from speed import _server_cell; "
-            f"print(json.dumps(_server_cell({num_clients}, {num_labels}, {repeats})))"
+            f"print(json.dumps(_server_cell({num_clients}, {num_labels}, {repeats}, {leave_one_out!r})))"
         )
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
         if done.returncode != 0:
             rows.append({"clients": num_clients, "labels": num_labels, "error": done.stderr.strip().splitlines()[-1]})
             continue
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(f"server K={num_clients} L={num_labels}: {rows[-1]['step_seconds']:.3f} s", flush=True)
+        print(
+            f"server ({leave_one_out}) K={num_clients} L={num_labels}: {rows[-1]['step_seconds']:.3f} s,"
+            f" +{rows[-1]['step_peak_extra_mib']:.0f} MiB peak, {rows[-1]['state_mib']:.1f} MiB state",
+            flush=True,
+        )
     return rows
 
 
@@ -267,19 +323,21 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append("")
     if "server" in report:
         lines += [
-            "**Server step** (`aggregate_round`: every client's correlation, consensus, blocks, quality, weights; one"
-            " process per cell; a teacher is built per client when it is configured for the next round):",
+            "**Server step** (`aggregate_round` of FedHarmony: consensus, blocks, quality, weights; one process per"
+            " cell. `client`: the sums-only server, updates made one at a time as they arrive, the teacher built on"
+            " the client's side; `server`: every client's correlation kept, statistics built beforehand, the teacher"
+            " built by the server):",
             "",
-            "| clients K | labels L | step s | teacher ms per client | extra MiB during the step | of which kept"
-            " state MiB | input statistics MiB |",
-            "|---:|---:|---:|---:|---:|---:|---:|",
+            "| leave-one-out | clients K | labels L | step s | teacher ms per client | extra MiB during the step"
+            " | kept state MiB | input statistics MiB |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for s in report["server"]:
             if "error" in s:
-                lines.append(f"| {s['clients']} | {s['labels']} | failed: {s['error']} | | | | |")
+                lines.append(f"| | {s['clients']} | {s['labels']} | failed: {s['error']} | | | | |")
                 continue
             lines.append(
-                f"| {s['clients']} | {s['labels']} | {s['step_seconds']:.3f} | {s['teacher_ms']:.1f}"
+                f"| {s['leave_one_out']} | {s['clients']} | {s['labels']} | {s['step_seconds']:.3f} | {s['teacher_ms']:.1f}"
                 f" | {s['step_peak_extra_mib']:.0f} | {s['state_mib']:.0f} | {s['input_stats_mib']:.0f} |"
             )
         lines.append("")
@@ -299,8 +357,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument(
         "--server-cells",
-        default="10x100,100x100,1000x100,10x1000,100x1000,300x1000",
+        default="10x100,100x100,1000x100,10x1000,100x1000,1000x1000",
         help="KxL cells of the server part",
+    )
+    parser.add_argument(
+        "--leave-one-out",
+        default="client",
+        choices=("client", "server"),
+        help="server part: FedHarmony's `leave_one_out` (client: sums-only server; server: every correlation kept)",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (small models: 1 is fastest)")
     parser.add_argument("--out", default="results/speed")
@@ -333,7 +397,9 @@ def main() -> None:
             print(f"blocks {b['data']}: {100 * b['time_saved']:.0f}% saved", flush=True)
     if "server" in parts:
         cells = [tuple(int(v) for v in cell.split("x")) for cell in args.server_cells.split(",")]
-        report["server"] = bench_server(cells, max(1, min(args.repeats, 3)), args.threads)  # type: ignore[arg-type]
+        report["server"] = bench_server(
+            cells, max(1, min(args.repeats, 3)), args.threads, args.leave_one_out  # type: ignore[arg-type]
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "speed.json").write_text(json.dumps(report, indent=2))

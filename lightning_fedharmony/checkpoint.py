@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -13,6 +15,10 @@ import torch
 #: Layout version of federation checkpoints; a reader rejects any other.
 CHECKPOINT_VERSION = 1
 CHECKPOINT_NAME = "federation.ckpt"
+#: Entries a federation checkpoint must hold (every runner writes the same ones).
+STATE_KEYS = ("server_round", "global_weights", "aggregator", "history", "fingerprint")
+#: Plain values that a fingerprint may hold (with lists and str-keyed dicts of them).
+_PLAIN = (type(None), bool, int, float, str)
 
 
 #: What a user does about a checkpoint that cannot be used.
@@ -91,3 +97,131 @@ def _load_failure(err: Exception) -> str:
         detail = text.split(marker, 1)[1].split(". ")[0].strip().rstrip(".")
         return f"it is not a torch file of tensors and plain values ({detail})"
     return f"it is damaged or truncated ({text.split('. ')[0].rstrip('.') or type(err).__name__})"
+
+
+def restore_checkpoint(path: str | os.PathLike[str], load_state_dict: Callable[[Mapping[str, Any]], None]) -> None:
+    """Read the checkpoint at ``path`` and hand it to ``load_state_dict`` (a runner's), with one-line errors.
+
+    Raises:
+        CheckpointError: the file cannot be read, or its content does not fit the runner's model or aggregator
+            (named, with a HINT).
+        CheckpointMismatchError: the checkpoint was written by another setup (names the setting and the file).
+    """
+    where = os.fspath(path)
+    state = load_checkpoint(path, STATE_KEYS)
+    try:
+        load_state_dict(state)
+    except CheckpointMismatchError as err:
+        raise CheckpointMismatchError(f"{where}: {err}") from None
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+        reason = " ".join(f"{type(err).__name__}: {err}".split())
+        raise CheckpointError(
+            f"{where}: expected the checkpoint's content to fit this federation, but restoring it failed"
+            f" ({reason}). {CHECKPOINT_HINT}"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------- fingerprints
+def check_fingerprint(saved_fingerprint: Any, current: Mapping[str, Any]) -> None:
+    """Refuse a checkpoint whose fingerprint differs from the current run's in any entry.
+
+    Raises:
+        CheckpointMismatchError: naming the first setting (dotted key) whose saved value differs from the current
+            one (the current fingerprint's order first), or if the checkpoint predates fingerprints of the whole run.
+    """
+    if not isinstance(saved_fingerprint, Mapping) or "fingerprint_version" not in saved_fingerprint:
+        raise CheckpointMismatchError(
+            "Expected the checkpoint to record the data, partition, model and method settings of its run, but it"
+            " was written by an earlier version that recorded only the federation's, so it cannot show that it"
+            " belongs to this run. HINT: use a fresh `checkpoint_dir` (or delete this checkpoint) to start over."
+        )
+    saved, now = flatten(saved_fingerprint), flatten(current)
+    for key in [*now, *(k for k in saved if k not in now)]:
+        if saved.get(key, _ABSENT) != now.get(key, _ABSENT):
+            raise CheckpointMismatchError(
+                f"Expected the checkpoint to come from the same federation, but `{key}` differs: saved"
+                f" {saved.get(key, _ABSENT)!r}, now {now.get(key, _ABSENT)!r}. HINT: use another"
+                " `checkpoint_dir` for another setup."
+            )
+
+
+class _Absent:
+    """Stands for a fingerprint entry that one side lacks (``None`` is a value)."""
+
+    def __repr__(self) -> str:
+        return "<not recorded>"
+
+
+_ABSENT = _Absent()
+
+
+def plain(value: Any, key: str) -> Any:
+    """``value`` as plain values (tuples become lists), or ``TypeError`` naming ``key``."""
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [plain(v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+        return {k: plain(v, f"{key}.{k}") for k, v in value.items()}
+    raise TypeError(
+        f"Expected argument `fingerprint_extra` to hold plain values (str-keyed mappings, lists, str, numbers, bool,"
+        f" None), but `{key}` is {type(value).__name__}."
+    )
+
+
+def plain_items(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``values`` that are plain values (others, e.g. tensors or modules, are left out)."""
+    kept = {}
+    for key, value in values.items():
+        with contextlib.suppress(TypeError):
+            kept[str(key)] = plain(value, str(key))
+    return kept
+
+
+def constructor_settings(obj: object) -> dict[str, Any]:
+    """The plain-valued attributes named like ``obj``'s constructor arguments: its settings, not its state."""
+    try:
+        parameters = inspect.signature(type(obj)).parameters
+    except (TypeError, ValueError):  # a signature Python cannot read (some builtins)
+        return {}
+    names = [
+        name
+        for name, p in parameters.items()
+        if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and not name.startswith("_") and hasattr(obj, name)
+    ]
+    return plain_items({name: getattr(obj, name) for name in names})
+
+
+def check_fingerprint_extra(extra: Mapping[str, Any] | None, reserved: frozenset[str]) -> dict[str, Any]:
+    """The caller's ``fingerprint_extra`` as plain values; it may not use the runner's own entries ``reserved``.
+
+    Raises:
+        TypeError: ``extra`` is no mapping, or holds something else than plain values.
+        ValueError: ``extra`` uses one of the ``reserved`` keys.
+    """
+    if extra is None:
+        return {}
+    if not isinstance(extra, Mapping):
+        raise TypeError(
+            f"Expected argument `fingerprint_extra` to be None or a mapping, but got {type(extra).__name__}."
+        )
+    plain_extra = plain(extra, "fingerprint_extra")
+    clashes = sorted(set(plain_extra) & reserved)
+    if clashes:
+        raise ValueError(
+            f"Expected argument `fingerprint_extra` to leave the federation's own entries {sorted(reserved)} to"
+            f" it, but got {clashes}."
+        )
+    return plain_extra
+
+
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one mapping of dotted keys (``{"partition": {"alpha": 0.1}}`` -> ``partition.alpha``)."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = list(value) if isinstance(value, tuple) else value
+    return flat

@@ -33,10 +33,11 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_fedharmony.callback import CorrelationExchange
+from lightning_fedharmony.client_terms import ConsensusMemory
 from lightning_fedharmony.exchange import check_client_id
 from lightning_fedharmony.mixin import FedHarmonyMixin, load_model_weights, model_weights
 from lightning_fedharmony.privacy import check_privacy_args
-from lightning_fedharmony.protocol import Evaluation, Instruction, Update
+from lightning_fedharmony.protocol import Evaluation, Instruction, ProtocolError, Update
 from lightning_fedharmony.rounds import client_val_loader, evaluate_report
 from lightning_fedharmony.transports.folder import EVALUATE, STOP, FolderMailbox
 
@@ -147,6 +148,7 @@ def train_client(
     collect_stats: bool | None = None,
     stats_noise_multiplier: float = 0.0,
     stats_clip: float | None = None,
+    memory: ConsensusMemory | None = None,
 ) -> tuple[Update, float, float]:
     """One client's local training for a round in this process, with a fresh Trainer built from ``trainer_kwargs``.
 
@@ -160,6 +162,9 @@ def train_client(
         collect_stats: overrides the instruction's ``collect_stats`` (``None`` in both: no statistics).
         stats_noise_multiplier: Gaussian noise on the statistics (see :mod:`lightning_fedharmony.privacy`).
         stats_clip: per-sample L2 bound of the statistics' prediction vectors.
+        memory: the client's terms in a sums-only server's consensus (FedHarmony ``leave_one_out="client"``): the
+            instruction's share becomes a teacher through it, and the update carries a term in place of statistics.
+            ``None`` with a share: a fresh memory, which works only while the server holds no term of this client.
 
     Returns:
         The update (``metrics["train_loss"]`` included), the final task loss (``nan`` if not logged) and the seconds
@@ -171,6 +176,10 @@ def train_client(
             seed=instructions.seed if seed is None else seed,
             collect_stats=instructions.collect_stats if collect_stats is None else collect_stats,
         )
+    share = instructions.consensus
+    if share is not None:
+        memory = memory if memory is not None else ConsensusMemory()
+        instructions = memory.resolve(instructions, client_id)
     install(module, instructions)
     callbacks: list[pl.Callback] = []
     log_parts = True
@@ -179,7 +188,7 @@ def train_client(
         # nobody reads a client's logs here: skip Lightning's per-step logging (several ms per fit) and read the
         # mixin's own running means instead
         log_parts, module.fedharmony_log_loss_parts = module.fedharmony_log_loss_parts, False
-        if instructions.collect_stats:
+        if instructions.collect_stats or share is not None:
             exchange = CorrelationExchange(
                 client_id=client_id,
                 stats_noise_multiplier=stats_noise_multiplier,
@@ -209,6 +218,8 @@ def train_client(
         stats=None if exchange is None else exchange.published_stats,
         metrics={"train_loss": loss},
     )
+    if share is not None and memory is not None:
+        update = complete_term(module, update, memory, instructions, client_id)
     return update, loss, setup
 
 
@@ -242,6 +253,31 @@ def evaluate_client(
         num_samples=int(state["num_samples"]),
         report=state,
         metrics={"seconds": time.perf_counter() - started},
+    )
+
+
+def complete_term(
+    module: pl.LightningModule, update: Update, memory: ConsensusMemory, instruction: Instruction, client_id: str
+) -> Update:
+    """The update with its statistics replaced by its consensus term (the module's soft phi settings, which the
+    instruction set).
+
+    Raises:
+        ProtocolError: if the update holds no statistics to build the term from.
+    """
+    if update.stats is None or not isinstance(module, FedHarmonyMixin):
+        raise ProtocolError(
+            client_id,
+            "term",
+            "a consensus share needs the client's prediction statistics, but none were collected."
+            " HINT: the module must use FedHarmonyMixin.",
+        )
+    return memory.complete(
+        update,
+        update.stats,
+        instruction.server_round or 0,
+        eps=module.fedharmony_corr_eps,
+        normalization=module.fedharmony_corr_normalization,
     )
 
 
@@ -335,6 +371,8 @@ class FederatedClient(Callback):
         #: id of the last evaluation request answered
         self.evaluated: str | None = None
         self.rounds_done = 0
+        #: the terms this client contributed to a sums-only server's consensus (FedHarmony ``leave_one_out="client"``)
+        self.memory = ConsensusMemory()
         self.stopped = False
         self._current: tuple[str, Instruction] | None = None
         self._epochs_left = 0
@@ -422,6 +460,7 @@ class FederatedClient(Callback):
     def _start_round(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, ident: str, instruction: Instruction
     ) -> None:
+        instruction = self.memory.resolve(instruction, self.client_id)
         install(pl_module, instruction)
         if instruction.seed is not None:
             self._replay_fresh_fit(trainer)
@@ -431,8 +470,8 @@ class FederatedClient(Callback):
                 opt.load_state_dict(copy.deepcopy(state))
             for cfg, state in zip(trainer.lr_scheduler_configs, schedulers):
                 cfg.scheduler.load_state_dict(copy.deepcopy(state))
-        collect = instruction.collect_stats
-        if collect is None:
+        collect = instruction.collect_stats or instruction.consensus is not None
+        if instruction.collect_stats is None and instruction.consensus is None:
             collect = isinstance(pl_module, FedHarmonyMixin)
         self._stats = None
         if collect:
@@ -472,6 +511,8 @@ class FederatedClient(Callback):
             stats=None if self._stats is None else self._stats.published_stats,
             metrics={"train_loss": _train_loss(pl_module), "seconds": time.perf_counter() - self._started},
         )
+        if instruction.consensus is not None:
+            update = complete_term(pl_module, update, self.memory, instruction, self.client_id)
         self.mailbox.send_update(update, answers=ident)
         self.answered = ident
         self.rounds_done += 1
@@ -485,6 +526,7 @@ class FederatedClient(Callback):
             "answered": self.answered,
             "evaluated": self.evaluated,
             "rounds_done": self.rounds_done,
+            "consensus_memory": self.memory.state_dict(),
         }
 
     @override
@@ -492,3 +534,5 @@ class FederatedClient(Callback):
         self.answered = state_dict.get("answered")
         self.evaluated = state_dict.get("evaluated")
         self.rounds_done = int(state_dict.get("rounds_done", 0))
+        if "consensus_memory" in state_dict:
+            self.memory.load_state_dict(state_dict["consensus_memory"])

@@ -12,7 +12,14 @@ from types import FrameType
 import torch
 from torch import Tensor
 
-from lightning_fedharmony.aggregators.base import ClientUpdate, InconsistentClientUpdates, validate_updates
+from dataclasses import replace
+
+from lightning_fedharmony.aggregators.base import (
+    ClientUpdate,
+    InconsistentClientUpdates,
+    RoundAggregation,
+    validate_updates,
+)
 
 
 class ClientTimeoutError(RuntimeError):
@@ -71,10 +78,15 @@ class UpdateCollector:
 
     Args:
         reference: the global weights the clients started from.
+        sink: the round's aggregation (:meth:`~lightning_fedharmony.aggregators.Aggregator.begin_round`): each usable
+            update is handed to it as it arrives and kept here without its weights, statistics or term, so that the
+            server holds one update at a time; one the aggregation refuses is recorded as a failure. ``None``: the
+            updates are kept whole.
     """
 
-    def __init__(self, reference: Mapping[str, Tensor]) -> None:
+    def __init__(self, reference: Mapping[str, Tensor], sink: RoundAggregation | None = None) -> None:
         self.reference = reference
+        self.sink = sink
         self.updates: list[ClientUpdate] = []
         self.failures: dict[str, str] = {}
         self.setup_seconds = 0.0
@@ -92,8 +104,16 @@ class UpdateCollector:
         if reason:
             self.fail(update.client_id, reason)
             return
+        if self.sink is not None:
+            try:
+                self.sink.add(update)
+            except InconsistentClientUpdates as err:
+                self.fail(update.client_id, f"rejected update: {err}")
+                return
         if update.stats is not None:
             self._num_labels = update.stats.num_labels
+        if self.sink is not None:
+            update = replace(update, weights={}, stats=None, term=None)
         self.updates.append(update)
         if math.isfinite(loss):
             self._losses.append((loss, update.num_samples))

@@ -5,13 +5,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
-import inspect
 import logging
 import os
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -19,13 +17,15 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_fedharmony.aggregators.base import Aggregator
+from lightning_fedharmony.aggregators.base import Aggregator, RoundAggregation
+from lightning_fedharmony.client_terms import ConsensusMemory
 from lightning_fedharmony.checkpoint import (
-    CHECKPOINT_HINT,
     CHECKPOINT_NAME,
-    CheckpointError,
-    CheckpointMismatchError,
-    load_checkpoint,
+    check_fingerprint,
+    check_fingerprint_extra,
+    constructor_settings,
+    plain_items,
+    restore_checkpoint,
     save_checkpoint,
 )
 from lightning_fedharmony.client import (  # noqa: F401 - re-exported: their home was here
@@ -34,6 +34,7 @@ from lightning_fedharmony.client import (  # noqa: F401 - re-exported: their hom
     train_client,
 )
 from lightning_fedharmony.exchange import check_client_id
+from lightning_fedharmony.faults import UpdateCollector
 from lightning_fedharmony.metrics import check_bins
 from lightning_fedharmony.mixin import FedHarmonyMixin, load_model_weights, model_weights
 from lightning_fedharmony.privacy import check_privacy_args
@@ -44,9 +45,14 @@ from lightning_fedharmony.results import (  # noqa: F401 - re-exported: their ho
     client_round_metrics,
     label_name,
     named_pairs,
+    round_record,
 )
-from lightning_fedharmony.rounds import (  # noqa: F401 - client_val_loader re-exported: its home was here
+from lightning_fedharmony.rounds import (  # noqa: F401 - FederationError, client_val_loader, derive_seed re-exported
+    FederationError,
+    client_seed,
     client_val_loader,
+    collect_with_retries,
+    complete_instruction,
     derive_seed,
     evaluate_weights,
     merge_evaluations,
@@ -61,10 +67,6 @@ log = logging.getLogger(__name__)
 FINGERPRINT_VERSION = 2
 #: Modes of federated evaluation: exact scores, binned counts (private), none.
 FEDERATED_EVAL = ("exact", "binned", "off")
-#: Entries a federation checkpoint must hold.
-_STATE_KEYS = ("server_round", "global_weights", "aggregator", "history", "fingerprint")
-#: Plain values that a fingerprint may hold (with lists and str-keyed dicts of them).
-_PLAIN = (type(None), bool, int, float, str)
 
 
 class _ProgressHandler(logging.StreamHandler):
@@ -79,10 +81,6 @@ class _ProgressHandler(logging.StreamHandler):
     def emit(self, record: logging.LogRecord) -> None:
         self.stream = self._target or sys.stdout
         super().emit(record)
-
-
-class FederationError(RuntimeError):
-    """A round could not complete; the federation keeps its last good global model."""
 
 
 class Federation:
@@ -264,9 +262,13 @@ class Federation:
         self.stats_noise_multiplier = stats_noise_multiplier
         self.stats_clip = stats_clip
         self.label_names = None if label_names is None else list(label_names)
-        self.fingerprint_extra = _check_fingerprint_extra(fingerprint_extra)
+        self.fingerprint_extra = check_fingerprint_extra(fingerprint_extra, _RESERVED_KEYS)
         self.result = FederationResult()
+        #: what the clients trained here keep of their terms in a sums-only server's consensus (FedHarmony
+        #: ``leave_one_out="client"``): client state, which lives here because the clients do
+        self.client_memory: dict[str, ConsensusMemory] = {}
         self._last_gc, self._gc_seconds = 0.0, 0.0
+        self._aggregation: RoundAggregation | None = None
         self._printing = False
         if num_threads is not None:
             _check_int("num_threads", num_threads, 1)
@@ -339,9 +341,9 @@ class Federation:
             "stats_noise_multiplier": self.stats_noise_multiplier,
             "stats_clip": self.stats_clip,
             "aggregator": f"{aggregator_cls.__module__}.{aggregator_cls.__qualname__}",
-            "aggregator_args": _constructor_settings(self.aggregator),
+            "aggregator_args": constructor_settings(self.aggregator),
             "model_class": f"{model_cls.__module__}.{model_cls.__qualname__}",
-            "model_hparams": _plain_items(dict(hparams)) if isinstance(hparams, Mapping) else {},
+            "model_hparams": plain_items(dict(hparams)) if isinstance(hparams, Mapping) else {},
             "clients": list(self.clients),
             "client_samples": {cid: n for cid, n in samples.items() if isinstance(n, int) and not isinstance(n, bool)},
         }
@@ -354,6 +356,7 @@ class Federation:
             "aggregator": self.aggregator.state_dict(),
             "history": self.result.to_dict(),
             "fingerprint": self._fingerprint(),
+            "client_memory": {cid: m.state_dict() for cid, m in self.client_memory.items() if m.rounds()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -363,25 +366,15 @@ class Federation:
             CheckpointMismatchError: naming the first setting (dotted key) whose saved value differs from the
                 current one, or if the checkpoint predates fingerprints of the whole run.
         """
-        saved_fingerprint = state["fingerprint"]
-        if not isinstance(saved_fingerprint, Mapping) or "fingerprint_version" not in saved_fingerprint:
-            raise CheckpointMismatchError(
-                "Expected the checkpoint to record the data, partition, model and method settings of its run, but it"
-                " was written by an earlier version that recorded only the federation's, so it cannot show that it"
-                " belongs to this run. HINT: use a fresh `checkpoint_dir` (or delete this checkpoint) to start over."
-            )
-        saved, current = _flatten(saved_fingerprint), _flatten(self._fingerprint())
-        for key in [*current, *(k for k in saved if k not in current)]:
-            if saved.get(key, _ABSENT) != current.get(key, _ABSENT):
-                raise CheckpointMismatchError(
-                    f"Expected the checkpoint to come from the same federation, but `{key}` differs: saved"
-                    f" {saved.get(key, _ABSENT)!r}, now {current.get(key, _ABSENT)!r}. HINT: use another"
-                    " `checkpoint_dir` for another setup."
-                )
+        check_fingerprint(state["fingerprint"], self._fingerprint())
         load_model_weights(self.model, state["global_weights"])
         self.global_weights = model_weights(self.model)
         self.aggregator.load_state_dict(state["aggregator"])
         self.result = FederationResult.from_dict(state["history"])
+        self.client_memory = {}
+        for cid, memory_state in state.get("client_memory", {}).items():
+            self.client_memory[cid] = ConsensusMemory()
+            self.client_memory[cid].load_state_dict(memory_state)
 
     def save(self, path: str | os.PathLike[str] | None = None) -> Path:
         """Write the federation's state atomically (default: ``checkpoint_dir``)."""
@@ -398,18 +391,7 @@ class Federation:
                 aggregator (named, with a HINT).
             CheckpointMismatchError: the checkpoint was written by another setup (names the setting and the file).
         """
-        where = os.fspath(path)
-        state = load_checkpoint(path, _STATE_KEYS)
-        try:
-            self.load_state_dict(state)
-        except CheckpointMismatchError as err:
-            raise CheckpointMismatchError(f"{where}: {err}") from None
-        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
-            reason = " ".join(f"{type(err).__name__}: {err}".split())
-            raise CheckpointError(
-                f"{where}: expected the checkpoint's content to fit this federation, but restoring it failed"
-                f" ({reason}). {CHECKPOINT_HINT}"
-            ) from None
+        restore_checkpoint(path, self.load_state_dict)
         log.info("resumed from %s after round %d", os.fspath(path), len(self.result.rounds))
 
     def select_clients(self, server_round: int) -> list[str]:
@@ -436,63 +418,55 @@ class Federation:
         t_start = time.perf_counter()
         selected = self.select_clients(server_round)
         instructions = self.aggregator.configure_round(server_round, selected, self.global_weights)
-        for attempt in range(self.round_retries + 1):
+
+        def collect(attempt: int) -> UpdateCollector:
             sent = self.complete_instructions(server_round, instructions, attempt)
-            collected = self.transport.collect(self, server_round, sent, attempt)
-            if len(collected.updates) >= self.min_clients:
-                break
-            log.warning(
-                "round %d, attempt %d: %d usable updates, fewer than min_clients=%d; failures: %s",
-                server_round,
-                attempt + 1,
-                len(collected.updates),
-                self.min_clients,
-                collected.failures,
-            )
-        else:
-            where = ""
-            if self.checkpoint_path is not None:
-                where = f" The last good global model is in {os.fspath(self.checkpoint_path)}."
-            raise FederationError(
-                f"Round {server_round}: {len(collected.updates)} of {len(selected)} clients returned usable updates in"
-                f" each of {self.round_retries + 1} attempt(s), fewer than `min_clients`={self.min_clients}. Failures:"
-                f" {collected.failures}. `Federation.global_weights` keeps the model of round {server_round - 1}."
-                f"{where}"
-            )
+            # a fresh aggregation per attempt: one given up leaves the aggregator as it was. An aggregator that
+            # overrides `aggregate_round` itself gets the round's updates in one list, as before rounds streamed.
+            self._aggregation = None
+            if type(self.aggregator).aggregate_round is Aggregator.aggregate_round:
+                self._aggregation = self.aggregator.begin_round(server_round, self.global_weights)
+            return self.transport.collect(self, server_round, sent, attempt)
+
+        where = ""
+        if self.checkpoint_path is not None:
+            where = f" The last good global model is in {os.fspath(self.checkpoint_path)}."
+        collected, attempts = collect_with_retries(
+            collect,
+            server_round,
+            len(selected),
+            min_clients=self.min_clients,
+            round_retries=self.round_retries,
+            kept=f" `Federation.global_weights` keeps the model of round {server_round - 1}.{where}",
+            logger=log,
+        )
         t_clients = time.perf_counter()
-        aggregated = self.aggregator.aggregate_round(server_round, collected.updates, self.global_weights)
+        if self._aggregation is not None:
+            aggregated = self._aggregation.finish()
+        else:
+            aggregated = self.aggregator.aggregate_round(server_round, collected.updates, self.global_weights)
+        self._aggregation = None
         self.global_weights = aggregated.weights
         t_server = time.perf_counter()
         metrics: dict[str, float] = {}
         evaluated = server_round % self.eval_every == 0 or server_round == self.num_rounds
         if self.eval_dataloader is not None and evaluated:
             metrics = self.evaluate()
-        client_metrics = client_round_metrics(collected.updates, aggregated.client_weights, aggregated.client_metrics)
+        own: dict[str, dict[str, float]] = {}
         eval_failures: dict[str, str] = {}
         if evaluated and self.federated_eval != "off":
             federated, own, eval_failures = self.evaluate_federated(server_round)
             metrics.update(federated)
-            for cid, values in own.items():
-                client_metrics.setdefault(cid, {}).update(values)
-        t_end = time.perf_counter()
-        record = RoundRecord(
-            server_round=server_round,
-            clients=selected,
-            failures=collected.failures,
-            client_weights=aggregated.client_weights,
-            train_loss=collected.train_loss,
+        record = round_record(
+            server_round,
+            selected,
+            collected,
+            aggregated,
             metrics=metrics,
-            server_metrics=aggregated.metrics,
-            seconds={
-                "clients": t_clients - t_start,
-                "trainer_setup": collected.setup_seconds,
-                "server": t_server - t_clients,
-                "eval": t_end - t_server,
-                "total": t_end - t_start,
-            },
-            attempts=attempt + 1,
-            client_metrics=client_metrics,
-            client_pairs={cid: named_pairs(pairs, self.label_names) for cid, pairs in aggregated.client_pairs.items()},
+            times=(t_start, t_clients, t_server, time.perf_counter()),
+            attempts=attempts,
+            label_names=self.label_names,
+            client_evaluations=own,
             eval_failures=eval_failures,
         )
         self.result.rounds.append(record)
@@ -513,18 +487,22 @@ class Federation:
             ProtocolError: an instruction with a malformed field (names the client and the field).
         """
         index = {cid: i for i, cid in enumerate(self.clients)}
-        complete = {}
-        for cid, instruction in instructions.items():
-            seed_parts = (self.seed, server_round, index[cid]) + ((attempt,) if attempt else ())
-            complete[cid] = replace(
+        return {
+            cid: complete_instruction(
                 instruction,
+                cid,
                 server_round=server_round,
                 local_epochs=self.local_epochs,
-                seed=derive_seed(*seed_parts),
+                seed=client_seed(self.seed, server_round, index[cid], attempt),
                 collect_stats=self.aggregator.requires_stats,
             )
-            complete[cid].validate(cid)
-        return complete
+            for cid, instruction in instructions.items()
+        }
+
+    def new_collector(self) -> UpdateCollector:
+        """The collector a transport screens this round's updates with: each usable one goes straight into the
+        round's aggregation (:meth:`~lightning_fedharmony.aggregators.Aggregator.begin_round`)."""
+        return UpdateCollector(self.global_weights, sink=self._aggregation)
 
     def _collect_garbage(self) -> None:
         # Every client fit leaves a Trainer behind in reference cycles, which Python's generational collector frees
@@ -588,70 +566,6 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"Expected argument `{name}` to be an int >= {minimum}, but got {value!r}.")
 
 
-class _Absent:
-    """Stands for a fingerprint entry that one side lacks (``None`` is a value)."""
-
-    def __repr__(self) -> str:
-        return "<not recorded>"
-
-
-_ABSENT = _Absent()
-
-
-def _plain(value: Any, key: str) -> Any:
-    """``value`` as plain values (tuples become lists), or ``TypeError`` naming ``key``."""
-    if isinstance(value, _PLAIN):
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_plain(v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
-        return {k: _plain(v, f"{key}.{k}") for k, v in value.items()}
-    raise TypeError(
-        f"Expected argument `fingerprint_extra` to hold plain values (str-keyed mappings, lists, str, numbers, bool,"
-        f" None), but `{key}` is {type(value).__name__}."
-    )
-
-
-def _plain_items(values: Mapping[str, Any]) -> dict[str, Any]:
-    """The entries of ``values`` that are plain values (others, e.g. tensors or modules, are left out)."""
-    kept = {}
-    for key, value in values.items():
-        with contextlib.suppress(TypeError):
-            kept[str(key)] = _plain(value, str(key))
-    return kept
-
-
-def _constructor_settings(obj: object) -> dict[str, Any]:
-    """The plain-valued attributes named like ``obj``'s constructor arguments: its settings, not its state."""
-    try:
-        parameters = inspect.signature(type(obj)).parameters
-    except (TypeError, ValueError):  # a signature Python cannot read (some builtins)
-        return {}
-    names = [
-        name
-        for name, p in parameters.items()
-        if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and not name.startswith("_") and hasattr(obj, name)
-    ]
-    return _plain_items({name: getattr(obj, name) for name in names})
-
-
-def _check_fingerprint_extra(extra: Mapping[str, Any] | None) -> dict[str, Any]:
-    if extra is None:
-        return {}
-    if not isinstance(extra, Mapping):
-        raise TypeError(
-            f"Expected argument `fingerprint_extra` to be None or a mapping, but got {type(extra).__name__}."
-        )
-    plain = _plain(extra, "fingerprint_extra")
-    reserved = sorted(set(plain) & _RESERVED_KEYS)
-    if reserved:
-        raise ValueError(
-            f"Expected argument `fingerprint_extra` to leave the federation's own entries {sorted(_RESERVED_KEYS)} to"
-            f" it, but got {reserved}."
-        )
-    return plain
-
-
 _RESERVED_KEYS = frozenset(
     {
         "fingerprint_version",
@@ -673,15 +587,3 @@ _RESERVED_KEYS = frozenset(
         "stats_clip",
     }
 )
-
-
-def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested mappings as one mapping of dotted keys (``{"partition": {"alpha": 0.1}}`` -> ``partition.alpha``)."""
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(_flatten(value, f"{name}."))
-        else:
-            flat[name] = list(value) if isinstance(value, tuple) else value
-    return flat

@@ -44,6 +44,7 @@ SETTINGS: dict[str, type] = {
     "eval_bins": int,
 }
 _WEIGHTS, _STATS, _METRICS, _REPORT = "weights.", "stats.", "metrics.", "report."
+_CONSENSUS, _TERM = "consensus.", "term."
 
 
 class ProtocolError(ValueError):
@@ -60,6 +61,193 @@ class ProtocolError(ValueError):
         self.field = field
         self.message = message
         super().__init__(f"Client {client_id!r}, field `{field}`: {message}")
+
+
+def _tensor_field(client_id: str, name: str, value: Any, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    if not isinstance(value, Tensor) or tuple(value.shape) != shape or value.dtype != dtype:
+        got = f"{tuple(value.shape)} {value.dtype}" if isinstance(value, Tensor) else type(value).__name__
+        raise ProtocolError(client_id, name, f"expected a {dtype} tensor of shape {shape}, but got {got}.")
+
+
+def _finite_within(client_id: str, name: str, value: Tensor, bound: float) -> None:
+    if value.numel() == 0:
+        return
+    low, high = torch.aminmax(value)  # one pass; NaN propagates
+    if not (math.isfinite(float(low)) and math.isfinite(float(high))) or max(-float(low), float(high)) > bound:
+        raise ProtocolError(client_id, name, f"expected finite values within [-{bound:g}, {bound:g}], but it holds others.")
+
+
+@dataclass
+class ConsensusShare:
+    """The consensus a server that keeps only sums sends a client (FedHarmony with ``leave_one_out="client"``):
+    the client removes its own term to get its leave-one-out teacher
+    (:class:`~lightning_fedharmony.client_terms.ConsensusMemory`).
+
+    Attributes:
+        numerator: ``(L, L)`` float32 ``S = sum_j w_j V_j R_j`` over the clients in the consensus (``L = 0``: the
+            server holds no sums yet, round 1).
+        denominator: ``(L, L)`` float32 ``D = sum_j w_j V_j``.
+        cluster_ids: ``(L,)`` int64 label blocks; pairs within a block are aligned.
+        total_samples: the sample count of the clients in the consensus.
+        total_weight: the sum of their weights (bounds ``|S|`` and ``D``).
+        weighting: each client's weight in the sums: ``"samples"`` (``n_k``) or ``"uniform"`` (1).
+        own_weight: the weight of this client's term in the sums (0: it has none there).
+        own_samples: the sample count behind that term.
+        own_round: the round of that term (0: none).
+        replace_own: the client's next term replaces that one (the server keeps stale terms); ``False``: the
+            server builds new sums from this round's terms alone.
+        min_label_rate: labels predicted below this rate are invalid for the client's term.
+        align_threshold: align only pairs whose teacher has ``|R*| >=`` this value.
+    """
+
+    numerator: Tensor
+    denominator: Tensor
+    cluster_ids: Tensor
+    total_samples: float
+    total_weight: float
+    weighting: str = "samples"
+    own_weight: float = 0.0
+    own_samples: float = 0.0
+    own_round: int = 0
+    replace_own: bool = True
+    min_label_rate: float = 1e-3
+    align_threshold: float = 0.0
+
+    @property
+    def num_labels(self) -> int:
+        return int(self.cluster_ids.shape[0]) if isinstance(self.cluster_ids, Tensor) else 0
+
+    def validate(self, client_id: str) -> None:
+        """Check every field.
+
+        Raises:
+            ProtocolError: naming ``client_id`` and the first field at fault (``consensus.<name>``).
+        """
+        ids = self.cluster_ids
+        if not isinstance(ids, Tensor) or ids.ndim != 1 or ids.dtype != torch.int64:
+            got = f"{tuple(ids.shape)} {ids.dtype}" if isinstance(ids, Tensor) else type(ids).__name__
+            raise ProtocolError(client_id, f"{_CONSENSUS}cluster_ids", f"expected an int64 tensor (L,), but got {got}.")
+        num_labels = ids.shape[0]
+        if num_labels == 0 and self.total_weight != 0:
+            raise ProtocolError(
+                client_id, f"{_CONSENSUS}cluster_ids", "expected labels (L >= 1) with sums of a positive weight."
+            )
+        if num_labels and (int(ids.min()) < 0 or int(ids.max()) >= num_labels):
+            raise ProtocolError(client_id, f"{_CONSENSUS}cluster_ids", f"expected ids in [0, {num_labels}).")
+        for name in ("numerator", "denominator"):
+            _tensor_field(client_id, f"{_CONSENSUS}{name}", getattr(self, name), (num_labels, num_labels), torch.float32)
+        bound = float(self.total_weight) * (1 + 1e-4) + 1e-6
+        _finite_within(client_id, f"{_CONSENSUS}numerator", self.numerator, bound)
+        _finite_within(client_id, f"{_CONSENSUS}denominator", self.denominator, bound)
+        if self.weighting not in ("samples", "uniform"):
+            raise ProtocolError(
+                client_id, f"{_CONSENSUS}weighting", f"expected 'samples' or 'uniform', but got {self.weighting!r}."
+            )
+        for name in ("total_samples", "total_weight", "own_weight", "own_samples", "min_label_rate", "align_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+                raise ProtocolError(client_id, f"{_CONSENSUS}{name}", f"expected a finite float >= 0, but got {value!r}.")
+        if isinstance(self.own_round, bool) or not isinstance(self.own_round, int) or self.own_round < 0:
+            raise ProtocolError(client_id, f"{_CONSENSUS}own_round", f"expected an int >= 0, but got {self.own_round!r}.")
+        if not isinstance(self.replace_own, bool):
+            raise ProtocolError(client_id, f"{_CONSENSUS}replace_own", f"expected a bool, but got {self.replace_own!r}.")
+        if (self.own_weight > 0) != (self.own_round > 0):
+            raise ProtocolError(
+                client_id, f"{_CONSENSUS}own_round", "expected a round > 0 exactly when `own_weight` > 0."
+            )
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The share as ``consensus.<name>`` entries."""
+        return {f"{_CONSENSUS}{f.name}": _numpy_value(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, Any], client_id: str) -> ConsensusShare:
+        """Rebuild (without validating) what :meth:`to_arrays` wrote; ``arrays`` holds the ``consensus.`` entries."""
+        return cls(**_entries_from(cls, arrays, _CONSENSUS, client_id, tensors=("numerator", "denominator", "cluster_ids")))
+
+
+@dataclass
+class ConsensusTerm:
+    """What a client of a sums-only server returns in place of its statistics (FedHarmony with
+    ``leave_one_out="client"``): the change of its term in the consensus sums, and its own score.
+
+    Attributes:
+        delta: ``(L, L)`` float32 ``w_k V_k R_k`` minus the term it replaces (``replaced_round``).
+        valid: ``(L,)`` bool, the labels valid in the new term.
+        weight: ``w_k``, the new term's weight in the sums.
+        replaced_round: the round of the term it replaces (0: none).
+        replaced_weight: the weight of the replaced term, as the server sent it (``own_weight``; 0: none).
+        previous_valid: ``(L,)`` bool, the valid labels of the replaced term (all ``False`` when none).
+        discrepancy: ``s_k`` of the new correlation against the teacher it trained with (0 without a teacher).
+        sampling_discrepancy: what sampling alone would give for it (0 without a teacher).
+        scored: whether it had a teacher to be scored against.
+        pairs: ``(P, 4)`` float64 ``(a, b, R_k, R*_k)``, the pairs where it departs most from its teacher.
+    """
+
+    delta: Tensor
+    valid: Tensor
+    weight: float
+    replaced_round: int = 0
+    replaced_weight: float = 0.0
+    previous_valid: Tensor | None = None
+    discrepancy: float = 0.0
+    sampling_discrepancy: float = 0.0
+    scored: bool = False
+    pairs: Tensor = field(default_factory=lambda: torch.zeros(0, 4, dtype=torch.float64))
+
+    @property
+    def num_labels(self) -> int:
+        return int(self.valid.shape[0]) if isinstance(self.valid, Tensor) else 0
+
+    def validate(self, client_id: str, *, values: bool = True) -> None:
+        """Check every field; ``values=False`` leaves the ``L x L`` values to a screening already done.
+
+        Raises:
+            ProtocolError: naming ``client_id`` and the first field at fault (``term.<name>``).
+        """
+        valid = self.valid
+        if not isinstance(valid, Tensor) or valid.ndim != 1 or valid.dtype != torch.bool or valid.numel() == 0:
+            got = f"{tuple(valid.shape)} {valid.dtype}" if isinstance(valid, Tensor) else type(valid).__name__
+            raise ProtocolError(client_id, f"{_TERM}valid", f"expected a non-empty bool tensor (L,), but got {got}.")
+        num_labels = valid.shape[0]
+        _tensor_field(client_id, f"{_TERM}delta", self.delta, (num_labels, num_labels), torch.float32)
+        previous = self.previous_valid if self.previous_valid is not None else valid
+        _tensor_field(client_id, f"{_TERM}previous_valid", previous, (num_labels,), torch.bool)
+        for name in ("weight", "replaced_weight", "discrepancy", "sampling_discrepancy"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+                raise ProtocolError(client_id, f"{_TERM}{name}", f"expected a finite float >= 0, but got {value!r}.")
+        if not self.weight > 0:
+            raise ProtocolError(client_id, f"{_TERM}weight", f"expected a value > 0, but got {self.weight!r}.")
+        if isinstance(self.replaced_round, bool) or not isinstance(self.replaced_round, int) or self.replaced_round < 0:
+            raise ProtocolError(
+                client_id, f"{_TERM}replaced_round", f"expected an int >= 0, but got {self.replaced_round!r}."
+            )
+        if (self.replaced_round > 0) != (self.replaced_weight > 0):
+            raise ProtocolError(
+                client_id, f"{_TERM}replaced_round", "expected a round > 0 exactly when `replaced_weight` > 0."
+            )
+        if not isinstance(self.scored, bool):
+            raise ProtocolError(client_id, f"{_TERM}scored", f"expected a bool, but got {self.scored!r}.")
+        pairs = self.pairs
+        if not isinstance(pairs, Tensor) or pairs.ndim != 2 or pairs.shape[1] != 4 or not pairs.is_floating_point():
+            got = tuple(pairs.shape) if isinstance(pairs, Tensor) else type(pairs).__name__
+            raise ProtocolError(client_id, f"{_TERM}pairs", f"expected a float tensor (P, 4), but got {got}.")
+        if values:
+            # |w V R - w' V' R'| <= w + w' for correlations in [-1, 1]
+            _finite_within(client_id, f"{_TERM}delta", self.delta, (self.weight + self.replaced_weight) * (1 + 1e-5))
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The term as ``term.<name>`` entries."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        if values["previous_valid"] is None:
+            values["previous_valid"] = torch.zeros_like(self.valid)
+        return {f"{_TERM}{name}": _numpy_value(value) for name, value in values.items()}
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, Any], client_id: str) -> ConsensusTerm:
+        """Rebuild (without validating) what :meth:`to_arrays` wrote; ``arrays`` holds the ``term.`` entries."""
+        return cls(**_entries_from(cls, arrays, _TERM, client_id, tensors=("delta", "valid", "previous_valid", "pairs")))
 
 
 @dataclass
@@ -84,6 +272,8 @@ class Instruction:
         collect_stats: whether the server needs the client's prediction statistics (``None``: the client decides).
         eval_bins: in an evaluation request, the binned average precision over this many thresholds (the private
             option: the report then holds counts, no per-sample score); ``None``: exact scores.
+        consensus: the consensus sums of a server that keeps no per-client state, from which the client builds its
+            own teacher and mask (:class:`ConsensusShare`); ``None`` otherwise.
     """
 
     weights: dict[str, Tensor]
@@ -100,6 +290,7 @@ class Instruction:
     seed: int | None = None
     collect_stats: bool | None = None
     eval_bins: int | None = None
+    consensus: ConsensusShare | None = None
 
     def settings(self) -> dict[str, Any]:
         """The settings that are set (not ``None``)."""
@@ -132,15 +323,23 @@ class Instruction:
             value = getattr(self, name)
             if value is not None:
                 _check_setting(client_id, name, kind, value)
+        if self.consensus is not None:
+            if not isinstance(self.consensus, ConsensusShare):
+                raise ProtocolError(
+                    client_id, "consensus", f"expected a ConsensusShare or None, but got {type(self.consensus).__name__}."
+                )
+            self.consensus.validate(client_id)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
-        """The instruction as a flat dict of numpy arrays: ``weights.<name>``, ``teacher``, ``mask`` and each set
-        setting as a 0-d array."""
+        """The instruction as a flat dict of numpy arrays: ``weights.<name>``, ``teacher``, ``mask``, each set
+        setting as a 0-d array and ``consensus.<name>``."""
         arrays = {f"{_WEIGHTS}{name}": _numpy(tensor) for name, tensor in self.weights.items()}
         if self.teacher is not None and self.mask is not None:
             arrays["teacher"] = _numpy(self.teacher.to(torch.float32))
             arrays["mask"] = _numpy(self.mask.to(torch.bool))
         arrays.update({name: np.asarray(value) for name, value in self.settings().items()})
+        if self.consensus is not None:
+            arrays.update(self.consensus.to_arrays())
         return arrays
 
     @classmethod
@@ -151,10 +350,10 @@ class Instruction:
             ProtocolError: naming ``client_id`` and the entry that is unknown, missing or malformed.
         """
         known = set(SETTINGS) | {"teacher", "mask"}
-        unknown = sorted(k for k in arrays if not k.startswith(_WEIGHTS) and k not in known)
+        unknown = sorted(k for k in arrays if not k.startswith((_WEIGHTS, _CONSENSUS)) and k not in known)
         if unknown:
             raise ProtocolError(
-                client_id, unknown[0], f"unknown entry; expected `weights.*` or one of {sorted(known)}."
+                client_id, unknown[0], f"unknown entry; expected `weights.*`, `consensus.*` or one of {sorted(known)}."
             )
         values: dict[str, Any] = {"weights": _weights_from(arrays, client_id)}
         for name in ("teacher", "mask"):
@@ -163,6 +362,8 @@ class Instruction:
         for name, kind in SETTINGS.items():
             if name in arrays:
                 values[name] = _scalar_from(arrays[name], client_id, name, kind)
+        if any(k.startswith(_CONSENSUS) for k in arrays):
+            values["consensus"] = ConsensusShare.from_arrays(arrays, client_id)
         instruction = cls(**values)
         instruction.validate(client_id)
         return instruction
@@ -178,6 +379,8 @@ class Update:
         num_samples: number of training samples it used (``n_k``).
         stats: its prediction statistics (FedHarmony), or ``None``.
         metrics: scalars it reports (``train_loss``, timings).
+        term: in place of ``stats`` for a server that keeps only consensus sums: the change of the client's term in
+            them and its own score (:class:`ConsensusTerm`).
     """
 
     client_id: str
@@ -185,6 +388,7 @@ class Update:
     num_samples: int
     stats: CorrelationStats | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    term: ConsensusTerm | None = None
 
     def validate(self, reference: Mapping[str, Tensor] | None = None, *, stats_values: bool = True) -> None:
         """Check every field, and the weights against ``reference`` (the global weights) when given.
@@ -216,6 +420,10 @@ class Update:
         for name, value in self.metrics.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ProtocolError(cid, f"metrics.{name}", f"expected a float, but got {value!r}.")
+        if self.term is not None:
+            if not isinstance(self.term, ConsensusTerm):
+                raise ProtocolError(cid, "term", f"expected a ConsensusTerm or None, but got {type(self.term).__name__}.")
+            self.term.validate(cid, values=stats_values)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """The update as a flat dict of numpy arrays: ``client_id``, ``num_samples``, ``weights.<name>``,
@@ -228,6 +436,8 @@ class Update:
         if self.stats is not None:
             arrays.update({f"{_STATS}{name}": _numpy(t) for name, t in self.stats.state_dict().items()})
         arrays.update({f"{_METRICS}{name}": np.asarray(float(v), dtype=np.float64) for name, v in self.metrics.items()})
+        if self.term is not None:
+            arrays.update(self.term.to_arrays())
         return arrays
 
     @classmethod
@@ -249,21 +459,7 @@ class Update:
         Raises:
             ProtocolError: naming the client and the entry that is missing, unknown or malformed.
         """
-        source = client_id or "?"
-        if "client_id" not in arrays:
-            raise ProtocolError(source, "client_id", "expected an entry, but it is missing.")
-        named = _scalar_from(arrays["client_id"], source, "client_id", str)
-        if client_id is not None and named != client_id:
-            raise ProtocolError(client_id, "client_id", f"expected {client_id!r}, but the update names {named!r}.")
-        known = {"client_id", "num_samples"}
-        prefixes = (_WEIGHTS, _STATS, _METRICS)
-        unknown = sorted(k for k in arrays if k not in known and not k.startswith(prefixes))
-        if unknown:
-            raise ProtocolError(
-                named, unknown[0], "unknown entry; expected client_id, num_samples, weights.*, stats.* or metrics.*."
-            )
-        if "num_samples" not in arrays:
-            raise ProtocolError(named, "num_samples", "expected an entry, but it is missing.")
+        named = _reply_sender(arrays, client_id, "update", (_WEIGHTS, _STATS, _METRICS, _TERM))
         stats = None
         stats_arrays = {k[len(_STATS) :]: arrays[k] for k in arrays if k.startswith(_STATS)}
         if stats_arrays:
@@ -289,6 +485,7 @@ class Update:
             num_samples=_scalar_from(arrays["num_samples"], named, "num_samples", int),
             stats=stats,
             metrics=metrics,
+            term=ConsensusTerm.from_arrays(arrays, named) if any(k.startswith(_TERM) for k in arrays) else None,
         )
         update.validate(reference)
         return update
@@ -368,21 +565,7 @@ class Evaluation:
         Raises:
             ProtocolError: naming the client and the entry that is missing, unknown or malformed.
         """
-        source = client_id or "?"
-        if "client_id" not in arrays:
-            raise ProtocolError(source, "client_id", "expected an entry, but it is missing.")
-        named = _scalar_from(arrays["client_id"], source, "client_id", str)
-        if client_id is not None and named != client_id:
-            raise ProtocolError(client_id, "client_id", f"expected {client_id!r}, but the evaluation names {named!r}.")
-        unknown = sorted(
-            k for k in arrays if k not in ("client_id", "num_samples") and not k.startswith((_REPORT, _METRICS))
-        )
-        if unknown:
-            raise ProtocolError(
-                named, unknown[0], "unknown entry; expected client_id, num_samples, report.* or metrics.*."
-            )
-        if "num_samples" not in arrays:
-            raise ProtocolError(named, "num_samples", "expected an entry, but it is missing.")
+        named = _reply_sender(arrays, client_id, "evaluation", (_REPORT, _METRICS))
         report = {k[len(_REPORT) :]: _tensor_from(arrays[k], named, k) for k in arrays if k.startswith(_REPORT)}
         evaluation = cls(
             client_id=named,
@@ -396,6 +579,28 @@ class Evaluation:
         return evaluation
 
 
+def _reply_sender(arrays: Mapping[str, Any], client_id: str | None, kind: str, prefixes: tuple[str, ...]) -> str:
+    """The client a reply's arrays name, after checking that it is ``client_id`` (``None``: any), that every entry is
+    ``client_id``, ``num_samples`` or under one of ``prefixes``, and that ``num_samples`` is there.
+
+    Raises:
+        ProtocolError: naming the client and the entry that is missing or unknown.
+    """
+    source = client_id or "?"
+    if "client_id" not in arrays:
+        raise ProtocolError(source, "client_id", "expected an entry, but it is missing.")
+    named = _scalar_from(arrays["client_id"], source, "client_id", str)
+    if client_id is not None and named != client_id:
+        raise ProtocolError(client_id, "client_id", f"expected {client_id!r}, but the {kind} names {named!r}.")
+    unknown = sorted(k for k in arrays if k not in ("client_id", "num_samples") and not k.startswith(prefixes))
+    if unknown:
+        expected = ", ".join(f"{prefix}*" for prefix in prefixes[:-1]) + f" or {prefixes[-1]}*"
+        raise ProtocolError(named, unknown[0], f"unknown entry; expected client_id, num_samples, {expected}.")
+    if "num_samples" not in arrays:
+        raise ProtocolError(named, "num_samples", "expected an entry, but it is missing.")
+    return named
+
+
 def instruction_fields() -> list[str]:
     """Names of :class:`Instruction`'s fields, in order."""
     return [f.name for f in fields(Instruction)]
@@ -403,6 +608,30 @@ def instruction_fields() -> list[str]:
 
 def _numpy(tensor: Tensor) -> np.ndarray:
     return tensor.detach().cpu().contiguous().numpy().copy()
+
+
+def _numpy_value(value: Any) -> np.ndarray:
+    return _numpy(value) if isinstance(value, Tensor) else np.asarray(value)
+
+
+def _entries_from(
+    cls: type, arrays: Mapping[str, Any], prefix: str, client_id: str, tensors: tuple[str, ...]
+) -> dict[str, Any]:
+    """The fields of dataclass ``cls`` from ``<prefix><name>`` entries: tensors, or scalars of the field's type."""
+    kinds = {"float": float, "int": int, "bool": bool, "str": str}
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        entry = f"{prefix}{f.name}"
+        if entry not in arrays:
+            raise ProtocolError(client_id, entry, "expected an entry, but it is missing.")
+        if f.name in tensors:
+            values[f.name] = _tensor_from(arrays[entry], client_id, entry)
+        else:
+            values[f.name] = _scalar_from(arrays[entry], client_id, entry, kinds[str(f.type)])
+    unknown = sorted(k for k in arrays if k.startswith(prefix) and k[len(prefix) :] not in values)
+    if unknown:
+        raise ProtocolError(client_id, unknown[0], f"unknown entry; expected one of {sorted(prefix + n for n in values)}.")
+    return values
 
 
 def _check_weights(client_id: str, weights: Any, reference: Mapping[str, Tensor] | None = None) -> None:

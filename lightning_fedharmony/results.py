@@ -10,12 +10,16 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from torch import Tensor
 
 from lightning_fedharmony.protocol import Update
+
+if TYPE_CHECKING:
+    from lightning_fedharmony.aggregators.base import AggregationResult
+    from lightning_fedharmony.faults import UpdateCollector
 
 
 @dataclass
@@ -186,6 +190,61 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, Tensor):
         return value.tolist()
     return str(value)
+
+
+def round_record(
+    server_round: int,
+    clients: Sequence[str],
+    collected: UpdateCollector,
+    aggregated: AggregationResult,
+    *,
+    metrics: Mapping[str, float],
+    times: tuple[float, float, float, float],
+    attempts: int = 1,
+    label_names: Sequence[str] | None = None,
+    client_evaluations: Mapping[str, Mapping[str, float]] | None = None,
+    eval_failures: Mapping[str, str] | None = None,
+) -> RoundRecord:
+    """The record of a finished round, built alike by every runner.
+
+    Args:
+        server_round: the round.
+        clients: the selected clients.
+        collected: the screened updates of the attempt that counted (failures, train loss, trainer setup time).
+        aggregated: what the aggregator made of them.
+        metrics: the global model's evaluation metrics (empty if not evaluated).
+        times: ``perf_counter`` readings at the round's start, after the clients, after the server step and at the
+            end, for :attr:`RoundRecord.seconds`.
+        attempts: how many times the clients were trained this round.
+        label_names: names of the labels in :attr:`RoundRecord.client_pairs` (``None``: ``label_<i>``).
+        client_evaluations: each evaluating client's own metrics of the global model (``val_<key>``), joined to its
+            entry of :attr:`RoundRecord.client_metrics`, contributor this round or not.
+        eval_failures: client id -> reason, for clients whose federated evaluation failed.
+    """
+    t_start, t_clients, t_server, t_end = times
+    client_metrics = client_round_metrics(collected.updates, aggregated.client_weights, aggregated.client_metrics)
+    for cid, values in (client_evaluations or {}).items():
+        client_metrics.setdefault(cid, {}).update(values)
+    return RoundRecord(
+        server_round=server_round,
+        clients=list(clients),
+        failures=collected.failures,
+        client_weights=aggregated.client_weights,
+        train_loss=collected.train_loss,
+        metrics=dict(metrics),
+        server_metrics=aggregated.metrics,
+        seconds={
+            "clients": t_clients - t_start,
+            "trainer_setup": collected.setup_seconds,
+            "server": t_server - t_clients,
+            "eval": t_end - t_server,
+            "total": t_end - t_start,
+        },
+        attempts=attempts,
+        client_metrics=client_metrics,
+        client_pairs={cid: named_pairs(pairs, label_names) for cid, pairs in aggregated.client_pairs.items()},
+        eval_failures=dict(eval_failures or {}),
+    )
 
 
 def client_round_metrics(

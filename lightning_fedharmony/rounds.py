@@ -1,11 +1,15 @@
-"""The pieces of a round that every runner shares, so that they pick, seed and evaluate alike: seeds, client
-selection, a client's validation batches, the evaluation of global weights and the merging of the clients' evaluations
-(:class:`~lightning_fedharmony.Federation`, ``fedharmony serve`` and the Flower strategy)."""
+"""The pieces of a round that every runner shares, so that they pick, seed, retry and evaluate alike: seeds, client
+selection, the runner's part of an instruction, retries of a round with too few updates, a client's validation batches,
+the evaluation of global weights and the merging of the clients' evaluations (:class:`~lightning_fedharmony.Federation`,
+``fedharmony serve`` and the Flower strategy)."""
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import lightning.pytorch as pl
 import numpy as np
@@ -16,12 +20,96 @@ from torch.utils.data import DataLoader
 
 from lightning_fedharmony.metrics import MultilabelReport
 from lightning_fedharmony.mixin import load_model_weights
-from lightning_fedharmony.protocol import Evaluation
+from lightning_fedharmony.protocol import Evaluation, Instruction
+
+if TYPE_CHECKING:
+    from lightning_fedharmony.faults import UpdateCollector
+
+log = logging.getLogger(__name__)
+
+
+class FederationError(RuntimeError):
+    """A round could not complete; the federation keeps its last good global model."""
 
 
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed from integers (the federation's seed, the round, the client index)."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def client_seed(seed: int, server_round: int, index: int, attempt: int = 0) -> int:
+    """The training seed of client ``index`` in a round's ``attempt`` (0 = the first; every retry gets fresh seeds)."""
+    return derive_seed(seed, server_round, index, *((attempt,) if attempt else ()))
+
+
+def complete_instruction(
+    instruction: Instruction,
+    client_id: str,
+    *,
+    server_round: int,
+    local_epochs: int,
+    seed: int,
+    collect_stats: bool,
+) -> Instruction:
+    """The aggregator's instruction with what the runner decides (the round, ``local_epochs``, the client's seed,
+    whether statistics are needed), validated.
+
+    Raises:
+        ProtocolError: an instruction with a malformed field (names the client and the field).
+    """
+    complete = replace(
+        instruction, server_round=server_round, local_epochs=local_epochs, seed=seed, collect_stats=collect_stats
+    )
+    complete.validate(client_id)
+    return complete
+
+
+def collect_with_retries(
+    collect: Callable[[int], UpdateCollector],
+    server_round: int,
+    num_selected: int,
+    *,
+    min_clients: int,
+    round_retries: int,
+    kept: str = "",
+    logger: logging.Logger = log,
+) -> tuple[UpdateCollector, int]:
+    """A round's screened updates: ``collect(attempt)`` for attempt 0, 1, ... (the runner sends the selected clients
+    their instructions with that attempt's fresh seeds) until at least ``min_clients`` updates are usable, at most
+    ``round_retries + 1`` times.
+
+    Args:
+        collect: sends one attempt's instructions and returns what came back (failures recorded, never raised).
+        server_round: the round, for the messages.
+        num_selected: how many clients were selected, for the messages.
+        min_clients: fewest usable updates for the round to count.
+        round_retries: how many times a round with too few usable updates is tried again.
+        kept: what the runner keeps when the round fails, appended to the error.
+        logger: where the warning about a failed attempt goes.
+
+    Returns:
+        The collector of the attempt that succeeded, and the number of attempts made.
+
+    Raises:
+        FederationError: if every attempt brought fewer than ``min_clients`` usable updates (names the failures).
+    """
+    for attempt in range(round_retries + 1):
+        collected = collect(attempt)
+        if len(collected.updates) >= min_clients:
+            return collected, attempt + 1
+        logger.warning(
+            "round %d, attempt %d: %d usable updates, fewer than min_clients=%d; failures: %s",
+            server_round,
+            attempt + 1,
+            len(collected.updates),
+            min_clients,
+            collected.failures,
+        )
+    raise FederationError(
+        f"Round {server_round}: {len(collected.updates)} of {num_selected} clients returned usable updates in"
+        f" each of {round_retries + 1} attempt(s), fewer than `min_clients`={min_clients}. Failures:"
+        f" {collected.failures}.{kept}"
+    )
 
 
 def select_clients(

@@ -78,8 +78,10 @@ def test_quality_argument_parsing(quality: ModuleType) -> None:
         quality.parse_grid(["alignment_weight=1"])
 
 
-def test_speed_server_part_writes_its_figures(tmp_path: Path) -> None:
-    """benchmarks/speed.py's server part, two tiny cells in their own processes: JSON fields and the markdown rows."""
+@pytest.mark.parametrize("leave_one_out", ["client", "server"])
+def test_speed_server_part_writes_its_figures(tmp_path: Path, leave_one_out: str) -> None:
+    """benchmarks/speed.py's server part, two tiny cells in their own processes: JSON fields and the markdown rows;
+    the kept state is the sums alone (client) or every client's correlation (server)."""
     import subprocess
 
     out = tmp_path / "speed"
@@ -93,6 +95,8 @@ def test_speed_server_part_writes_its_figures(tmp_path: Path) -> None:
             "4x6,3x9",
             "--repeats",
             "1",
+            "--leave-one-out",
+            leave_one_out,
             "--out",
             str(out),
         ],
@@ -106,12 +110,17 @@ def test_speed_server_part_writes_its_figures(tmp_path: Path) -> None:
     cells = {(row["clients"], row["labels"]): row for row in report["server"]}
     assert set(cells) == {(4, 6), (3, 9)}
     for (clients, labels), row in cells.items():
-        assert "error" not in row
+        assert "error" not in row and row["leave_one_out"] == leave_one_out
         assert row["step_seconds"] > 0 and row["teacher_ms"] > 0
-        assert row["state_mib"] == pytest.approx(clients * labels * labels * 4 / 2**20)
-        assert row["input_stats_mib"] == pytest.approx(clients * labels * labels * 8 / 2**20)
+        if leave_one_out == "client":  # two float64 L x L sums, the blocks, three scalars per member
+            state = 2 * labels * labels * 8 + labels * 8 + 3 * clients * 8
+            assert row["input_stats_mib"] == 0
+        else:  # a float32 correlation, valid labels, samples and weight per client
+            state = clients * (labels * labels * 4 + labels + 2 * 8)
+            assert row["input_stats_mib"] == pytest.approx(clients * labels * labels * 8 / 2**20)
+        assert row["state_mib"] == pytest.approx(state / 2**20)
     table = (out / "speed.md").read_text()
-    assert "| 4 | 6 |" in table and "| 3 | 9 |" in table
+    assert f"| {leave_one_out} | 4 | 6 |" in table and f"| {leave_one_out} | 3 | 9 |" in table
 
 
 def test_quality_default_fedharmony_has_no_grid_and_the_paper_preset_keeps_one():

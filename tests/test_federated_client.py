@@ -33,7 +33,7 @@ data: {{name: "river:yeast", client_val_fraction: 0.0}}
 partition: {{kind: dirichlet, num_clients: 3, alpha: 0.1}}
 model: {{class_path: lightning_fedharmony.models.MultilabelMLP, init_args: {{hidden: [16], lr: 0.01}}}}
 federation: {{num_rounds: {rounds}, local_epochs: 2, min_clients: {min_clients}, client_timeout: {timeout}}}
-methods: {{fedharmony: {{class_path: lightning_fedharmony.FedHarmony}}}}
+methods: {{fedharmony: {{class_path: lightning_fedharmony.FedHarmony, init_args: {{leave_one_out: {leave_one_out}}}}}}}
 plots: false
 """
 
@@ -69,10 +69,14 @@ def _env() -> dict[str, str]:
 class _Run:
     """A server and its client processes over ``tmp/root``."""
 
-    def __init__(self, tmp: Path, rounds: int, min_clients: int = 3, timeout: float = 120) -> None:
+    def __init__(
+        self, tmp: Path, rounds: int, min_clients: int = 3, timeout: float = 120, leave_one_out: str = "server"
+    ) -> None:
         self.tmp, self.root = tmp, tmp / "root"
         self.server_yaml = tmp / "server.yaml"
-        self.server_yaml.write_text(SERVER_YAML.format(rounds=rounds, min_clients=min_clients, timeout=timeout))
+        self.server_yaml.write_text(
+            SERVER_YAML.format(rounds=rounds, min_clients=min_clients, timeout=timeout, leave_one_out=leave_one_out)
+        )
         self.client_yaml = tmp / "client.yaml"
         self.client_yaml.write_text(CLIENT_YAML.format(root=self.root))
         self.processes: list[subprocess.Popen] = []
@@ -139,8 +143,11 @@ def _reference(run: _Run):
     return run_methods(cfg, prepare_data(cfg), [METHOD], verbose=False)[METHOD]
 
 
-def test_serve_and_lightning_cli_clients_match_federation(tmp_path):
-    run = _Run(tmp_path, rounds=3)
+@pytest.mark.parametrize("leave_one_out", ["server", "client"])
+def test_serve_and_lightning_cli_clients_match_federation(tmp_path, leave_one_out):
+    """Both FedHarmony servers: with ``leave_one_out="client"`` each client process keeps its terms in the sums
+    (``FederatedClient.memory``) and builds its own teachers."""
+    run = _Run(tmp_path, rounds=3, leave_one_out=leave_one_out)
     try:
         server = run.server()
         clients = [run.client(k) for k in range(3)]

@@ -173,16 +173,12 @@ def _flower_datamodule(partition: int) -> ClientDataModule:
 
 
 @pytest.mark.parametrize("mode", ["exact", "binned"])
-def test_flower_evaluate_messages_merge_to_central_evaluation(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
-    pytest.importorskip("flwr")
+def test_flower_evaluate_messages_merge_to_central_evaluation(task_identity: None, mode: str) -> None:
     from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-    from flwr.supercore.task_identity import TaskIdentity
 
     from lightning_fedharmony.integrations.flower import FedHarmonyStrategy, Key, make_client_app, weights_to_arrays
     from lightning_fedharmony.results import RoundRecord
 
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 0)):
-        monkeypatch.setattr(TaskIdentity, name, value)
     nodes = {7: 0, 8: 1}
 
     class Grid:

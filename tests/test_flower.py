@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.processes import descendants
 
 flwr = pytest.importorskip("flwr")
 
@@ -32,7 +33,6 @@ from flwr.app import (  # noqa: E402
     MetricRecord,
     RecordDict,
 )
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from lightning_fedharmony import FedAvg, FedHarmony, FedProx  # noqa: E402
 from lightning_fedharmony.aggregators import ClientUpdate  # noqa: E402
@@ -68,14 +68,6 @@ NUM_LABELS = 4
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-@pytest.fixture
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Flower stamps new messages with the identity of the running task; outside a run there is none, so set one
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 0)
-
-
 class FakeGrid:
     """A Grid whose nodes answer the partition-id query; train messages are answered by the test."""
 
@@ -408,6 +400,27 @@ def test_client_app_trains_like_federation_and_keeps_its_state_in_the_context(ta
     assert state[Key.CLIENT_ID] == "1" and state[Key.ROUNDS_TRAINED] == 1 and state[Key.LAST_ROUND] == 1
 
 
+def test_client_app_keeps_its_consensus_terms_in_the_context(task_identity: None) -> None:
+    """FedHarmony with ``leave_one_out="client"``: the node builds its teacher from the sums, replies with a term in
+    place of statistics, and finds its earlier term in ``Context.state`` the next round."""
+    app = _tiny_client_app()
+    context = _context({"partition-id": 1, "num-partitions": 2})
+    grid = FakeGrid({7: 1})
+    torch.manual_seed(0)
+    arrays = weights_to_arrays(model_weights(MultilabelMLP(3, NUM_LABELS, hidden=(8,))))
+    strategy = FedHarmonyStrategy(FedHarmony(leave_one_out="client"), min_available_clients=1, seed=3)
+    strategy.aggregator.setup(2)
+    for server_round in (1, 2):
+        (msg,) = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)  # type: ignore[arg-type]
+        assert Key.CONSENSUS in msg.content and Key.TEACHER not in msg.content
+        reply = app(msg, context)
+        update, _, _ = strategy.parse_reply(reply, "1")
+        assert update.stats is None and update.term is not None
+        assert update.term.replaced_round == server_round - 1 and update.term.scored == (server_round > 1)
+        arrays, _ = strategy.aggregate_train(server_round, [reply])
+        assert Key.CONSENSUS_MEMORY in context.state
+
+
 def test_client_app_needs_a_partition_id_and_its_own_instructions(task_identity: None) -> None:
     app = _tiny_client_app()
     strategy = FedHarmonyStrategy(FedAvg(), min_available_clients=1)
@@ -566,21 +579,6 @@ def _wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: flo
     pytest.fail(f"nothing listened on 127.0.0.1:{port} within {timeout}s:\n{log.read_text()[-3000:]}")
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every descendant of ``pid`` (Linux ``/proc``; elsewhere none, and process groups alone are stopped)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            children.setdefault(parent, []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 class FlowerProcesses:
     """A SuperLink (and SuperNodes) on 127.0.0.1, each in its own process group, stopped on exit."""
 
@@ -622,7 +620,7 @@ class FlowerProcesses:
         own = os.getpgrp()
         groups: list[int] = []
         for process, _ in reversed(self.processes):
-            for pid in [process.pid, *_descendants(process.pid)]:
+            for pid in [process.pid, *descendants(process.pid)]:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     group = os.getpgid(pid)
                     if group != own and group not in groups:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +85,9 @@ class Aggregator(ABC):
     requires_stats: bool = False
     #: whether clients' modules must use :class:`~lightning_fedharmony.FedHarmonyMixin` (teachers, proximal terms)
     requires_mixin: bool = False
+    #: whether the clients keep part of the aggregator's cross-round state (a runner that restarts its clients
+    #: afresh cannot resume it)
+    relies_on_client_state: bool = False
 
     def setup(self, num_rounds: int, local_epochs: int = 1) -> None:
         """Called once by the runner before round 1 with the planned rounds and each client's local epochs."""
@@ -108,15 +111,36 @@ class Aggregator(ABC):
     def aggregate_round(
         self,
         server_round: int,
-        updates: Sequence[ClientUpdate],
+        updates: Iterable[ClientUpdate],
         global_weights: Mapping[str, Tensor] | None = None,
     ) -> AggregationResult:
-        """Validate the updates, then combine them into new global weights.
+        """Validate the updates, then combine them into new global weights: :meth:`begin_round`, one
+        :meth:`RoundAggregation.add` per update (an iterator is consumed one update at a time), then
+        :meth:`RoundAggregation.finish`.
 
         The statistics' ``L x L`` values are not read again here: every runner screens each update as it arrives
         (:class:`~lightning_fedharmony.faults.UpdateCollector`, with :func:`validate_updates`); call that yourself when
         you feed updates from elsewhere.
         """
+        aggregation = self.begin_round(server_round, global_weights)
+        for update in updates:
+            aggregation.add(update)
+        return aggregation.finish()
+
+    def begin_round(self, server_round: int, global_weights: Mapping[str, Tensor] | None = None) -> RoundAggregation:
+        """A round's aggregation, fed the updates one at a time; the aggregator's state changes only when it
+        finishes, so a round given up (too few updates) leaves no trace. By default the updates are kept until
+        :meth:`RoundAggregation.finish` calls :meth:`combine`; a streaming aggregator folds each one in as it comes."""
+        _check_round(server_round)
+        return BufferedRound(self, server_round, global_weights)
+
+    def combine(
+        self,
+        server_round: int,
+        updates: Sequence[ClientUpdate],
+        global_weights: Mapping[str, Tensor] | None = None,
+    ) -> AggregationResult:
+        """All of a round's updates at once into new global weights (the default :meth:`begin_round`'s last step)."""
         _check_round(server_round)
         validate_updates(updates, global_weights, stats_values=False)
         client_weights, metrics = self.client_weights(server_round, updates)
@@ -143,6 +167,87 @@ class Aggregator(ABC):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
+
+
+class RoundAggregation(ABC):
+    """One round's aggregation in progress (:meth:`Aggregator.begin_round`): :meth:`add` each update, then
+    :meth:`finish`."""
+
+    def __init__(self) -> None:
+        self.client_ids: list[str] = []
+
+    def add(self, update: ClientUpdate) -> None:
+        """Take one update; a second one from the same client is a :class:`ProtocolError`."""
+        if update.client_id in self.client_ids:
+            raise ProtocolError(update.client_id, "client_id", "sent more than one update this round.")
+        self._add(update)
+        self.client_ids.append(update.client_id)
+
+    @abstractmethod
+    def _add(self, update: ClientUpdate) -> None:
+        """Fold one update in."""
+
+    @abstractmethod
+    def finish(self) -> AggregationResult:
+        """The new global weights and the round's report; the aggregator's state takes the round in.
+
+        Raises:
+            ValueError: if no update was added.
+        """
+
+
+class BufferedRound(RoundAggregation):
+    """Keeps the updates and hands them to :meth:`Aggregator.combine` at the end."""
+
+    def __init__(
+        self, aggregator: Aggregator, server_round: int, global_weights: Mapping[str, Tensor] | None = None
+    ) -> None:
+        super().__init__()
+        self.aggregator = aggregator
+        self.server_round = server_round
+        self.global_weights = global_weights
+        self.updates: list[ClientUpdate] = []
+
+    def add(self, update: ClientUpdate) -> None:
+        self._add(update)  # duplicates are named by `validate_updates` at the end, as they always were
+
+    def _add(self, update: ClientUpdate) -> None:
+        self.updates.append(update)
+        self.client_ids.append(update.client_id)
+
+    def finish(self) -> AggregationResult:
+        return self.aggregator.combine(self.server_round, self.updates, self.global_weights)
+
+
+class WeightedModelSum:
+    """A running weighted sum of model state dicts, ``sum_k a_k theta_k`` (float entries in float64), fed one
+    state dict at a time so that a server never holds more than one client's weights; integer entries (BatchNorm's
+    counters) are kept from the state dict with the largest ``a_k``, as :func:`weighted_average` does.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
+        self.total = 0.0
+        self._top = -1.0
+        self.integers: dict[str, Tensor] = {}
+
+    def add(self, weights: Mapping[str, Tensor], scale: float) -> None:
+        """Add ``scale * weights``."""
+        if not self.dtypes:
+            self.dtypes = {k: v.dtype for k, v in weights.items()}
+            self.sums = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in weights.items() if _averaged(v)}
+        for key, tensor in weights.items():
+            if key in self.sums:
+                self.sums[key].add_(tensor.detach().to(torch.float64), alpha=scale)
+        if scale > self._top:
+            self._top = scale
+            self.integers = {k: v.detach().clone() for k, v in weights.items() if not _averaged(v)}
+        self.total += scale
+
+
+def _averaged(tensor: Tensor) -> bool:
+    return tensor.is_floating_point() or tensor.is_complex()
 
 
 def _check_round(server_round: int) -> None:

@@ -19,13 +19,17 @@ from lightning_fedharmony.aggregators.base import (
     ClientInstructions,
     ClientUpdate,
     InconsistentClientUpdates,
+    RoundAggregation,
+    _check_round,
     sample_weights,
 )
+from lightning_fedharmony.aggregators.consensus_sums import ConsensusSums, SumsRound
 from lightning_fedharmony.functional.aggregation import (
     QualityWeighting,
     aggregation_weights,
     balance_factor,
     correlation_discrepancy,
+    departing_pairs,
     quality_from_discrepancy,
     sampling_discrepancy,
 )
@@ -42,6 +46,7 @@ ConsensusWeighting = Literal["samples", "uniform", "previous_aggregation"]
 StaleStats = Literal["keep", "drop"]
 DiscrepancyBaseline = Literal["sampling", "none"]
 ProximalScaling = Literal["epochs", "none"]
+LeaveOneOut = Literal["server", "client"]
 #: The paper's reading (:meth:`FedHarmony.paper`): the arguments that differ from today's defaults.
 PAPER_SETTINGS: dict[str, Any] = {
     "alignment_weight": 1.0,
@@ -53,6 +58,7 @@ PAPER_SETTINGS: dict[str, Any] = {
     "proximal_mu": 0.0,
     "detach_marginals": False,
     "corr_momentum": 0.0,
+    "leave_one_out": "server",
 }
 #: How many label pairs per client :meth:`FedHarmony.client_report` names.
 NUM_REPORTED_PAIRS = 5
@@ -126,6 +132,13 @@ class FedHarmony(Aggregator):
         detach_marginals: sent with each teacher: the clients' batch correlation stops gradients through its
             variances (``None``: each module keeps its own setting).
         corr_momentum: sent with each teacher: the clients' running-moment momentum (``None``: the module's own).
+        leave_one_out: where a client's own term leaves its teacher. ``"server"`` (the paper's reading): the server
+            keeps every client's latest ``L x L`` correlation (memory ``K L^2``), builds each teacher and scores every
+            client against this round's leave-one-out consensus. ``"client"``: the server keeps only the consensus
+            sums (memory ``L^2`` whatever the number of clients, :mod:`~lightning_fedharmony.aggregators.consensus_sums`)
+            and folds the updates in one at a time; each client removes its own term to get the same teacher, and
+            scores itself against the teacher it trained with (so round 1, without one, weighs by data alone).
+            Needs a numeric ``gamma`` and ``consensus_weighting`` ``"samples"`` or ``"uniform"``.
         seed: seed of the spectral clustering's k-means.
 
     Example:
@@ -158,6 +171,7 @@ class FedHarmony(Aggregator):
         align_threshold: float = 0.0,
         detach_marginals: bool | None = True,
         corr_momentum: float | None = 0.9,
+        leave_one_out: LeaveOneOut = "server",
         seed: int = 0,
     ) -> None:
         if not alignment_weight >= 0:
@@ -190,6 +204,17 @@ class FedHarmony(Aggregator):
         _one_of("stale_stats", stale_stats, ("keep", "drop"))
         _one_of("discrepancy_baseline", discrepancy_baseline, ("sampling", "none"))
         _one_of("proximal_scaling", proximal_scaling, ("epochs", "none"))
+        _one_of("leave_one_out", leave_one_out, ("server", "client"))
+        if leave_one_out == "client" and gamma == "auto":
+            raise ValueError(
+                "Expected argument `gamma` to be a float with `leave_one_out='client'`, but got 'auto'."
+                " HINT: 'auto' needs every client's score before any model is added; pass e.g. `gamma=3.0`."
+            )
+        if leave_one_out == "client" and consensus_weighting == "previous_aggregation":
+            raise ValueError(
+                "Expected argument `consensus_weighting` to be 'samples' or 'uniform' with `leave_one_out='client'`,"
+                " but got 'previous_aggregation' (a client's weight in the sums must be known when it sends its term)."
+            )
         _check_normalization(corr_normalization, "corr_normalization")
         self.alignment_weight = float(alignment_weight)
         self.alignment = alignment
@@ -210,7 +235,9 @@ class FedHarmony(Aggregator):
         self.align_threshold = float(align_threshold)
         self.detach_marginals = detach_marginals
         self.corr_momentum = None if corr_momentum is None else float(corr_momentum)
+        self.leave_one_out: LeaveOneOut = leave_one_out
         self.seed = seed
+        self._consensus_sums = ConsensusSums()
         self._clients: dict[str, _ClientRecord] = {}
         self._sums: tuple[Tensor, Tensor] | None = None
         self._blocks = torch.zeros(0, 0, dtype=torch.bool)
@@ -240,7 +267,20 @@ class FedHarmony(Aggregator):
         self, server_round: int, client_id: str, global_weights: Mapping[str, Tensor]
     ) -> ClientInstructions:
         instructions = ClientInstructions(weights=dict(global_weights), proximal_mu=self.client_proximal_mu)
-        if self.alignment and self._sums is not None:
+        if self.leave_one_out == "client":
+            instructions.consensus = self._consensus_sums.share(
+                client_id,
+                weighting=self.consensus_weighting,
+                replace_own=self.stale_stats == "keep",
+                min_label_rate=self.min_label_rate,
+                align_threshold=self.align_threshold,
+            )
+            instructions.alignment_weight = self.alignment_weight if self.alignment else 0.0
+            instructions.corr_normalization = self.corr_normalization
+            instructions.corr_eps = self.corr_eps
+            instructions.detach_marginals = self.detach_marginals
+            instructions.corr_momentum = self.corr_momentum
+        elif self.alignment and self._sums is not None:
             instructions.teacher, instructions.mask = self.teacher(client_id)
             instructions.alignment_weight = self.alignment_weight
             instructions.corr_normalization = self.corr_normalization
@@ -248,6 +288,11 @@ class FedHarmony(Aggregator):
             instructions.detach_marginals = self.detach_marginals
             instructions.corr_momentum = self.corr_momentum
         return instructions
+
+    @property
+    def relies_on_client_state(self) -> bool:  # type: ignore[override]
+        """With ``leave_one_out="client"`` each client keeps its own term in the sums."""
+        return self.leave_one_out == "client"
 
     @property
     def client_proximal_mu(self) -> float:
@@ -262,8 +307,14 @@ class FedHarmony(Aggregator):
         A client the server has no statistics from gets the global consensus.
 
         Raises:
-            RuntimeError: before the first aggregation (no statistics yet).
+            RuntimeError: before the first aggregation (no statistics yet), or with ``leave_one_out="client"`` (the
+                server does not hold the client's own term: the client builds its teacher).
         """
+        if self.leave_one_out == "client":
+            raise RuntimeError(
+                "Expected `leave_one_out='server'` for the server to build a client's teacher, but it is 'client':"
+                " each client builds its own from the sums (`lightning_fedharmony.client_terms.share_teacher`)."
+            )
         if self._sums is None or self.cluster_ids is None:
             raise RuntimeError("Expected client statistics from an earlier round, but the server has none yet.")
         numerator, denominator = self._sums
@@ -284,7 +335,19 @@ class FedHarmony(Aggregator):
     @property
     def consensus(self) -> Tensor | None:
         """The global consensus ``R*`` ``(L, L)`` of the latest round, or ``None`` before the first."""
+        if self.leave_one_out == "client":
+            return self._consensus_sums.consensus()
         return None if self._sums is None else consensus_from_sums(*self._sums).float()
+
+    def begin_round(self, server_round: int, global_weights: Mapping[str, Tensor] | None = None) -> RoundAggregation:
+        """With ``leave_one_out="client"`` a :class:`~lightning_fedharmony.aggregators.consensus_sums.SumsRound`,
+        which folds each update in as it arrives; otherwise the updates are kept until the round ends."""
+        if self.leave_one_out == "client":
+            if self.quality_aggregation:
+                self._t0()  # fail before any update is taken
+            _check_round(server_round)
+            return SumsRound(self, self._consensus_sums, server_round, global_weights)
+        return super().begin_round(server_round, global_weights)
 
     # ------------------------------------------------------------------ clients -> server
     def client_weights(self, server_round: int, updates: Sequence[ClientUpdate]) -> tuple[Tensor, dict[str, float]]:
@@ -370,19 +433,7 @@ class FedHarmony(Aggregator):
         discrepancy = correlation_discrepancy(corr[None], teacher[None], mask)
         n = torch.tensor([record.num_samples], dtype=torch.float32)
         baseline = sampling_discrepancy(corr[None], teacher[None], mask, n, torch.tensor([total_samples]) - n)
-        # the matrices are symmetric, so each pair stands twice: the top 2k entries hold the top k pairs, and they
-        # lie in the 2k rows with the largest maxima (a top-k over those rows, not over all L^2 entries)
-        gap = (corr - teacher).abs_().mul_(mask)
-        num_labels, wanted = corr.shape[0], 2 * NUM_REPORTED_PAIRS
-        rows = torch.topk(gap.amax(1), min(wanted, num_labels)).indices
-        candidates = gap[rows].flatten()
-        top = torch.topk(candidates, min(wanted, candidates.numel()))
-        pairs = []
-        for value, position in zip(top.values.tolist(), top.indices.tolist()):
-            a, b = int(rows[position // num_labels]), position % num_labels
-            if value > 0 and a < b:
-                pairs.append((a, b, float(corr[a, b]), float(teacher[a, b])))
-        pairs = pairs[:NUM_REPORTED_PAIRS]
+        pairs = departing_pairs(corr, teacher, mask, NUM_REPORTED_PAIRS)
         return float(discrepancy), float(baseline), pairs
 
     def client_report(self) -> tuple[dict[str, dict[str, float]], dict[str, list[tuple[int, int, float, float]]]]:
@@ -410,7 +461,6 @@ class FedHarmony(Aggregator):
 
     def _rebuild_consensus(self) -> tuple[Tensor, Tensor]:
         records = list(self._clients.values())
-        num_labels = records[0].corr.shape[0]
         numerator, denominator = consensus_sums(
             [r.corr for r in records],
             torch.tensor([self._consensus_weight(r) for r in records], dtype=torch.float64),
@@ -419,20 +469,26 @@ class FedHarmony(Aggregator):
         # summed in float64, kept in float32: each client's teacher is then L^2 float32 work
         self._sums = (numerator.float(), denominator.float())
         consensus = consensus_from_sums(numerator, denominator)
-        if self.block_alignment and self.num_blocks == "auto":
-            low, high = auto_block_range(num_labels)
-            self.cluster_ids = spectral_label_blocks(consensus, "auto", seed=self.seed, min_blocks=low, max_blocks=high)
-        elif self.block_alignment and self.num_blocks == "eigengap":
-            self.cluster_ids = spectral_label_blocks(consensus, "auto", seed=self.seed)
-        elif self.block_alignment:
-            self.cluster_ids = spectral_label_blocks(consensus, min(int(self.num_blocks), num_labels), seed=self.seed)
-        else:
-            self.cluster_ids = torch.zeros(num_labels, dtype=torch.long)
+        self.cluster_ids = self._label_blocks(consensus)
         self._blocks = block_mask(self.cluster_ids)
         return consensus, self.cluster_ids
 
+    def _label_blocks(self, consensus: Tensor) -> Tensor:
+        """``(L,)`` cluster ids of the labels from the consensus, by the ``num_blocks`` rule."""
+        num_labels = consensus.shape[0]
+        if self.block_alignment and self.num_blocks == "auto":
+            low, high = auto_block_range(num_labels)
+            return spectral_label_blocks(consensus, "auto", seed=self.seed, min_blocks=low, max_blocks=high)
+        if self.block_alignment and self.num_blocks == "eigengap":
+            return spectral_label_blocks(consensus, "auto", seed=self.seed)
+        if self.block_alignment:
+            return spectral_label_blocks(consensus, min(int(self.num_blocks), num_labels), seed=self.seed)
+        return torch.zeros(num_labels, dtype=torch.long)
+
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
+        if self.leave_one_out == "client":
+            return {"leave_one_out": "client", "num_rounds": self.num_rounds, **self._consensus_sums.state_dict()}
         ids = list(self._clients)
         records = [self._clients[cid] for cid in ids]
         return {
@@ -445,7 +501,15 @@ class FedHarmony(Aggregator):
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        kept = state.get("leave_one_out", "server")
+        if kept != self.leave_one_out:
+            raise ValueError(
+                f"Expected a state of `leave_one_out={self.leave_one_out!r}`, but it holds one of {kept!r}."
+            )
         self.num_rounds = state.get("num_rounds", self.num_rounds)
+        if self.leave_one_out == "client":
+            self._consensus_sums.load_state_dict(state)
+            return
         self._clients = {
             cid: _ClientRecord(corr, valid, float(n), float(w))
             for cid, corr, valid, n, w in zip(

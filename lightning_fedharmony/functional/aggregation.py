@@ -91,6 +91,32 @@ def sampling_discrepancy(
     return (own * inv_n + other * inv_teacher) / count.clamp_min(1.0)
 
 
+def departing_pairs(corr: Tensor, teacher: Tensor, mask: Tensor, k: int = 5) -> list[tuple[int, int, float, float]]:
+    """Up to ``k`` label pairs ``(a, b, R[a, b], R*[a, b])``, ``a < b``, where a symmetric correlation departs most
+    from its teacher on the masked pairs, largest gap first.
+
+    Each pair stands twice in a symmetric matrix, so the top ``2k`` entries hold the top ``k`` pairs, and they lie in
+    the ``2k`` rows with the largest maxima: a top-k over those rows, not over all ``L^2`` entries.
+
+    Example:
+        >>> import torch
+        >>> corr = torch.tensor([[1.0, 0.9, 0.1], [0.9, 1.0, 0.2], [0.1, 0.2, 1.0]])
+        >>> departing_pairs(corr, torch.eye(3), ~torch.eye(3, dtype=torch.bool), k=1)
+        [(0, 1, 0.8999999761581421, 0.0)]
+    """
+    gap = (corr - teacher).abs_().mul_(mask)
+    num_labels, wanted = corr.shape[0], 2 * k
+    rows = torch.topk(gap.amax(1), min(wanted, num_labels)).indices
+    candidates = gap[rows].flatten()
+    top = torch.topk(candidates, min(wanted, candidates.numel()))
+    pairs = []
+    for value, position in zip(top.values.tolist(), top.indices.tolist()):
+        a, b = int(rows[position // num_labels]), position % num_labels
+        if value > 0 and a < b:
+            pairs.append((a, b, float(corr[a, b]), float(teacher[a, b])))
+    return pairs[:k]
+
+
 def quality_from_discrepancy(discrepancy: Tensor, gamma: float | str = "auto") -> Tensor:
     """``q_k = exp(-gamma s_k)``; ``gamma="auto"`` is ``1 / median_k s_k`` (all ones when the median is 0)."""
     if discrepancy.ndim != 1:

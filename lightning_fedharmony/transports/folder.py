@@ -214,7 +214,7 @@ class FolderTransport(Transport):
                 time.sleep(self.poll_interval)
         # screened in the order the clients were selected, not the order they answered: aggregation sums in this
         # order, and the same order as in memory gives the same weights bit for bit
-        collected = UpdateCollector(federation.global_weights)
+        collected = federation.new_collector()
         for cid in instructions:
             answer = answers[cid]
             if isinstance(answer, str):

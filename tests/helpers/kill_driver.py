@@ -64,15 +64,16 @@ def arm(federation: Federation, point: str) -> None:
             return real_write(path, half)
 
         checkpoint.atomic_write = atomic_write
-    elif point == "aggregate":
-        real_aggregate = federation.aggregator.aggregate_round
+    elif point == "aggregate":  # every update folded into the round's aggregation, as it finishes
+        real_begin = federation.aggregator.begin_round
 
-        def aggregate_round(server_round, updates, global_weights):  # type: ignore[no-untyped-def]
+        def begin_round(server_round, global_weights=None):  # type: ignore[no-untyped-def]
+            aggregation = real_begin(server_round, global_weights)
             if in_round(server_round):
-                _die()
-            return real_aggregate(server_round, updates, global_weights)
+                aggregation.finish = _die  # type: ignore[method-assign]
+            return aggregation
 
-        federation.aggregator.aggregate_round = aggregate_round  # type: ignore[method-assign]
+        federation.aggregator.begin_round = begin_round  # type: ignore[method-assign]
     elif point == "evaluate":  # after the server aggregated, during the clients' evaluation
         real_evaluate = federation.evaluate_federated
 

@@ -1,4 +1,5 @@
-"""The ServerApp: FedHarmonyStrategy around the library's aggregator, evaluation of the global model on the server."""
+"""The ServerApp: FedHarmonyStrategy around the library's aggregator, evaluation of the global model on the server,
+checkpoints to resume from, retries and a time limit for the clients."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ from lightning_fedharmony.integrations.flower import FedHarmonyStrategy, make_ev
 from lightning_fedharmony.mixin import model_weights
 
 app = ServerApp()
+
+#: run config entries that do not change the result, so a resumed run may change them
+RUN_ONLY = ("result-path", "checkpoint-dir", "round-retries", "client-timeout")
 
 
 @app.main()
@@ -24,6 +28,12 @@ def main(grid: Grid, context: Context) -> None:
         min_available_clients=int(config["min-available-clients"]),
         local_epochs=int(config["local-epochs"]),
         seed=int(config["seed"]),
+        checkpoint_dir=str(config["checkpoint-dir"]) or None,
+        round_retries=int(config["round-retries"]),
+        client_timeout=float(config["client-timeout"]) or None,
+        # the data, partition and model settings join the checkpoint's fingerprint: a checkpoint of another setup
+        # is refused rather than resumed
+        fingerprint_extra={"run_config": {key: value for key, value in config.items() if key not in RUN_ONLY}},
     )
     strategy.start(
         grid,

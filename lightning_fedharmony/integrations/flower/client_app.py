@@ -8,10 +8,12 @@ from dataclasses import replace
 from typing import Any
 
 import lightning.pytorch as pl
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from lightning_fedharmony.client import evaluate_client
+from lightning_fedharmony.client_terms import ConsensusMemory
 from lightning_fedharmony.integrations.flower.wire import (
     Key,
     evaluation_to_records,
@@ -58,7 +60,8 @@ def make_client_app(
     ``query`` message is answered with the node's client id.
 
     Nothing is kept in memory between messages (a deployed SuperNode starts a fresh process for each): what the
-    client remembers (its id, rounds trained) lives in ``Context.state``.
+    client remembers (its id, rounds trained, and for FedHarmony with ``leave_one_out="client"`` its terms in the
+    consensus sums) lives in ``Context.state``.
 
     Args:
         model_fn: builds the module (mix in :class:`~lightning_fedharmony.FedHarmonyMixin` for FedProx and
@@ -97,8 +100,15 @@ def make_client_app(
         _remember(context, client_id, int(instruction.server_round or 0))
         module = model_fn(context)
         datamodule = datamodule_fn(index, context)
+        memory = _consensus_memory(context) if instruction.consensus is not None else None
         with quiet_lightning():
-            update, _, setup = train_client(module, datamodule, client_id, instruction, trainer_kwargs=kwargs)
+            update, _, setup = train_client(
+                module, datamodule, client_id, instruction, trainer_kwargs=kwargs, memory=memory
+            )
+        if memory is not None:
+            context.state[Key.CONSENSUS_MEMORY] = ArrayRecord(
+                {name: Array(tensor.numpy()) for name, tensor in memory.state_dict().items()}
+            )
         update = replace(update, metrics={**update.metrics, "trainer_setup_seconds": setup})
         return Message(update_to_records(update), reply_to=msg)
 
@@ -136,6 +146,15 @@ def _own_instruction(msg: Message, client_id: str) -> Instruction:
             f" {config.get(Key.CLIENT_ID)!r}."
         )
     return instruction_from_records(msg.content, client_id)
+
+
+def _consensus_memory(context: Context) -> ConsensusMemory:
+    """The node's terms in a sums-only server's consensus, kept in ``Context.state`` between messages."""
+    memory = ConsensusMemory()
+    record = context.state.array_records.get(Key.CONSENSUS_MEMORY)
+    if record is not None:
+        memory.load_state_dict({name: torch.from_numpy(array.numpy().copy()) for name, array in record.items()})
+    return memory
 
 
 def _remember(context: Context, client_id: str, server_round: int) -> None:

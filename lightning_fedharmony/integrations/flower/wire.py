@@ -40,6 +40,8 @@ class Key:
     METRICS = "metrics"
     CLIENT = "client"
     STATS = "stats"
+    CONSENSUS = "consensus"
+    TERM = "term"
     REPORT = "report"
     # the envelope: which client a message is for (`config`) or from (`client`)
     CLIENT_ID = "client-id"
@@ -50,6 +52,7 @@ class Key:
     # node configuration (simulation engine, `flower-supernode --node-config`) and client state
     PARTITION_ID = "partition-id"
     CLIENT_STATE = "fedharmony-client"
+    CONSENSUS_MEMORY = "fedharmony-consensus-memory"
     ROUNDS_TRAINED = "rounds-trained"
     LAST_ROUND = "last-round"
 
@@ -103,6 +106,7 @@ _INSTRUCTION_SLOTS = (
     _Slot("teacher", Key.TEACHER, Key.TEACHER),
     _Slot("mask", Key.TEACHER, Key.MASK),
     *(_Slot(name, Key.CONFIG, key) for name, key in Key.SETTINGS.items()),
+    _Slot("consensus.", Key.CONSENSUS),
 )
 _UPDATE_SLOTS = (
     _Slot("client_id", Key.CLIENT, Key.CLIENT_ID),
@@ -110,6 +114,7 @@ _UPDATE_SLOTS = (
     _Slot("weights.", Key.ARRAYS, kebab=False),
     _Slot("stats.", Key.STATS),
     _Slot("metrics.", Key.METRICS),
+    _Slot("term.", Key.TERM),
 )
 _EVALUATION_SLOTS = (
     _Slot("client_id", Key.CLIENT, Key.CLIENT_ID),
@@ -117,7 +122,7 @@ _EVALUATION_SLOTS = (
     _Slot("report.", Key.REPORT),
     _Slot("metrics.", Key.METRICS),
 )
-_ARRAY_RECORDS = (Key.ARRAYS, Key.TEACHER, Key.STATS, Key.REPORT)
+_ARRAY_RECORDS = (Key.ARRAYS, Key.TEACHER, Key.STATS, Key.CONSENSUS, Key.TERM, Key.REPORT)
 
 
 def _to_records(arrays: Mapping[str, np.ndarray], slots: tuple[_Slot, ...]) -> RecordDict:

@@ -1,0 +1,360 @@
+"""FedHarmony with ``leave_one_out="client"``: a server that keeps only the consensus sums gives the teachers of the
+server that keeps every client's correlation, scores and weights by the stated rule, and memory that does not grow
+with the clients."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_fedharmony import FedHarmony
+from lightning_fedharmony.aggregators import ClientUpdate
+from lightning_fedharmony.checkpoint import load_checkpoint
+from lightning_fedharmony.client_terms import ConsensusMemory, share_teacher
+from lightning_fedharmony.data import ClientDataModule
+from lightning_fedharmony.functional import (
+    aggregation_weights,
+    correlation_discrepancy,
+    quality_from_discrepancy,
+    sampling_discrepancy,
+    weighted_average,
+)
+from lightning_fedharmony.integrations.flower.wire import (
+    instruction_from_records,
+    instruction_to_records,
+    update_from_records,
+    update_to_records,
+)
+from lightning_fedharmony.models import MultilabelMLP
+from lightning_fedharmony.orchestrator import Federation
+from lightning_fedharmony.protocol import Instruction, ProtocolError, Update
+from lightning_fedharmony.stats import CorrelationStats
+
+NUM_LABELS = 6
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _stats(seed: int, samples: int, dead_label: int | None = None) -> CorrelationStats:
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.rand(samples, 2, generator=generator)
+    noise = 0.3 * torch.rand(samples, NUM_LABELS - 2, generator=generator)
+    preds = torch.cat([base, base.repeat(1, 2) + noise], 1).clamp(0, 1)
+    target = (preds > 0.5).float()
+    if dead_label is not None:  # never positive: invalid for this client
+        target[:, dead_label] = 0
+    stats = CorrelationStats(NUM_LABELS)
+    stats.update(preds, target)
+    return stats
+
+
+def _weights(seed: int) -> dict[str, torch.Tensor]:
+    return {"w": torch.randn(3, generator=torch.Generator().manual_seed(1000 + seed))}
+
+
+# (round, clients taking part, samples per client): partial participation leaves stale terms behind
+SCHEDULE = [(1, ["0", "1", "2", "3"]), (2, ["0", "2"]), (3, ["1", "2", "3"]), (4, ["0", "1", "3"])]
+SAMPLES = {"0": 40, "1": 25, "2": 60, "3": 33}
+DEAD = {"1": 4, "3": 5}
+
+
+def _run_both(**kwargs) -> list[dict]:
+    """Both servers over the same client statistics; per round, each participant's teacher from either side."""
+    server = FedHarmony(leave_one_out="server", num_blocks=2, t0=3, **kwargs)
+    client = FedHarmony(leave_one_out="client", num_blocks=2, t0=3, **kwargs)
+    memories = {cid: ConsensusMemory() for cid in SAMPLES}
+    rounds = []
+    for server_round, participants in SCHEDULE:
+        global_weights = _weights(0)
+        sent = client.configure_round(server_round, participants, global_weights)
+        teachers = {}
+        stats_updates, term_updates = [], []
+        for cid in participants:
+            resolved = memories[cid].resolve(sent[cid], cid)
+            stats = _stats(100 * server_round + int(cid), SAMPLES[cid], DEAD.get(cid))
+            update = Update(cid, _weights(int(cid) + server_round), SAMPLES[cid], stats)
+            stats_updates.append(update)
+            if server_round > 1:
+                teachers[cid] = (server.teacher(cid), (resolved.teacher, resolved.mask))
+            term_updates.append(
+                memories[cid].complete(
+                    update, stats, server_round, eps=client.corr_eps, normalization=client.corr_normalization
+                )
+            )
+        previous_consensus = server.consensus
+        result_server = server.aggregate_round(server_round, stats_updates, global_weights)
+        result_client = client.aggregate_round(server_round, iter(term_updates), global_weights)
+        rounds.append(
+            {
+                "teachers": teachers,
+                "server": result_server,
+                "client": result_client,
+                "terms": {u.client_id: u for u in term_updates},
+                "stats": {u.client_id: u for u in stats_updates},
+                "previous_consensus": previous_consensus,
+                "consensus": (server.consensus, client.consensus),
+                "blocks": (server.cluster_ids, client._consensus_sums.cluster_ids),
+            }
+        )
+    return rounds
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"stale_stats": "drop"}, {"consensus_weighting": "uniform", "align_threshold": 0.05}],
+    ids=["keep", "drop", "uniform-threshold"],
+)
+def test_client_side_teachers_equal_the_server_side_ones(kwargs: dict) -> None:
+    for record in _run_both(**kwargs):
+        for cid, ((teacher_s, mask_s), (teacher_c, mask_c)) in record["teachers"].items():
+            torch.testing.assert_close(teacher_c, teacher_s, atol=1e-6, rtol=0, msg=f"client {cid}")
+            assert torch.equal(mask_c, mask_s), cid
+        consensus_s, consensus_c = record["consensus"]
+        torch.testing.assert_close(consensus_c, consensus_s, atol=1e-6, rtol=0)
+        assert torch.equal(*record["blocks"])
+
+
+def test_scores_weights_and_model_follow_the_teacher_each_client_trained_with() -> None:
+    rounds = _run_both()
+    first = rounds[0]["client"]
+    # round 1 has no teacher: nobody is scored, the weights are the data shares
+    n = torch.tensor([float(SAMPLES[c]) for c in first.client_weights], dtype=torch.float64)
+    assert list(first.client_weights.values()) == pytest.approx((n / n.sum()).tolist())
+    for index, record in enumerate(rounds[1:], start=1):
+        members = {cid for earlier in rounds[:index] for cid in earlier["terms"]}
+        result = record["client"]
+        ids = list(result.client_weights)
+        discrepancy, quality = [], []
+        for cid in ids:
+            teacher, mask = record["teachers"][cid][0]  # the server's teacher of this round = the one trained with
+            stats = record["stats"][cid].stats
+            corr = stats.compute(eps=1e-6, normalization="pearson").float()
+            term = record["terms"][cid].term
+            expected = float(correlation_discrepancy(corr[None], teacher[None], mask))
+            assert term.discrepancy == pytest.approx(expected, rel=1e-5, abs=1e-9)
+            samples = torch.tensor([float(SAMPLES[cid])])
+            others = torch.tensor([float(sum(SAMPLES[c] for c in members if c != cid))])
+            baseline = float(sampling_discrepancy(corr[None], teacher[None], mask, samples, others))
+            assert term.sampling_discrepancy == pytest.approx(baseline, rel=1e-4)
+            discrepancy.append(max(expected - baseline, 0.0))
+            quality.append(float(quality_from_discrepancy(torch.tensor([discrepancy[-1]], dtype=torch.float64), 3.0)))
+            assert result.client_metrics[cid]["quality"] == pytest.approx(quality[-1], rel=1e-4)
+        n = torch.tensor([float(SAMPLES[c]) for c in ids], dtype=torch.float64)
+        expected_weights = aggregation_weights(n, torch.tensor(quality, dtype=torch.float64), 2, 3.0, mode="product")
+        assert list(result.client_weights.values()) == pytest.approx(expected_weights.tolist(), rel=1e-4)
+        expected_model = weighted_average([record["stats"][c].weights for c in ids], list(result.client_weights.values()))
+        torch.testing.assert_close(result.weights["w"], expected_model["w"])
+
+
+def test_additive_weights_mix_the_two_running_sums() -> None:
+    rounds = _run_both(quality_weighting="additive")
+    result = rounds[2]["client"]
+    ids = list(result.client_weights)
+    expected = weighted_average([rounds[2]["stats"][c].weights for c in ids], list(result.client_weights.values()))
+    torch.testing.assert_close(result.weights["w"], expected["w"])
+    assert sum(result.client_weights.values()) == pytest.approx(1.0)
+
+
+def _term_updates(num_clients: int, num_labels: int, server_round: int = 1) -> Iterator[ClientUpdate]:
+    """Updates with terms, as clients of an empty server would send them in round 1, made one at a time."""
+    for k in range(num_clients):
+        stats = CorrelationStats(num_labels)
+        preds = torch.rand(16, num_labels, generator=torch.Generator().manual_seed(k))
+        stats.update(preds, (preds > 0.5).float())
+        share = FedHarmony(leave_one_out="client").client_instructions(server_round, str(k), {"w": torch.zeros(2)})
+        memory = ConsensusMemory()
+        memory.resolve(share, str(k))
+        update = ClientUpdate(str(k), {"w": torch.full((2,), float(k))}, 16, stats)
+        yield memory.complete(update, stats, server_round, eps=1e-6, normalization="pearson")
+
+
+def test_server_state_does_not_grow_with_the_clients() -> None:
+    sizes = []
+    for num_clients in (4, 40):
+        aggregator = FedHarmony(leave_one_out="client", t0=5)
+        aggregator.aggregate_round(1, _term_updates(num_clients, 8), {"w": torch.zeros(2)})
+        state = aggregator.state_dict()
+        sizes.append(sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor)))
+    per_client_scalars = 3 * 8 * (40 - 4)  # weight, samples, round of each member
+    assert sizes[1] - sizes[0] == per_client_scalars
+
+
+def test_updates_are_consumed_one_at_a_time() -> None:
+    alive: list[weakref.ref] = []
+
+    def updates() -> Iterator[ClientUpdate]:
+        for update in _term_updates(6, 5):
+            # every update but the one being handed over and the last one taken is gone
+            assert sum(ref() is not None for ref in alive) <= 1
+            alive.append(weakref.ref(update))
+            yield update
+
+    FedHarmony(leave_one_out="client", t0=5).aggregate_round(1, updates(), {"w": torch.zeros(2)})
+
+
+def test_a_client_whose_term_does_not_match_the_servers_record_is_refused() -> None:
+    aggregator = FedHarmony(leave_one_out="client", t0=5)
+    aggregator.aggregate_round(1, _term_updates(3, 5), {"w": torch.zeros(2)})
+    # a client answering round 2 as if it had no term in the sums (it lost its memory and started afresh)
+    fresh = next(_term_updates(1, 5, server_round=2))
+    with pytest.raises(ProtocolError, match=r"Client '0', field `term.replaced_round`: expected the term of round 1"):
+        aggregator.aggregate_round(2, [fresh], {"w": torch.zeros(2)})
+
+
+def test_a_client_that_lost_its_term_is_told_with_a_hint() -> None:
+    aggregator = FedHarmony(leave_one_out="client", t0=5)
+    aggregator.aggregate_round(1, _term_updates(2, 5), {"w": torch.zeros(2)})
+    instruction = aggregator.client_instructions(2, "0", {"w": torch.zeros(2)})
+    with pytest.raises(ProtocolError, match=r"field `consensus.own_round`.*round 1.*HINT: restore the client's"):
+        ConsensusMemory().resolve(instruction, "0")
+
+
+def test_updates_without_terms_and_unsupported_settings_are_refused() -> None:
+    stats = CorrelationStats(4)
+    stats.update(torch.rand(8, 4), torch.ones(8, 4))
+    with pytest.raises(ProtocolError, match=r"field `term`.*HINT"):
+        FedHarmony(leave_one_out="client", t0=5).aggregate_round(1, [ClientUpdate("0", {"w": torch.zeros(1)}, 8, stats)])
+    with pytest.raises(ValueError, match=r"`gamma` to be a float with `leave_one_out='client'`, but got 'auto'"):
+        FedHarmony(leave_one_out="client", gamma="auto")
+    with pytest.raises(ValueError, match=r"`consensus_weighting`.*'previous_aggregation'"):
+        FedHarmony(leave_one_out="client", consensus_weighting="previous_aggregation")
+    with pytest.raises(ValueError, match=r"`leave_one_out` to be one of \('server', 'client'\), but got 'both'"):
+        FedHarmony(leave_one_out="both")
+    with pytest.raises(RuntimeError, match="each client builds its own"):
+        FedHarmony(leave_one_out="client").teacher("0")
+
+
+def test_share_and_term_travel_in_every_array_form() -> None:
+    aggregator = FedHarmony(leave_one_out="client", t0=5)
+    aggregator.aggregate_round(1, _term_updates(3, 5), {"w": torch.zeros(2)})
+    instruction = aggregator.client_instructions(2, "1", {"w": torch.zeros(2)})
+    for back in (
+        Instruction.from_arrays(instruction.to_arrays(), "1"),
+        instruction_from_records(instruction_to_records(instruction, "1"), "1"),
+    ):
+        assert back.consensus is not None and instruction.consensus is not None
+        assert torch.equal(back.consensus.numerator, instruction.consensus.numerator)
+        assert back.consensus.own_round == 1 and back.consensus.weighting == "samples"
+    update = next(_term_updates(1, 5))
+    for back_update in (Update.from_arrays(update.to_arrays()), update_from_records(update_to_records(update), "0")):
+        assert back_update.term is not None and update.term is not None
+        assert torch.equal(back_update.term.delta, update.term.delta)
+        assert back_update.stats is None
+    arrays = instruction.to_arrays()
+    arrays["consensus.numerator"] = arrays["consensus.numerator"] * 1e9
+    with pytest.raises(ProtocolError, match=r"field `consensus.numerator`: expected finite values within"):
+        Instruction.from_arrays(arrays, "1")
+    del arrays["consensus.own_round"]
+    with pytest.raises(ProtocolError, match=r"field `consensus.own_round`: expected an entry"):
+        Instruction.from_arrays(arrays, "1")
+
+
+def _clients(num: int = 3, n: int = 120) -> list[ClientDataModule]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 6, generator=generator)
+    y = (x @ torch.randn(6, 5, generator=generator) > 0.2).float()
+    return [ClientDataModule(x[i::num], y[i::num], batch_size=32) for i in range(num)]
+
+
+def _federation(**kwargs) -> Federation:
+    torch.manual_seed(0)
+    aggregator = FedHarmony(leave_one_out="client", num_blocks=2)
+    return Federation(MultilabelMLP(6, 5, hidden=(8,)), _clients(), aggregator, 3, verbose=False, **kwargs)
+
+
+def test_federation_resumes_with_the_clients_memories(tmp_path: Path) -> None:
+    straight = _federation(fraction_fit=0.67)
+    straight.fit()
+    first = _federation(fraction_fit=0.67, checkpoint_dir=tmp_path)
+    first.aggregator.setup(3)
+    first.run_round(1)
+    first.run_round(2)
+    assert first.client_memory  # the clients' terms travel in the checkpoint
+    resumed = _federation(fraction_fit=0.67, checkpoint_dir=tmp_path)
+    resumed.fit()
+    for name, tensor in straight.global_weights.items():
+        assert torch.equal(tensor, resumed.global_weights[name]), name
+    assert resumed.result.rounds[-1].client_weights == straight.result.rounds[-1].client_weights
+
+
+def test_share_teacher_of_a_client_outside_the_sums_is_the_whole_consensus() -> None:
+    aggregator = FedHarmony(leave_one_out="client", t0=5, num_blocks=1)
+    aggregator.aggregate_round(1, _term_updates(3, 5), {"w": torch.zeros(2)})
+    share = aggregator.client_instructions(2, "newcomer", {"w": torch.zeros(2)}).consensus
+    assert share is not None and share.own_weight == 0
+    teacher, mask = share_teacher(share, None)
+    torch.testing.assert_close(teacher, aggregator.consensus)
+    assert bool(mask.any()) and not bool(mask.diagonal().any())
+
+
+def _run_cli(out: Path, rounds: int) -> subprocess.Popen:
+    args = [
+        sys.executable,
+        "-m",
+        "lightning_fedharmony.cli",
+        "run",
+        "--methods",
+        "fedharmony",
+        "methods.fedharmony.init_args.leave_one_out=client",
+        "partition.num_clients=3",
+        "federation.fraction_fit=0.67",
+        f"federation.num_rounds={rounds}",
+        "federation.local_epochs=3",
+        f"federation.checkpoint_dir={out / 'ckpt'}",
+        f"out_dir={out / 'out'}",
+        "plots=false",
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_resume_after_sigkill_gives_bit_identical_weights_with_client_side_terms(tmp_path: Path) -> None:
+    rounds = 4
+    straight = _run_cli(tmp_path / "a", rounds)
+    assert straight.wait(timeout=300) == 0, straight.stdout.read() if straight.stdout else ""
+    ckpt = tmp_path / "b" / "ckpt" / "fedharmony" / "federation.ckpt"
+    killed = _run_cli(tmp_path / "b", rounds)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (ckpt.exists() and load_checkpoint(ckpt)["server_round"] >= 1):
+        time.sleep(0.05)
+    time.sleep(0.2)  # into the next round's local training
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(timeout=30)
+    done = load_checkpoint(ckpt)["server_round"]
+    assert 1 <= done < rounds
+    assert load_checkpoint(ckpt)["client_memory"]  # the in-process clients' terms are saved with the server's sums
+    resumed = _run_cli(tmp_path / "b", rounds)
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0 and f"after round {done}" in output, output
+    a = load_checkpoint(tmp_path / "a" / "ckpt" / "fedharmony" / "federation.ckpt")
+    b = load_checkpoint(ckpt)
+    for key, value in a["global_weights"].items():
+        assert torch.equal(value, b["global_weights"][key]), key
+    assert a["aggregator"]["member_ids"] == b["aggregator"]["member_ids"]
+    assert torch.equal(a["aggregator"]["numerator"], b["aggregator"]["numerator"])
+
+
+def test_federation_streams_updates_and_records_a_refused_term_as_a_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    original = ConsensusMemory.complete
+
+    def complete(self, update, *args, **kwargs):
+        done = original(self, update, *args, **kwargs)
+        if update.client_id == "1" and done.term is not None:  # a client that weighs its own term wrongly
+            done.term.weight += 1.0
+        return done
+
+    monkeypatch.setattr(ConsensusMemory, "complete", complete)
+    federation = _federation(min_clients=2)
+    federation.aggregator.setup(3)
+    record = federation.run_round(1)
+    assert set(record.client_weights) == {"0", "2"}
+    assert record.failures["1"].startswith("rejected update: Client '1', field `term.weight`: expected")
+    assert federation.aggregator.state_dict()["member_ids"] == ["0", "2"]
