@@ -4,6 +4,8 @@
   every setting, the round's seed. Nothing else writes them.
 - :func:`train_client` is one round of a client trained in this process (a fresh Trainer per round):
   :class:`~lightning_fedharmony.orchestrator.Federation` and the Flower ClientApp use it.
+- :func:`evaluate_client` answers an evaluation request: the global model's metric state on the client's held-out
+  split, wherever the client runs (in memory, :class:`FederatedClient`, the Flower ClientApp).
 - :class:`FederatedClient` makes any ``trainer.fit`` (a LightningCLI run included) a client of ``fedharmony serve``
   over a shared folder, for as many rounds as the server asks.
 """
@@ -35,8 +37,9 @@ from lightning_fedharmony.client_terms import ConsensusMemory
 from lightning_fedharmony.exchange import check_client_id
 from lightning_fedharmony.mixin import FedHarmonyMixin, load_model_weights, model_weights
 from lightning_fedharmony.privacy import check_privacy_args
-from lightning_fedharmony.protocol import Instruction, ProtocolError, Update
-from lightning_fedharmony.transports.folder import STOP, FolderMailbox
+from lightning_fedharmony.protocol import Evaluation, Instruction, ProtocolError, Update
+from lightning_fedharmony.rounds import client_val_loader, evaluate_report
+from lightning_fedharmony.transports.folder import EVALUATE, STOP, FolderMailbox
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +251,39 @@ def train_client(
     return update, loss, setup
 
 
+def evaluate_client(
+    module: pl.LightningModule, datamodule: pl.LightningDataModule | None, client_id: str, request: Instruction
+) -> Evaluation:
+    """Evaluate the request's global weights on the client's held-out split (its datamodule's ``val_dataloader``,
+    e.g. :class:`~lightning_fedharmony.data.ClientDataModule`'s seeded ``val_fraction``).
+
+    The answer holds the :class:`~lightning_fedharmony.metrics.MultilabelReport` state (exact scores, or binned counts
+    with the request's ``eval_bins``), never finished metrics, so that the server merges the clients' states exactly.
+    The module's weights and training mode and torch's random state are put back afterwards: evaluating never
+    changes what the client trains next.
+
+    Returns:
+        The evaluation; ``num_samples`` 0 and no report when the client has no held-out split.
+    """
+    started = time.perf_counter()
+    loader = None if datamodule is None else client_val_loader(datamodule)
+    if loader is None:
+        return Evaluation(client_id=client_id, num_samples=0, metrics={"seconds": time.perf_counter() - started})
+    previous = model_weights(module)
+    try:
+        with torch.random.fork_rng(devices=[]):  # a DataLoader iterator draws its base seed from torch's generator
+            report = evaluate_report(module, request.weights, loader, bins=request.eval_bins)
+    finally:
+        load_model_weights(module, previous)
+    state = report.export_state()
+    return Evaluation(
+        client_id=client_id,
+        num_samples=int(state["num_samples"]),
+        report=state,
+        metrics={"seconds": time.perf_counter() - started},
+    )
+
+
 def complete_term(
     module: pl.LightningModule, update: Update, memory: ConsensusMemory, instruction: Instruction, client_id: str
 ) -> Update:
@@ -302,7 +338,9 @@ class FederatedClient(Callback):
     every setting, the round's seed), resets the optimizers and schedulers to their state before the first step (so
     each round starts as a fresh Trainer would, as in :class:`~lightning_fedharmony.orchestrator.Federation`), trains
     the instructed ``local_epochs`` epochs and writes its update (weights, sample count, the prediction statistics of
-    the last epoch when the server asks for them, ``train_loss``) atomically. When the server says the run is over it
+    the last epoch when the server asks for them, ``train_loss``) atomically. Between rounds it answers the server's
+    evaluation requests (:func:`evaluate_client` on the datamodule's ``val_dataloader``; torch's random state is kept,
+    so training is unchanged). When the server says the run is over it
     loads the final global weights and stops the fit. ``max_epochs`` of the Trainer is ignored: the server decides.
 
     Args:
@@ -358,6 +396,8 @@ class FederatedClient(Callback):
         self.stats_clip = stats_clip
         #: id of the last instruction answered; one answered again after a restart gives the same update
         self.answered: str | None = None
+        #: id of the last evaluation request answered
+        self.evaluated: str | None = None
         self.rounds_done = 0
         #: the terms this client contributed to a sums-only server's consensus (FedHarmony ``leave_one_out="client"``)
         self.memory = ConsensusMemory()
@@ -387,7 +427,7 @@ class FederatedClient(Callback):
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._epochs_left == 0:
-            message = self._wait(trainer)
+            message = self._wait(trainer, pl_module)
             if message is None:  # SIGTERM while waiting: end the fit as Lightning would
                 trainer.should_stop = True
                 self._current = None
@@ -404,14 +444,18 @@ class FederatedClient(Callback):
         if self._stats is not None:
             self._stats.on_train_epoch_start(trainer, pl_module)
 
-    def _wait(self, trainer: pl.Trainer) -> tuple[str, str, Instruction] | None:
+    def _wait(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[str, str, Instruction] | None:
         deadline = math.inf if self.timeout is None else time.monotonic() + self.timeout
         while True:
             if trainer.received_sigterm:
                 log.info("client %s: SIGTERM while waiting for an instruction; stopping", self.client_id)
                 return None
             message = self.mailbox.read_instruction(self.client_id)
-            if message is not None and (message[0] == STOP or message[1] != self.answered):
+            if message is not None and message[0] == EVALUATE:
+                if message[1] != self.evaluated:
+                    self._evaluate(trainer, pl_module, message[1], message[2])
+                    deadline = math.inf if self.timeout is None else time.monotonic() + self.timeout
+            elif message is not None and (message[0] == STOP or message[1] != self.answered):
                 return message
             if time.monotonic() >= deadline:
                 raise TimeoutError(
@@ -419,6 +463,13 @@ class FederatedClient(Callback):
                     " HINT: is `fedharmony serve` running on the same folder?"
                 )
             time.sleep(self.poll_interval)
+
+    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ident: str, request: Instruction) -> None:
+        """Answer an evaluation request between rounds: the global model on the datamodule's held-out split."""
+        evaluation = evaluate_client(pl_module, trainer.datamodule, self.client_id, request)
+        self.mailbox.send_evaluation(evaluation, answers=ident)
+        self.evaluated = ident
+        log.info("client %s: sent the evaluation of round %s", self.client_id, request.server_round)
 
     @staticmethod
     def _replay_fresh_fit(trainer: pl.Trainer) -> None:
@@ -501,6 +552,7 @@ class FederatedClient(Callback):
         return {
             "client_id": self.client_id,
             "answered": self.answered,
+            "evaluated": self.evaluated,
             "rounds_done": self.rounds_done,
             "consensus_memory": self.memory.state_dict(),
         }
@@ -508,6 +560,7 @@ class FederatedClient(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.answered = state_dict.get("answered")
+        self.evaluated = state_dict.get("evaluated")
         self.rounds_done = int(state_dict.get("rounds_done", 0))
         if "consensus_memory" in state_dict:
             self.memory.load_state_dict(state_dict["consensus_memory"])

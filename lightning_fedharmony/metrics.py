@@ -20,6 +20,9 @@ Conventions (so that no result is ever NaN):
 - ``map`` averages the per-label AP over the labels with at least one observed positive only; the others are
   counted in ``labels_without_positives``. ``micro_map`` is the AP of all observed (sample, label) pairs flattened.
   AP is torchmetrics' exact (non-binned) average precision; tied scores form one threshold (as in scikit-learn).
+  With ``bins`` set, AP is binned instead: summed counts of positives and negatives scoring at or above each of
+  ``bins`` evenly spaced thresholds in ``[0, 1]`` (torchmetrics' ``thresholds=bins``), so a report's state holds
+  no per-sample scores (the private option of federated evaluation).
 - With an ``observed`` mask, unobserved entries are ignored by every metric. The correlation of a label pair is then
   taken over the samples where both labels are observed (pairwise-complete moments); pairs never observed together
   are left out of the drift.
@@ -27,17 +30,22 @@ Conventions (so that no result is ever NaN):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.functional.classification import binary_average_precision, multilabel_average_precision
+from torchmetrics.functional.classification.average_precision import (
+    _binary_average_precision_compute,
+    _multilabel_average_precision_compute,
+)
 from torchmetrics.utilities.data import dim_zero_cat
 
 from lightning_fedharmony.functional.correlation import phi_from_moments
 
-__all__ = ["REPORT_KEYS", "MultilabelReport", "evaluate_multilabel"]
+__all__ = ["REPORT_KEYS", "MultilabelReport", "evaluate_multilabel", "validate_report_state"]
 
 #: Keys of the report, in order.
 REPORT_KEYS = (
@@ -68,6 +76,12 @@ _SUM_STATES = (
     "target_sum_pair",
     "target_outer",
 )
+
+#: Summed states of the binned average precision: ``(bins, L)`` counts of positives / negatives scoring at or above
+#: each threshold.
+_BINNED_STATES = ("ap_positives", "ap_negatives")
+#: Concatenated states of the exact average precision.
+_CAT_STATES = ("preds", "target")
 
 #: Target value of unobserved entries in the concatenated state (torchmetrics' ``ignore_index``).
 _IGNORE = -1
@@ -221,40 +235,93 @@ def _correlation_drift(sums: dict[str, Tensor], eps: float) -> Tensor:
     return drift.mean() if drift.numel() else drift.new_zeros(())
 
 
-def _multilabel_report_compute(
-    preds: Tensor, target: Tensor, sums: dict[str, Tensor], eps: float = 1e-6
-) -> dict[str, Tensor]:
-    """The report from the concatenated scores and the summed statistics.
+def _binned_ap_update(preds: Tensor, target: Tensor, bins: int) -> dict[str, Tensor]:
+    """Summable counts of the binned average precision of one batch (keys :data:`_BINNED_STATES`).
 
     Args:
-        preds: ``(N, L)`` probabilities of every sample seen.
+        preds: ``(N, L)`` probabilities.
         target: ``(N, L)`` in ``{-1, 0, 1}`` (``-1`` unobserved).
+        bins: number of thresholds, evenly spaced in ``[0, 1]``.
+
+    Returns:
+        ``ap_positives`` and ``ap_negatives``, ``(bins, L)`` long: observed positives (negatives) with
+        ``preds >= threshold``, per threshold and label.
+    """
+    grid = torch.linspace(0, 1, bins, device=preds.device)
+    above = preds.unsqueeze(0) >= grid.view(-1, 1, 1)  # (bins, N, L)
+    return {
+        "ap_positives": (above & (target == 1)).sum(1),
+        "ap_negatives": (above & (target == 0)).sum(1),
+    }
+
+
+def _exact_average_precision(preds: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(map, micro_map, labels_without_positives)`` from the concatenated scores and targets (``-1`` unobserved)."""
+    has_positive = (target == 1).any(0)
+    kept = has_positive.nonzero().flatten()
+    if not kept.numel():
+        zero = torch.zeros((), dtype=torch.float64, device=preds.device)
+        return zero, zero, (~has_positive).sum()
+    # labels without positives get AP 0 (with a warning) from torchmetrics: leave them out beforehand
+    per_label_ap = multilabel_average_precision(
+        preds[:, kept],
+        target[:, kept],
+        num_labels=int(kept.numel()),
+        average=None,
+        thresholds=None,
+        ignore_index=_IGNORE,
+        validate_args=False,
+    )
+    observed = target != _IGNORE
+    micro_ap = binary_average_precision(preds[observed], target[observed], thresholds=None, validate_args=False)
+    return per_label_ap.to(torch.float64).mean(), micro_ap, (~has_positive).sum()
+
+
+def _binned_average_precision(positives: Tensor, negatives: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(map, micro_map, labels_without_positives)`` from the counts of :func:`_binned_ap_update`: torchmetrics'
+    binned AP (``thresholds=bins``) of the same data."""
+    bins = positives.shape[0]
+    grid = torch.linspace(0, 1, bins, device=positives.device)
+    has_positive = positives[0] > 0  # every score is >= the first threshold, 0
+    kept = has_positive.nonzero().flatten()
+    if not kept.numel():
+        zero = torch.zeros((), dtype=torch.float64, device=positives.device)
+        return zero, zero, (~has_positive).sum()
+    tp, fp = positives[:, kept], negatives[:, kept]
+    fn, tn = tp[0] - tp, fp[0] - fp
+    # torchmetrics' confusion-matrix state: (bins, L, target, pred)
+    confmat = torch.stack([torch.stack([tn, fp], -1), torch.stack([fn, tp], -1)], -2)
+    per_label = _multilabel_average_precision_compute(confmat, int(kept.numel()), average=None, thresholds=grid)
+    micro = _binary_average_precision_compute(confmat.sum(1), grid)
+    return per_label.to(torch.float64).mean(), micro, (~has_positive).sum()
+
+
+def _multilabel_report_compute(
+    preds: Tensor,
+    target: Tensor,
+    sums: dict[str, Tensor],
+    eps: float = 1e-6,
+    *,
+    ap_counts: tuple[Tensor, Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """The report from the concatenated scores (or the binned counts) and the summed statistics.
+
+    Args:
+        preds: ``(N, L)`` probabilities of every sample seen (unused with ``ap_counts``).
+        target: ``(N, L)`` in ``{-1, 0, 1}`` (``-1`` unobserved; unused with ``ap_counts``).
         sums: the statistics of :func:`_multilabel_report_update`, summed over batches (and clients).
         eps: added to the phi denominator.
+        ap_counts: ``(ap_positives, ap_negatives)`` of :func:`_binned_ap_update`, summed: the binned AP instead of
+            the exact one.
 
     Returns:
         Dict with keys :data:`REPORT_KEYS`: float32 scalars, ``labels_without_positives`` a long scalar.
     """
     tp, fp, fn = sums["tp"], sums["fp"], sums["fn"]
-    has_positive = (target == 1).any(0)
-    labels_without_positives = (~has_positive).sum()
-    kept = has_positive.nonzero().flatten()
-    if kept.numel():
-        # labels without positives get AP 0 (with a warning) from torchmetrics: leave them out beforehand
-        per_label_ap = multilabel_average_precision(
-            preds[:, kept],
-            target[:, kept],
-            num_labels=int(kept.numel()),
-            average=None,
-            thresholds=None,
-            ignore_index=_IGNORE,
-            validate_args=False,
-        )
-        mean_ap = per_label_ap.to(torch.float64).mean()
-        observed = target != _IGNORE
-        micro_ap = binary_average_precision(preds[observed], target[observed], thresholds=None, validate_args=False)
+    if ap_counts is None:
+        mean_ap, micro_ap, labels_without_positives = _exact_average_precision(preds, target)
     else:
-        mean_ap = micro_ap = torch.zeros((), dtype=torch.float64, device=tp.device)
+        mean_ap, micro_ap, labels_without_positives = _binned_average_precision(*ap_counts)
 
     precision = _safe_ratio(tp, tp + fp)
     recall = _safe_ratio(tp, tp + fn)
@@ -331,19 +398,24 @@ class MultilabelReport(Metric):
     """Multi-label metrics of the paper's table (mAP, O-mAP, CP/CR/CF1, OP/OR/OF1, Hamming), F1s and correlation drift.
 
     Counts and float64 correlation moments are sum states; scores and targets for the exact average precision are
-    ``cat`` states. ``merge_state`` of metrics updated on disjoint data (e.g. clients) therefore gives exactly the
-    metrics of one pass over the union, and distributed sync works as for any torchmetrics metric. See the module
-    docstring for the conventions on empty denominators, labels without positives and the ``observed`` mask.
+    ``cat`` states (with ``bins``: ``(bins, L)`` count states instead, which hold no per-sample scores).
+    ``merge_state`` of metrics updated on disjoint data (e.g. clients) therefore gives exactly the metrics of one pass
+    over the union, and distributed sync works as for any torchmetrics metric. :meth:`export_state` is the state as
+    plain tensors, the form a client sends in federated evaluation
+    (:class:`~lightning_fedharmony.protocol.Evaluation`); ``merge_state`` takes it back. See the module docstring
+    for the conventions on empty denominators, labels without positives and the ``observed`` mask.
 
     Args:
         num_labels: number of labels ``L`` (larger than 1).
         threshold: a probability above it is a positive prediction (count-based metrics).
         eps: added to the phi denominator (see :func:`~lightning_fedharmony.functional.phi_from_moments`).
+        bins: ``None`` for the exact average precision; an int ``>= 2`` for the binned one over that many thresholds
+            evenly spaced in ``[0, 1]`` (the state then reveals no per-sample score).
         validate_args: check every batch in ``update``; ``False`` skips the (synchronising) checks.
         kwargs: passed to :class:`torchmetrics.Metric` (e.g. ``dist_sync_on_step``, ``process_group``).
 
     Raises:
-        ValueError: on a bad ``num_labels``, ``threshold`` or ``eps``.
+        ValueError: on a bad ``num_labels``, ``threshold``, ``eps`` or ``bins``.
 
     Example:
         >>> import torch
@@ -368,6 +440,8 @@ class MultilabelReport(Metric):
     tp: Tensor
     fp: Tensor
     fn: Tensor
+    ap_positives: Tensor
+    ap_negatives: Tensor
     pair_count: Tensor
     pred_sum_pair: Tensor
     pred_outer: Tensor
@@ -380,17 +454,24 @@ class MultilabelReport(Metric):
         threshold: float = 0.5,
         *,
         eps: float = 1e-6,
+        bins: int | None = None,
         validate_args: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         _multilabel_report_arg_validation(num_labels, threshold, eps)
+        check_bins(bins)
         self.num_labels = num_labels
         self.threshold = float(threshold)
         self.eps = float(eps)
+        self.bins = bins
         self.validate_args = validate_args
-        self.add_state("preds", default=[], dist_reduce_fx="cat")
-        self.add_state("target", default=[], dist_reduce_fx="cat")
+        if bins is None:
+            self.add_state("preds", default=[], dist_reduce_fx="cat")
+            self.add_state("target", default=[], dist_reduce_fx="cat")
+        else:
+            for name in _BINNED_STATES:
+                self.add_state(name, default=torch.zeros(bins, num_labels, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("num_samples", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
         for name in ("tp", "fp", "fn"):
             self.add_state(name, default=torch.zeros(num_labels, dtype=torch.long), dist_reduce_fx="sum")
@@ -413,18 +494,56 @@ class MultilabelReport(Metric):
             _multilabel_report_tensor_validation(preds, target, self.num_labels, observed)
         preds, target, observed = _multilabel_report_format(preds, target, observed)
         sums = _multilabel_report_update(preds, target, observed, self.threshold)
+        if self.bins is not None:
+            sums.update(_binned_ap_update(preds, target, self.bins))
         for name, value in sums.items():
             setattr(self, name, getattr(self, name) + value)
-        self.preds.append(preds)
-        self.target.append(target)
+        if self.bins is None:
+            self.preds.append(preds)
+            self.target.append(target)
+
+    def export_state(self) -> dict[str, Tensor]:
+        """The state as plain tensors (what :func:`validate_report_state` checks and ``merge_state`` takes back).
+
+        Returns:
+            The summed states (keys of ``metric_state`` except ``preds`` / ``target``), and ``preds`` ``(N, L)``
+            float32 with ``target`` ``(N, L)`` int8 (``-1`` unobserved) in the exact mode, or ``ap_positives`` /
+            ``ap_negatives`` ``(bins, L)`` long in the binned one.
+        """
+        state = {name: value.detach().clone() for name, value in self.metric_state.items() if name not in _CAT_STATES}
+        if self.bins is None:
+            preds, target = self._concatenated()
+            state["preds"], state["target"] = preds.float(), target.to(torch.int8)
+        return state
 
     def merge_state(self, incoming_state: dict[str, Any] | Metric) -> None:
         """Add another report's state (e.g. another client's): the result equals one pass over both data sets.
 
         Args:
-            incoming_state: a :class:`MultilabelReport` or its ``metric_state`` dict.
+            incoming_state: a :class:`MultilabelReport`, its ``metric_state`` dict or its :meth:`export_state`.
+
+        Raises:
+            ValueError: if the incoming state is of the other mode (exact / binned) or of another number of bins.
         """
+        if isinstance(incoming_state, dict):
+            incoming_state = dict(incoming_state)
+            binned = all(name in incoming_state for name in _BINNED_STATES)
+            got = incoming_state["ap_positives"].shape[0] if binned else None
+            if got != self.bins:
+                raise ValueError(
+                    f"Expected a report state with bins={self.bins} to merge, but got one with bins={got}."
+                    " HINT: every client must evaluate with the same `bins`."
+                )
+            for name in _CAT_STATES:
+                if isinstance(incoming_state.get(name), Tensor):
+                    incoming_state[name] = [incoming_state[name]]
+        elif isinstance(incoming_state, MultilabelReport) and incoming_state.bins != self.bins:
+            raise ValueError(
+                f"Expected a report with bins={self.bins} to merge, but got bins={incoming_state.bins}."
+                " HINT: every client must evaluate with the same `bins`."
+            )
         super().merge_state(incoming_state)
+        self._update_count += 1  # merged data counts as updated (no "compute before update" warning)
         # torchmetrics keeps the result of an earlier `compute()` cached across `merge_state`
         self._computed = None
 
@@ -436,12 +555,95 @@ class MultilabelReport(Metric):
             ``"macro_f1"``, ``"micro_f1"``, ``"hamming_loss"``, ``"correlation_drift"`` (float32 scalars) and
             ``"labels_without_positives"`` (long scalar).
         """
-        device = self.tp.device
+        sums = {name: getattr(self, name) for name in _SUM_STATES}
+        if self.bins is not None:
+            empty = self.tp.new_zeros(0, self.num_labels)
+            counts = (self.ap_positives, self.ap_negatives)
+            return _multilabel_report_compute(empty, empty, sums, self.eps, ap_counts=counts)
+        preds, target = self._concatenated()
+        return _multilabel_report_compute(preds, target, sums, self.eps)
+
+    def _concatenated(self) -> tuple[Tensor, Tensor]:
         # a list until synced or merged, possibly a tensor after
         if not isinstance(self.preds, list) or self.preds:
-            preds, target = dim_zero_cat(self.preds), dim_zero_cat(self.target)
-        else:
-            preds = torch.zeros(0, self.num_labels, device=device)
-            target = torch.zeros(0, self.num_labels, dtype=torch.int8, device=device)
-        sums = {name: getattr(self, name) for name in _SUM_STATES}
-        return _multilabel_report_compute(preds, target, sums, self.eps)
+            return dim_zero_cat(self.preds), dim_zero_cat(self.target)
+        device = self.tp.device
+        return (
+            torch.zeros(0, self.num_labels, device=device),
+            torch.zeros(0, self.num_labels, dtype=torch.int8, device=device),
+        )
+
+
+def check_bins(bins: Any) -> None:
+    """Check a ``bins`` argument: ``None`` (exact average precision) or an int ``>= 2``.
+
+    Raises:
+        ValueError: otherwise.
+    """
+    if bins is not None and (isinstance(bins, bool) or not isinstance(bins, int) or bins < 2):
+        raise ValueError(f"Expected argument `bins` to be None (exact) or an int >= 2, but got {bins!r}.")
+
+
+def validate_report_state(state: Mapping[str, Any]) -> tuple[int, int | None]:
+    """Check a :meth:`MultilabelReport.export_state` from another party before merging it.
+
+    Returns:
+        ``(num_labels, bins)`` of the state (``bins`` ``None`` for exact scores).
+
+    Raises:
+        ValueError: naming the first entry that is missing, of another shape or dtype, or holds impossible values
+            (negative or inconsistent counts, non-finite moments, scores outside ``[0, 1]``, targets outside
+            ``{-1, 0, 1}``).
+    """
+    if "tp" not in state or not isinstance(state["tp"], Tensor) or state["tp"].ndim != 1:
+        raise ValueError("Expected the report state to hold `tp` of shape (L,), but it is missing or malformed.")
+    num_labels = int(state["tp"].shape[0])
+    binned = "ap_positives" in state
+    bins = int(state["ap_positives"].shape[0]) if binned and isinstance(state["ap_positives"], Tensor) else None
+    expected: dict[str, tuple[tuple[int, ...], torch.dtype]] = {"num_samples": ((), torch.long)}
+    expected.update({name: ((num_labels,), torch.long) for name in ("tp", "fp", "fn")})
+    expected.update({name: ((num_labels, num_labels), torch.float64) for name in _SUM_STATES[4:]})
+    if binned:
+        expected.update({name: ((bins or 0, num_labels), torch.long) for name in _BINNED_STATES})
+    else:
+        expected.update({"preds": ((-1, num_labels), torch.float32), "target": ((-1, num_labels), torch.int8)})
+    unknown = sorted(set(state) - set(expected))
+    if unknown:
+        raise ValueError(f"Expected the report state's entries {sorted(expected)}, but got unknown `{unknown[0]}`.")
+    for name, (shape, dtype) in expected.items():
+        value = state.get(name)
+        if not isinstance(value, Tensor):
+            raise ValueError(f"Expected the report state to hold `{name}` as a tensor, but got {type(value).__name__}.")
+        ok_shape = value.ndim == len(shape) and all(e in (-1, g) for e, g in zip(shape, value.shape))
+        if not ok_shape or value.dtype != dtype:
+            want = tuple("N" if e == -1 else e for e in shape)
+            raise ValueError(
+                f"Expected `{name}` of shape {want} and dtype {dtype}, but got {tuple(value.shape)} {value.dtype}."
+            )
+    n = int(state["num_samples"])
+    if n < 0:
+        raise ValueError(f"Expected `num_samples` to be non-negative, but got {n}.")
+    for name in ("tp", "fp", "fn", *(_BINNED_STATES if binned else ())):
+        if bool((state[name] < 0).any()) or bool((state[name] > n).any()):
+            raise ValueError(f"Expected the counts in `{name}` to lie in [0, num_samples], but some do not.")
+    for name in _SUM_STATES[4:]:
+        if not bool(torch.isfinite(state[name]).all()):
+            raise ValueError(f"Expected `{name}` to be finite, but it holds NaN or inf.")
+    if bins is not None:
+        if bins < 2:
+            raise ValueError(f"Expected `ap_positives` to have at least 2 bins, but got {bins}.")
+        for name in _BINNED_STATES:
+            if bool((state[name][1:] > state[name][:-1]).any()):
+                raise ValueError(f"Expected the counts in `{name}` to fall as the threshold rises, but some grow.")
+    else:
+        preds, target = state["preds"], state["target"]
+        if preds.shape[0] != n or target.shape != preds.shape:
+            raise ValueError(
+                f"Expected `preds` and `target` to have num_samples={n} rows each, but got {tuple(preds.shape)} and"
+                f" {tuple(target.shape)}."
+            )
+        if not bool(((preds >= 0) & (preds <= 1)).all()):
+            raise ValueError("Expected `preds` to hold probabilities in [0, 1], but some are outside or NaN.")
+        if not bool(((target >= -1) & (target <= 1)).all()):
+            raise ValueError("Expected `target` to hold only -1 (unobserved), 0 and 1, but got other values.")
+    return num_labels, bins

@@ -41,6 +41,7 @@ from lightning_fedharmony.client import (  # noqa: F401 - re-exported: their hom
 )
 from lightning_fedharmony.exchange import check_client_id
 from lightning_fedharmony.faults import UpdateCollector
+from lightning_fedharmony.metrics import check_bins
 from lightning_fedharmony.mixin import FedHarmonyMixin, load_model_weights, model_weights
 from lightning_fedharmony.privacy import check_privacy_args
 from lightning_fedharmony.protocol import Instruction
@@ -53,7 +54,7 @@ from lightning_fedharmony.results import (  # noqa: F401 - re-exported: their ho
     named_pairs,
     round_record,
 )
-from lightning_fedharmony.rounds import (  # noqa: F401 - FederationError and derive_seed re-exported
+from lightning_fedharmony.rounds import (  # noqa: F401 - FederationError, client_val_loader, derive_seed re-exported
     FederationError,
     check_client_sampling,
     check_client_sizes,
@@ -63,6 +64,7 @@ from lightning_fedharmony.rounds import (  # noqa: F401 - FederationError and de
     complete_instruction,
     derive_seed,
     evaluate_weights,
+    merge_evaluations,
     select_clients,
 )
 from lightning_fedharmony.transports.base import Transport
@@ -72,6 +74,8 @@ log = logging.getLogger(__name__)
 
 #: Layout of :meth:`Federation._fingerprint`; checkpoints with an older one cannot show which run wrote them.
 FINGERPRINT_VERSION = 2
+#: Modes of federated evaluation: exact scores, binned counts (private), none.
+FEDERATED_EVAL = ("exact", "binned", "off")
 
 
 class _ProgressHandler(logging.StreamHandler):
@@ -95,10 +99,16 @@ class Federation:
     one's instructions from ``aggregator.configure_round`` (global weights, and for FedHarmony its teacher and
     alignment mask), fit it for ``local_epochs`` with a fresh Trainer built from one template, collect the updates
     (weights, sample count, correlation statistics exported by :class:`~lightning_fedharmony.CorrelationExchange`),
-    ``aggregator.aggregate_round``, then evaluate the new global model: on ``eval_dataloader``, and on the
-    validation split of every client that contributed and has one (its datamodule's ``val_dataloader``, e.g.
-    :class:`~lightning_fedharmony.data.ClientDataModule` with ``val_fraction > 0``), recorded per client with the
-    aggregator's scores of it in :attr:`RoundRecord.client_metrics`.
+    ``aggregator.aggregate_round``, then evaluate the new global model: on the server's ``eval_dataloader`` if given,
+    and by federated evaluation: every client gets an evaluation request with the new global weights (through the
+    transport, as its instructions) and answers with the :class:`~lightning_fedharmony.metrics.MultilabelReport` state
+    of its held-out split (its datamodule's ``val_dataloader``, e.g.
+    :class:`~lightning_fedharmony.data.ClientDataModule` with ``val_fraction > 0``); the server merges the states
+    exactly, so the federated metrics (``fed_<key>`` in :attr:`RoundRecord.metrics`) equal one pass over the union
+    of the clients' held-out data, and each client's own (``val_<key>``) join its entry of
+    :attr:`RoundRecord.client_metrics`. Evaluation happens in the round whose model it measures, before the
+    checkpoint, so every checkpointed record is complete and the last round's record holds the final model's
+    federated metrics.
 
     One module instance serves every client in turn (weights are loaded before each fit), so memory does not grow
     with the number of clients. A round's work grows with the clients it selects, not with the registered ones: the
@@ -129,6 +139,10 @@ class Federation:
         seed: seeds client selection and each client's training (``torch.manual_seed`` per fit).
         eval_dataloader: held-out data ``(x, y)`` batches for the global model; ``None`` skips evaluation.
         eval_every: evaluate every this many rounds (and always after the last).
+        federated_eval: ``"exact"`` (clients send their held-out scores and targets: exact AP), ``"binned"`` (clients
+            send counts over ``eval_bins`` score thresholds: no per-sample score leaves a client; AP is then an
+            approximation, see the README) or ``"off"``.
+        eval_bins: thresholds of the binned average precision (``federated_eval="binned"``).
         trainer_kwargs: overrides of the client Trainer template (:data:`CLIENT_TRAINER_DEFAULTS`); ``max_epochs``
             is ``local_epochs``.
         checkpoint_dir: after every round, save what is needed to continue there (atomically); :meth:`fit` resumes
@@ -175,6 +189,8 @@ class Federation:
         seed: int = 0,
         eval_dataloader: DataLoader | None = None,
         eval_every: int = 1,
+        federated_eval: str = "exact",
+        eval_bins: int = 200,
         trainer_kwargs: Mapping[str, Any] | None = None,
         checkpoint_dir: str | os.PathLike[str] | None = None,
         client_timeout: float | None = None,
@@ -199,6 +215,11 @@ class Federation:
         _check_int("num_rounds", num_rounds, 1)
         _check_int("local_epochs", local_epochs, 1)
         _check_int("eval_every", eval_every, 1)
+        if federated_eval not in FEDERATED_EVAL:
+            raise ValueError(
+                f"Expected argument `federated_eval` to be one of {FEDERATED_EVAL}, but got {federated_eval!r}."
+            )
+        check_bins(eval_bins)
         _check_int("min_clients", min_clients, 1)
         _check_int("round_retries", round_retries, 0)
         if client_timeout is not None and not client_timeout > 0:
@@ -259,6 +280,8 @@ class Federation:
         self.seed = seed
         self.eval_dataloader = eval_dataloader
         self.eval_every = eval_every
+        self.federated_eval = federated_eval
+        self.eval_bins = eval_bins
         self.trainer_kwargs = {**CLIENT_TRAINER_DEFAULTS, **dict(trainer_kwargs or {}), "max_epochs": local_epochs}
         self.verbose = verbose
         self.stream = stream
@@ -355,6 +378,8 @@ class Federation:
             "min_clients": self.min_clients,
             "client_sampling": self.client_sampling,
             "eval_every": self.eval_every,
+            "federated_eval": self.federated_eval,
+            "eval_bins": self.eval_bins,
             "seed": self.seed,
             "stats_noise_multiplier": self.stats_noise_multiplier,
             "stats_clip": self.stats_clip,
@@ -492,13 +517,11 @@ class Federation:
         evaluated = server_round % self.eval_every == 0 or server_round == self.num_rounds
         if self.eval_dataloader is not None and evaluated:
             metrics = self.evaluate()
-        val_maps = {}
-        if evaluated:
-            for cid in (update.client_id for update in collected.updates):
-                datamodule = self.clients.get(cid)
-                loader = None if datamodule is None else client_val_loader(datamodule)
-                if loader is not None:
-                    val_maps[cid] = evaluate_weights(self.model, self.global_weights, loader)["map"]
+        own: dict[str, dict[str, float]] = {}
+        eval_failures: dict[str, str] = {}
+        if evaluated and self.federated_eval != "off":
+            federated, own, eval_failures = self.evaluate_federated(server_round)
+            metrics.update(federated)
         record = round_record(
             server_round,
             selected,
@@ -508,9 +531,9 @@ class Federation:
             times=(t_start, t_clients, t_server, time.perf_counter()),
             attempts=attempts,
             label_names=self.label_names,
+            client_evaluations=own,
+            eval_failures=eval_failures,
         )
-        for cid, value in val_maps.items():
-            record.client_metrics[cid]["val_map"] = value
         self.result.rounds.append(record)
         self._collect_garbage()
         if self.checkpoint_path is not None:
@@ -561,6 +584,22 @@ class Federation:
         self._last_gc = time.perf_counter()
         self._gc_seconds = self._last_gc - now
 
+    def evaluate_federated(
+        self, server_round: int
+    ) -> tuple[dict[str, float], dict[str, dict[str, float]], dict[str, str]]:
+        """Federated evaluation of the current global model: every client evaluates it on its held-out split and the
+        server merges the metric states exactly (:func:`~lightning_fedharmony.rounds.merge_evaluations`).
+
+        Returns:
+            The federated metrics (``fed_<key>``), each client's own (``val_<key>``) and the clients whose evaluation
+            failed, with the reason.
+        """
+        bins = self.eval_bins if self.federated_eval == "binned" else None
+        request = Instruction(weights=self.global_weights, server_round=server_round, eval_bins=bins)
+        evaluations, failures = self.transport.evaluate(self, server_round, dict.fromkeys(self.clients, request))
+        federated, own = merge_evaluations(evaluations, bins)
+        return federated, own, failures
+
     @torch.no_grad()
     def evaluate(self, dataloader: DataLoader | None = None) -> dict[str, float]:
         """Metrics of the global model on ``dataloader`` (default: the federation's evaluation data)."""
@@ -581,7 +620,7 @@ class Federation:
             f"clients {len(record.clients) - len(record.failures)}/{len(record.clients)}",
             f"train_loss {record.train_loss:.4f}",
         ]
-        for key in ("map", "micro_f1", "macro_f1", "hamming_loss"):
+        for key in ("map", "micro_f1", "macro_f1", "hamming_loss", "fed_map"):
             if key in record.metrics:
                 parts.append(f"{key} {record.metrics[key]:.4f}")
         if "num_blocks" in record.server_metrics:
@@ -626,6 +665,8 @@ _RESERVED_KEYS = frozenset(
         "client_sampling",
         "client_sizes",
         "eval_every",
+        "federated_eval",
+        "eval_bins",
         "seed",
         "stats_noise_multiplier",
         "stats_clip",

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from lightning_fedharmony.functional.correlation import _NORMALIZATIONS as NORMALIZATIONS
+from lightning_fedharmony.metrics import validate_report_state
 from lightning_fedharmony.stats import STATS_FIELDS, CorrelationStats, validate_stats_state
 
 #: Settings an instruction may carry besides weights, teacher and mask: name -> python type (``None`` = keep).
@@ -40,8 +41,9 @@ SETTINGS: dict[str, type] = {
     "server_round": int,
     "seed": int,
     "collect_stats": bool,
+    "eval_bins": int,
 }
-_WEIGHTS, _STATS, _METRICS = "weights.", "stats.", "metrics."
+_WEIGHTS, _STATS, _METRICS, _REPORT = "weights.", "stats.", "metrics.", "report."
 _CONSENSUS, _TERM = "consensus.", "term."
 
 
@@ -268,6 +270,8 @@ class Instruction:
         seed: seeds the client's training this round (``torch.manual_seed`` when installed), so that the same round
             trains the same way wherever the client runs.
         collect_stats: whether the server needs the client's prediction statistics (``None``: the client decides).
+        eval_bins: in an evaluation request, the binned average precision over this many thresholds (the private
+            option: the report then holds counts, no per-sample score); ``None``: exact scores.
         consensus: the consensus sums of a server that keeps no per-client state, from which the client builds its
             own teacher and mask (:class:`ConsensusShare`); ``None`` otherwise.
     """
@@ -285,6 +289,7 @@ class Instruction:
     server_round: int | None = None
     seed: int | None = None
     collect_stats: bool | None = None
+    eval_bins: int | None = None
     consensus: ConsensusShare | None = None
 
     def settings(self) -> dict[str, Any]:
@@ -454,23 +459,7 @@ class Update:
         Raises:
             ProtocolError: naming the client and the entry that is missing, unknown or malformed.
         """
-        source = client_id or "?"
-        if "client_id" not in arrays:
-            raise ProtocolError(source, "client_id", "expected an entry, but it is missing.")
-        named = _scalar_from(arrays["client_id"], source, "client_id", str)
-        if client_id is not None and named != client_id:
-            raise ProtocolError(client_id, "client_id", f"expected {client_id!r}, but the update names {named!r}.")
-        known = {"client_id", "num_samples"}
-        prefixes = (_WEIGHTS, _STATS, _METRICS, _TERM)
-        unknown = sorted(k for k in arrays if k not in known and not k.startswith(prefixes))
-        if unknown:
-            raise ProtocolError(
-                named,
-                unknown[0],
-                "unknown entry; expected client_id, num_samples, weights.*, stats.*, metrics.* or term.*.",
-            )
-        if "num_samples" not in arrays:
-            raise ProtocolError(named, "num_samples", "expected an entry, but it is missing.")
+        named = _reply_sender(arrays, client_id, "update", (_WEIGHTS, _STATS, _METRICS, _TERM))
         stats = None
         stats_arrays = {k[len(_STATS) :]: arrays[k] for k in arrays if k.startswith(_STATS)}
         if stats_arrays:
@@ -500,6 +489,116 @@ class Update:
         )
         update.validate(reference)
         return update
+
+
+@dataclass
+class Evaluation:
+    """What a client returns for an evaluation request: the metric state of the global model on its held-out split.
+
+    An evaluation request is an :class:`Instruction` holding the global weights, the round and ``eval_bins``. The
+    client answers with the :meth:`~lightning_fedharmony.metrics.MultilabelReport.export_state` of its held-out data
+    (summed counts and moments, and the exact scores or, with ``eval_bins``, binned counts), so that the server's
+    ``merge_state`` of every client's report equals one pass over the union of their held-out data.
+
+    Attributes:
+        client_id: the client's name.
+        num_samples: held-out samples it evaluated (0: it has no held-out split; ``report`` is then ``None``).
+        report: the report's state, or ``None`` without held-out data.
+        metrics: scalars it reports (``seconds``).
+    """
+
+    client_id: str
+    num_samples: int
+    report: dict[str, Tensor] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def validate(self, bins: int | None = None, *, check_bins: bool = False) -> None:
+        """Check every field; with ``check_bins`` also that the report is of the requested mode (``bins``).
+
+        Raises:
+            ProtocolError: naming the client and the first field at fault.
+        """
+        cid = self.client_id
+        if not isinstance(cid, str) or not cid:
+            raise ProtocolError(str(cid), "client_id", f"expected a non-empty str, but got {cid!r}.")
+        n = self.num_samples
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ProtocolError(cid, "num_samples", f"expected an int >= 0, but got {n!r}.")
+        if (self.report is None) != (n == 0):
+            raise ProtocolError(cid, "report", f"expected a report exactly when num_samples > 0, but got {n} samples.")
+        if self.report is not None:
+            if not isinstance(self.report, Mapping):
+                raise ProtocolError(cid, "report", f"expected a dict of tensors, but got {type(self.report).__name__}.")
+            try:
+                _, got_bins = validate_report_state(self.report)
+            except ValueError as err:
+                raise ProtocolError(cid, "report", str(err)) from None
+            if int(self.report["num_samples"]) != n:
+                raise ProtocolError(
+                    cid,
+                    "num_samples",
+                    f"expected the report's num_samples {int(self.report['num_samples'])}, but got {n}.",
+                )
+            if check_bins and got_bins != bins:
+                raise ProtocolError(cid, "report", f"expected a report with eval_bins={bins}, but got {got_bins}.")
+        for name, value in self.metrics.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ProtocolError(cid, f"metrics.{name}", f"expected a float, but got {value!r}.")
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The evaluation as a flat dict of numpy arrays: ``client_id``, ``num_samples``, ``report.<name>`` and
+        ``metrics.<name>``."""
+        arrays: dict[str, np.ndarray] = {
+            "client_id": np.asarray(self.client_id),
+            "num_samples": np.asarray(self.num_samples),
+        }
+        arrays.update({f"{_REPORT}{name}": _numpy(t) for name, t in (self.report or {}).items()})
+        arrays.update({f"{_METRICS}{name}": np.asarray(float(v), dtype=np.float64) for name, v in self.metrics.items()})
+        return arrays
+
+    @classmethod
+    def from_arrays(
+        cls, arrays: Mapping[str, Any], client_id: str | None = None, bins: int | None = None
+    ) -> Evaluation:
+        """Rebuild and validate what :meth:`to_arrays` wrote; the report must be of the requested mode (``bins``).
+
+        Raises:
+            ProtocolError: naming the client and the entry that is missing, unknown or malformed.
+        """
+        named = _reply_sender(arrays, client_id, "evaluation", (_REPORT, _METRICS))
+        report = {k[len(_REPORT) :]: _tensor_from(arrays[k], named, k) for k in arrays if k.startswith(_REPORT)}
+        evaluation = cls(
+            client_id=named,
+            num_samples=_scalar_from(arrays["num_samples"], named, "num_samples", int),
+            report=report or None,
+            metrics={
+                k[len(_METRICS) :]: _scalar_from(arrays[k], named, k, float) for k in arrays if k.startswith(_METRICS)
+            },
+        )
+        evaluation.validate(bins, check_bins=True)
+        return evaluation
+
+
+def _reply_sender(arrays: Mapping[str, Any], client_id: str | None, kind: str, prefixes: tuple[str, ...]) -> str:
+    """The client a reply's arrays name, after checking that it is ``client_id`` (``None``: any), that every entry is
+    ``client_id``, ``num_samples`` or under one of ``prefixes``, and that ``num_samples`` is there.
+
+    Raises:
+        ProtocolError: naming the client and the entry that is missing or unknown.
+    """
+    source = client_id or "?"
+    if "client_id" not in arrays:
+        raise ProtocolError(source, "client_id", "expected an entry, but it is missing.")
+    named = _scalar_from(arrays["client_id"], source, "client_id", str)
+    if client_id is not None and named != client_id:
+        raise ProtocolError(client_id, "client_id", f"expected {client_id!r}, but the {kind} names {named!r}.")
+    unknown = sorted(k for k in arrays if k not in ("client_id", "num_samples") and not k.startswith(prefixes))
+    if unknown:
+        expected = ", ".join(f"{prefix}*" for prefix in prefixes[:-1]) + f" or {prefixes[-1]}*"
+        raise ProtocolError(named, unknown[0], f"unknown entry; expected client_id, num_samples, {expected}.")
+    if "num_samples" not in arrays:
+        raise ProtocolError(named, "num_samples", "expected an entry, but it is missing.")
+    return named
 
 
 def instruction_fields() -> list[str]:
@@ -580,6 +679,7 @@ def _check_setting(client_id: str, name: str, kind: type, value: Any) -> None:
         "local_epochs": (name != "local_epochs" or value >= 1, ">= 1"),
         "server_round": (name != "server_round" or value >= 1, ">= 1"),
         "seed": (name != "seed" or value >= 0, ">= 0"),
+        "eval_bins": (name != "eval_bins" or value >= 2, ">= 2"),
         "corr_normalization": (name != "corr_normalization" or value in NORMALIZATIONS, f"one of {NORMALIZATIONS}"),
     }
     passed, rule = rules.get(name, (True, ""))

@@ -33,7 +33,9 @@ class RoundRecord:
         client_weights: aggregation weight of each client that contributed.
         train_loss: clients' task loss over their local training, weighted by sample counts (``nan`` without the
             mixin).
-        metrics: the global model's evaluation metrics after aggregation (empty if not evaluated this round).
+        metrics: the global model's evaluation metrics after aggregation (empty if not evaluated this round): on the
+            server's test data under the report's keys (``map``, ...), and the federated ones, merged from every
+            client's held-out split, as ``fed_<key>`` (``fed_map``, ..., ``fed_num_samples``).
         server_metrics: the aggregator's scalars (e.g. number of label blocks).
         seconds: wall time of the round's phases: ``clients``, ``trainer_setup``, ``server``, ``eval``, ``total``.
         attempts: how many times the clients were trained this round (more than 1 after retries).
@@ -41,10 +43,13 @@ class RoundRecord:
             FedHarmony also ``discrepancy`` (``s_k``, its correlation's mean squared gap to its leave-one-out
             teacher), ``sampling_discrepancy`` (what sampling noise alone would give) and ``quality`` (``q_k``); and
             ``val_map``, the mAP of this round's global model on the client's own validation split, on evaluated
-            rounds when the client has one (absent otherwise).
+            rounds when the client has one (absent otherwise); with federated evaluation every client that evaluated
+            has its own metrics of the global model on its held-out split as ``val_<key>`` (``val_map``,
+            ``val_micro_f1``, ..., ``val_num_samples``), contributor this round or not.
         client_pairs: per client that contributed (FedHarmony), up to five label pairs where its correlation departs
             most from its teacher, largest gap first: ``(label_a, label_b, client_corr, teacher_corr)`` with labels
             by name.
+        eval_failures: client id -> reason, for clients whose federated evaluation failed this round.
     """
 
     server_round: int
@@ -59,6 +64,7 @@ class RoundRecord:
     # newer fields keep defaults, so that histories and checkpoints written before them still load
     client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     client_pairs: dict[str, list[tuple[str, str, float, float]]] = field(default_factory=dict)
+    eval_failures: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RoundRecord:
@@ -222,6 +228,8 @@ def round_record(
     times: tuple[float, float, float, float],
     attempts: int = 1,
     label_names: Sequence[str] | None = None,
+    client_evaluations: Mapping[str, Mapping[str, float]] | None = None,
+    eval_failures: Mapping[str, str] | None = None,
 ) -> RoundRecord:
     """The record of a finished round, built alike by every runner.
 
@@ -235,8 +243,14 @@ def round_record(
             end, for :attr:`RoundRecord.seconds`.
         attempts: how many times the clients were trained this round.
         label_names: names of the labels in :attr:`RoundRecord.client_pairs` (``None``: ``label_<i>``).
+        client_evaluations: each evaluating client's own metrics of the global model (``val_<key>``), joined to its
+            entry of :attr:`RoundRecord.client_metrics`, contributor this round or not.
+        eval_failures: client id -> reason, for clients whose federated evaluation failed.
     """
     t_start, t_clients, t_server, t_end = times
+    client_metrics = client_round_metrics(collected.updates, aggregated.client_weights, aggregated.client_metrics)
+    for cid, values in (client_evaluations or {}).items():
+        client_metrics.setdefault(cid, {}).update(values)
     return RoundRecord(
         server_round=server_round,
         clients=list(clients),
@@ -253,8 +267,9 @@ def round_record(
             "total": t_end - t_start,
         },
         attempts=attempts,
-        client_metrics=client_round_metrics(collected.updates, aggregated.client_weights, aggregated.client_metrics),
+        client_metrics=client_metrics,
         client_pairs={cid: named_pairs(pairs, label_names) for cid, pairs in aggregated.client_pairs.items()},
+        eval_failures=dict(eval_failures or {}),
     )
 
 

@@ -1,6 +1,7 @@
 """The pieces of a round that every runner shares, so that they pick, seed, retry and evaluate alike: seeds, client
-selection, the runner's part of an instruction, retries of a round with too few updates, a client's validation batches
-and the evaluation of global weights (:class:`~lightning_fedharmony.Federation` and the Flower strategy)."""
+selection, the runner's part of an instruction, retries of a round with too few updates, a client's validation batches,
+the evaluation of global weights and the merging of the clients' evaluations (:class:`~lightning_fedharmony.Federation`,
+``fedharmony serve`` and the Flower strategy)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from lightning_fedharmony.metrics import MultilabelReport
 from lightning_fedharmony.mixin import load_model_weights
-from lightning_fedharmony.protocol import Instruction
+from lightning_fedharmony.protocol import Evaluation, Instruction
 
 if TYPE_CHECKING:
     from lightning_fedharmony.faults import UpdateCollector
@@ -261,12 +262,12 @@ def client_val_loader(datamodule: pl.LightningDataModule) -> DataLoader | None:
 
 
 @torch.no_grad()
-def evaluate_weights(
-    module: pl.LightningModule, weights: Mapping[str, Tensor], dataloader: DataLoader
-) -> dict[str, float]:
-    """Load ``weights`` into ``module`` and compute the :class:`~lightning_fedharmony.metrics.MultilabelReport` on
-    ``dataloader``'s ``(x, y)`` batches (or ``(x, y, observed)``: unobserved labels are then left out of every
-    metric); the same evaluation wherever the server runs.
+def evaluate_report(
+    module: pl.LightningModule, weights: Mapping[str, Tensor], dataloader: DataLoader, *, bins: int | None = None
+) -> MultilabelReport:
+    """Load ``weights`` into ``module`` and fill a :class:`~lightning_fedharmony.metrics.MultilabelReport` (exact, or
+    binned over ``bins`` thresholds) from ``dataloader``'s ``(x, y)`` batches (or ``(x, y, observed)``: unobserved
+    labels are then left out of every metric); the same evaluation wherever it runs, server or client.
 
     Raises:
         ValueError: if the dataloader yields no batch.
@@ -279,10 +280,58 @@ def evaluate_weights(
         x, y = batch[0], batch[1]
         preds = torch.sigmoid(module(x.to(module.device))).float().cpu()
         if report is None:
-            report = MultilabelReport(num_labels=preds.shape[1])
+            report = MultilabelReport(num_labels=preds.shape[1], bins=bins)
         observed = batch[2].cpu().bool() if len(batch) > 2 else None
         report.update(preds, y.cpu(), observed)
     module.train(was_training)
     if report is None:
         raise ValueError("Expected the evaluation dataloader to yield batches, but it is empty.")
-    return {k: float(v) for k, v in report.compute().items()}
+    return report
+
+
+def evaluate_weights(
+    module: pl.LightningModule, weights: Mapping[str, Tensor], dataloader: DataLoader
+) -> dict[str, float]:
+    """The :func:`evaluate_report` of ``weights`` on ``dataloader`` (exact), as plain numbers."""
+    return {k: float(v) for k, v in evaluate_report(module, weights, dataloader).compute().items()}
+
+
+#: Prefix of the federated metrics in :attr:`RoundRecord.metrics` and of a client's own in ``client_metrics``.
+FEDERATED_PREFIX, CLIENT_PREFIX = "fed_", "val_"
+
+
+def merge_evaluations(
+    evaluations: Sequence[Evaluation], bins: int | None = None
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Merge the clients' evaluation states exactly (``merge_state``): the federated metrics equal one pass of the
+    model over the union of the clients' held-out data.
+
+    Args:
+        evaluations: the clients' validated replies (those without held-out data are skipped).
+        bins: the mode the clients were asked for (``None``: exact).
+
+    Returns:
+        The federated metrics (``fed_<key>`` and ``fed_num_samples``; empty if no client had held-out data) and, per
+        client with held-out data, its own (``val_<key>`` and ``val_num_samples``).
+    """
+    merged: MultilabelReport | None = None
+    per_client: dict[str, dict[str, float]] = {}
+    for evaluation in evaluations:
+        if evaluation.report is None:
+            continue
+        num_labels = int(evaluation.report["tp"].shape[0])
+        own = MultilabelReport(num_labels, bins=bins, validate_args=False)
+        own.merge_state(evaluation.report)
+        per_client[evaluation.client_id] = _prefixed(own.compute(), CLIENT_PREFIX, evaluation.num_samples)
+        if merged is None:
+            merged = MultilabelReport(num_labels, bins=bins, validate_args=False)
+        merged.merge_state(own)
+    if merged is None:
+        return {}, per_client
+    return _prefixed(merged.compute(), FEDERATED_PREFIX, int(merged.num_samples)), per_client
+
+
+def _prefixed(report: Mapping[str, Tensor], prefix: str, num_samples: int) -> dict[str, float]:
+    values = {f"{prefix}{k}": float(v) for k, v in report.items()}
+    values[f"{prefix}num_samples"] = float(num_samples)
+    return values

@@ -97,7 +97,7 @@ def test_run_reports_each_client(first_run):
     assert all("val_map" in v and "discrepancy" in v for v in history["client_metrics"].values())
     names = {name for pairs in history["client_pairs"].values() for pair in pairs for name in pair[:2]}
     assert names and all(name.startswith("Class") for name in names)  # yeast's own label names
-    for name, columns in (("fedavg", 5), ("fedharmony", 10)):
+    for name, columns in (("fedavg", 18), ("fedharmony", 23)):  # 14 columns of each client's own report
         rows = (out / f"clients_{name}.csv").read_text().splitlines()
         assert len(rows) == 1 + 2 * 3 and len(rows[0].split(",")) == columns
     for picture in ("clients_discrepancy_fedharmony.png", "clients_map_fedharmony.png", "clients_map_fedavg.png"):

@@ -16,7 +16,7 @@ from lightning_fedharmony import FedAvg, FedHarmony
 from lightning_fedharmony.data import ClientDataModule
 from lightning_fedharmony.data.federated import load_federated_data
 from lightning_fedharmony.experiment import disagreement_lines
-from lightning_fedharmony.metrics import evaluate_multilabel
+from lightning_fedharmony.metrics import REPORT_KEYS, evaluate_multilabel
 from lightning_fedharmony.orchestrator import (
     Federation,
     FederationResult,
@@ -63,14 +63,8 @@ def test_round_records_hold_every_contributing_client(harmony):
     for record in harmony.result.rounds:
         assert set(record.client_metrics) == {"0", "1", "2"}
         for cid, values in record.client_metrics.items():
-            assert set(values) == {
-                "num_samples",
-                "weight",
-                "discrepancy",
-                "sampling_discrepancy",
-                "quality",
-                "val_map",
-            }
+            own = {f"val_{key}" for key in REPORT_KEYS} | {"val_num_samples"}
+            assert set(values) == {"num_samples", "weight", "discrepancy", "sampling_discrepancy", "quality"} | own
             assert values["weight"] == record.client_weights[cid]
             assert values["num_samples"] == harmony.clients[cid].num_samples
             assert 0 < values["quality"] <= 1 and values["discrepancy"] >= 0 and values["sampling_discrepancy"] >= 0
@@ -107,10 +101,10 @@ def test_pairs_fall_back_to_label_index_names():
     assert label_name(3) == "label_3" and label_name(1, ["x", "y"]) == "y"
 
 
-def test_fedavg_records_size_weight_and_val_map_only():
+def test_fedavg_records_size_weight_and_the_clients_own_metrics_only():
     fed = run(FedAvg(), num_rounds=1)
     values = fed.result.final.client_metrics["1"]
-    assert set(values) == {"num_samples", "weight", "val_map"}
+    assert set(values) == {"num_samples", "weight"} | {f"val_{key}" for key in REPORT_KEYS} | {"val_num_samples"}
     assert fed.result.final.client_pairs == {}
 
 
@@ -205,7 +199,8 @@ def test_clients_csv_of_fedavg_has_no_empty_score_columns(tmp_path):
     fed = run(FedAvg(), num_rounds=1)
     fed.result.clients_to_csv(tmp_path / "clients.csv")
     header = (tmp_path / "clients.csv").read_text().splitlines()[0]
-    assert header == "round,client,num_samples,weight,val_map"
+    own = ",".join(f"val_{key}" for key in (*REPORT_KEYS, "num_samples"))
+    assert header == f"round,client,num_samples,weight,{own}"
 
 
 # ---------------------------------------------------------------------------- the client validation split

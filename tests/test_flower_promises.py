@@ -30,10 +30,12 @@ from lightning_fedharmony.checkpoint import (  # noqa: E402
     CheckpointMismatchError,
     load_checkpoint,
 )
+from lightning_fedharmony.client import evaluate_client  # noqa: E402
 from lightning_fedharmony.data import ClientDataModule  # noqa: E402
 from lightning_fedharmony.integrations.flower import (  # noqa: E402
     FedHarmonyStrategy,
     Key,
+    evaluation_to_records,
     instruction_from_records,
     update_to_records,
     weights_to_arrays,
@@ -130,6 +132,8 @@ def test_a_client_that_raises_and_one_that_hangs_are_recorded_and_the_rounds_go_
 class TrainingGrid:
     """A Grid of nodes ``100 + partition`` whose clients "train" in this process: the reply's weights are the
     global ones moved by a step drawn from the instruction's seed, so a wrong seed, round or model shows in them.
+    Evaluation requests are answered for real, on a small held-out split per client (:attr:`sent` holds the training
+    messages, :attr:`evaluated` the evaluation requests).
     ``fail(partition, server_round, attempt)`` says whether a client's ClientApp fails instead; ``crash_round`` stops
     the ServerApp when that round's messages are sent."""
 
@@ -140,6 +144,7 @@ class TrainingGrid:
         self.fail = fail
         self.crash_round = crash_round
         self.sent: list[Message] = []
+        self.evaluated: list[Message] = []
         self._attempts: dict[int, int] = {}
 
     def get_node_ids(self) -> list[int]:
@@ -151,6 +156,12 @@ class TrainingGrid:
             cid = str(self.partitions[msg.metadata.dst_node_id])
             if msg.metadata.message_type == MessageType.QUERY:
                 replies.append(Message(RecordDict({Key.CLIENT: ConfigRecord({Key.CLIENT_ID: cid})}), reply_to=msg))
+                continue
+            if msg.metadata.message_type == MessageType.EVALUATE:
+                self.evaluated.append(msg)
+                request = instruction_from_records(msg.content, cid)
+                evaluation = evaluate_client(MultilabelMLP(3, NUM_LABELS, hidden=(8,)), _held_out(cid), cid, request)
+                replies.append(Message(evaluation_to_records(evaluation), reply_to=msg))
                 continue
             self.sent.append(msg)
             instruction = instruction_from_records(msg.content, cid)
@@ -169,6 +180,12 @@ class TrainingGrid:
             update = Update(cid, weights, 10 + int(cid), stats if instruction.collect_stats else None)
             replies.append(Message(update_to_records(update), reply_to=msg))
         return replies
+
+
+def _held_out(cid: str) -> ClientDataModule:
+    gen = torch.Generator().manual_seed(int(cid))
+    x = torch.randn(16, 3, generator=gen)
+    return ClientDataModule(x, (x[:, :1] + torch.randn(16, NUM_LABELS, generator=gen) > 0).float(), val_fraction=0.5)
 
 
 def _initial() -> ArrayRecord:
@@ -215,6 +232,11 @@ def test_resume_in_process_gives_the_weights_of_an_uninterrupted_run(task_identi
     assert {int(m.content[Key.CONFIG][Key.SERVER_ROUND]) for m in grid.sent} == {2, 3}
     assert [r.server_round for r in resumed.result.rounds] == [1, 2, 3]
     assert [r.client_weights for r in resumed.result.rounds] == [r.client_weights for r in straight.result.rounds]
+    # the federated evaluation of round 1 ran before its checkpoint: the resumed history is complete
+    assert {int(m.content[Key.CONFIG][Key.SERVER_ROUND]) for m in grid.evaluated} == {2, 3}
+    assert [r.metrics for r in resumed.result.rounds] == [r.metrics for r in straight.result.rounds]
+    assert [r.client_metrics for r in resumed.result.rounds] == [r.client_metrics for r in straight.result.rounds]
+    assert all("fed_map" in r.metrics and not r.eval_failures for r in resumed.result.rounds)
     for name, tensor in straight.global_weights.items():
         assert torch.equal(tensor, resumed.global_weights[name]), name
 

@@ -365,3 +365,45 @@ def test_noise_reaches_the_exported_statistics() -> None:
     assert not torch.equal(callback.stats.sum_outer, callback.published_stats.sum_outer)
     read = callback.exchange.read_stats("c")
     assert read is not None and torch.equal(read.stats.sum_outer, callback.published_stats.sum_outer)
+
+
+# ---------------------------------------------------------------- resume after SIGKILL at each point of a round
+@pytest.fixture(scope="module")
+def uninterrupted() -> Federation:
+    from helpers.kill_driver import build
+
+    federation = build(None)
+    federation.verbose = False
+    federation.fit()
+    return federation
+
+
+@pytest.mark.parametrize("point", ["checkpoint", "aggregate", "evaluate"])
+def test_sigkill_at_each_point_of_a_round_resumes_to_bit_identical_weights(
+    tmp_path: Path, uninterrupted: Federation, point: str
+) -> None:
+    from helpers.kill_driver import KILL_ROUND, build
+
+    ckpt = tmp_path / "ckpt"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    driver = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "helpers" / "kill_driver.py"), str(ckpt), point],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert driver.returncode == -signal.SIGKILL, driver.stdout + driver.stderr
+    assert load_checkpoint(ckpt / "federation.ckpt")["server_round"] == KILL_ROUND - 1
+    if point == "checkpoint":  # the torn write stayed in its temporary file
+        assert [p.name.endswith(".tmp") for p in ckpt.iterdir() if p.name != "federation.ckpt"] == [True]
+
+    resumed = build(ckpt)
+    resumed.verbose = False
+    result = resumed.fit()
+    assert [r.server_round for r in result.rounds] == [1, 2, 3]
+    for key, value in uninterrupted.global_weights.items():
+        assert torch.equal(value, resumed.global_weights[key]), key
+    assert [r.metrics for r in result.rounds] == [r.metrics for r in uninterrupted.result.rounds]
+    assert [r.client_metrics for r in result.rounds] == [r.client_metrics for r in uninterrupted.result.rounds]

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from lightning_fedharmony.faults import UpdateCollector
-from lightning_fedharmony.protocol import Instruction
+from lightning_fedharmony.protocol import Evaluation, Instruction
 
 if TYPE_CHECKING:
     from lightning_fedharmony.orchestrator import Federation
@@ -29,6 +29,16 @@ class Transport(ABC):
         self, federation: Federation, server_round: int, instructions: Mapping[str, Instruction], attempt: int
     ) -> UpdateCollector:
         """Send each selected client its instruction and collect the updates (failures recorded, never raised)."""
+
+    def evaluate(
+        self, federation: Federation, server_round: int, requests: Mapping[str, Instruction]
+    ) -> tuple[list[Evaluation], dict[str, str]]:
+        """Send each client its evaluation request (the global weights) and collect the evaluations of its held-out
+        split, in the order of ``requests``, with the failures (client id -> reason; never raised).
+
+        The default evaluates nowhere: a transport of its own without this step records every client as failed.
+        """
+        return [], {cid: f"{type(self).__name__} does not evaluate on clients" for cid in requests}
 
     def finish(self, federation: Federation) -> None:
         """Called once after the last round (tell remote clients the run is over)."""

@@ -1,7 +1,9 @@
 """Instructions and updates through a folder that the server and its client processes share.
 
-Layout: ``<root>/instructions/<client_id>.npz`` (the server's latest message for the client: an instruction, or
-``stop`` with the final global weights) and ``<root>/updates/<client_id>.npz`` (the client's answer). Each file is
+Layout: ``<root>/instructions/<client_id>.npz`` (the server's latest message for the client: an instruction, an
+evaluation request, or ``stop`` with the final global weights), ``<root>/updates/<client_id>.npz`` (the client's
+answer to an instruction) and ``<root>/evaluations/<client_id>.npz`` (its answer to an evaluation request: a file of
+its own, so that an update stays readable by a server that restarts and sends its instruction again). Each file is
 the message's :meth:`~lightning_fedharmony.protocol.Instruction.to_arrays` form plus a JSON metadata entry, written
 atomically (temporary file + ``os.replace``) and read with ``allow_pickle=False``. An instruction has an id (a digest
 of its arrays and the attempt); an update names the id it answers, so an answer to an older instruction is never
@@ -26,7 +28,7 @@ from torch import Tensor
 
 from lightning_fedharmony.exchange import FORMAT_VERSION, PayloadError, check_client_id, read_npz, write_npz
 from lightning_fedharmony.faults import UpdateCollector
-from lightning_fedharmony.protocol import Instruction, ProtocolError, Update
+from lightning_fedharmony.protocol import Evaluation, Instruction, ProtocolError, Update
 from lightning_fedharmony.transports.base import Transport
 
 if TYPE_CHECKING:
@@ -34,7 +36,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-INSTRUCTION, STOP, UPDATE = "instruction", "stop", "update"
+INSTRUCTION, STOP, UPDATE, EVALUATE, EVALUATION = "instruction", "stop", "update", "evaluate", "evaluation"
+_FOLDERS = {INSTRUCTION: "instructions", STOP: "instructions", EVALUATE: "instructions", UPDATE: "updates"}
 
 
 def instruction_id(arrays: Mapping[str, np.ndarray], attempt: int) -> str:
@@ -59,12 +62,12 @@ class FolderMailbox:
 
     def path(self, kind: str, client_id: str) -> Path:
         """``<root>/<kind>s/<client_id>.npz``."""
-        folder = "instructions" if kind in (INSTRUCTION, STOP) else "updates"
+        folder = _FOLDERS.get(kind, "evaluations")
         return self.root / folder / f"{check_client_id(client_id)}.npz"
 
     def clear(self) -> None:
         """Remove every message (a fresh run in a used folder)."""
-        for folder in ("instructions", "updates"):
+        for folder in ("instructions", "updates", "evaluations"):
             shutil.rmtree(self.root / folder, ignore_errors=True)
 
     # ------------------------------------------------------------------ server side
@@ -76,6 +79,26 @@ class FolderMailbox:
         meta = {"format_version": FORMAT_VERSION, "kind": INSTRUCTION, "client_id": client_id, "id": ident}
         write_npz(self.path(INSTRUCTION, client_id), arrays, meta)
         return ident
+
+    def send_evaluate(self, client_id: str, request: Instruction) -> str:
+        """Validate and write the client's evaluation request; returns its id (never that of an instruction)."""
+        request.validate(client_id)
+        arrays = request.to_arrays()
+        ident = instruction_id({**arrays, "kind": np.asarray(EVALUATE)}, 0)
+        meta = {"format_version": FORMAT_VERSION, "kind": EVALUATE, "client_id": client_id, "id": ident}
+        write_npz(self.path(EVALUATE, client_id), arrays, meta)
+        return ident
+
+    def read_evaluation(self, client_id: str, answers: str, bins: int | None = None) -> Evaluation | None:
+        """The client's evaluation if it answers request ``answers``; ``None`` if there is none yet.
+
+        Raises:
+            ProtocolError: a malformed evaluation, or one of another mode than ``bins`` (names the client and field).
+        """
+        meta, arrays = self._read(EVALUATION, client_id)
+        if meta is None or meta.get("answers") != answers:
+            return None
+        return Evaluation.from_arrays(arrays, client_id=client_id, bins=bins)
 
     def send_stop(self, client_id: str, weights: Mapping[str, Tensor]) -> None:
         """Tell the client the run is over, with the final global weights."""
@@ -96,7 +119,8 @@ class FolderMailbox:
 
     # ------------------------------------------------------------------ client side
     def read_instruction(self, client_id: str) -> tuple[str, str, Instruction] | None:
-        """``(kind, id, instruction)`` of the client's latest message (kind ``instruction`` or ``stop``), or ``None``.
+        """``(kind, id, instruction)`` of the client's latest message (kind ``instruction``, ``evaluate`` or ``stop``),
+        or ``None``.
 
         Raises:
             ProtocolError: a malformed instruction (names the client and the field).
@@ -105,7 +129,7 @@ class FolderMailbox:
         if meta is None:
             return None
         kind, ident = meta.get("kind"), meta.get("id")
-        if kind not in (INSTRUCTION, STOP) or not isinstance(ident, str):
+        if kind not in (INSTRUCTION, EVALUATE, STOP) or not isinstance(ident, str):
             raise ProtocolError(client_id, "kind", f"expected an instruction or stop message, but got {kind!r}.")
         return kind, ident, Instruction.from_arrays(arrays, client_id)
 
@@ -114,6 +138,17 @@ class FolderMailbox:
         update.validate()
         meta = {"format_version": FORMAT_VERSION, "kind": UPDATE, "client_id": update.client_id, "answers": answers}
         write_npz(self.path(UPDATE, update.client_id), update.to_arrays(), meta)
+
+    def send_evaluation(self, evaluation: Evaluation, answers: str) -> None:
+        """Validate and write the client's evaluation for request ``answers``."""
+        evaluation.validate()
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "kind": EVALUATION,
+            "client_id": evaluation.client_id,
+            "answers": answers,
+        }
+        write_npz(self.path(EVALUATION, evaluation.client_id), evaluation.to_arrays(), meta)
 
     def _read(self, kind: str, client_id: str) -> tuple[dict | None, dict[str, np.ndarray]]:
         path = self.path(kind, client_id)
@@ -187,6 +222,36 @@ class FolderTransport(Transport):
             else:
                 collected.add(answer, answer.metrics.get("train_loss", float("nan")))
         return collected
+
+    def evaluate(
+        self, federation: Federation, server_round: int, requests: Mapping[str, Instruction]
+    ) -> tuple[list[Evaluation], dict[str, str]]:
+        pending = {cid: self.mailbox.send_evaluate(cid, request) for cid, request in requests.items()}
+        bins = {cid: request.eval_bins for cid, request in requests.items()}
+        timeout = federation.client_timeout
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
+        answers: dict[str, Evaluation | str] = {}
+        while pending:
+            for cid in list(pending):
+                try:
+                    evaluation = self.mailbox.read_evaluation(cid, pending[cid], bins[cid])
+                except ProtocolError as err:
+                    answers[cid] = f"rejected evaluation: {err}"
+                    del pending[cid]
+                    continue
+                if evaluation is not None:
+                    answers[cid] = evaluation
+                    del pending[cid]
+            if pending and time.monotonic() >= deadline:
+                answers.update({cid: f"no evaluation within client_timeout={timeout:g} s" for cid in pending})
+                break
+            if pending:
+                time.sleep(self.poll_interval)
+        evaluations = [a for cid in requests if isinstance(a := answers[cid], Evaluation)]
+        failures = {cid: a for cid in requests if isinstance(a := answers[cid], str)}
+        if failures:
+            log.warning("round %d: evaluation failures %s", server_round, failures)
+        return evaluations, failures
 
     def finish(self, federation: Federation) -> None:
         for cid in federation.clients:

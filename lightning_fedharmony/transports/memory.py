@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from lightning_fedharmony.client_terms import ConsensusMemory
 from lightning_fedharmony.faults import UpdateCollector, time_limit
-from lightning_fedharmony.protocol import Instruction
+from lightning_fedharmony.protocol import Evaluation, Instruction
 from lightning_fedharmony.transports.base import Transport
 
 if TYPE_CHECKING:
@@ -45,3 +45,20 @@ class InMemoryTransport(Transport):
                     continue
                 collected.add(update, loss, setup)
         return collected
+
+    def evaluate(
+        self, federation: Federation, server_round: int, requests: Mapping[str, Instruction]
+    ) -> tuple[list[Evaluation], dict[str, str]]:
+        from lightning_fedharmony.client import evaluate_client
+
+        evaluations, failures = [], {}
+        for cid, request in requests.items():
+            try:
+                with time_limit(federation.client_timeout, cid):
+                    evaluation = evaluate_client(federation.model, federation.clients[cid], cid, request)
+                evaluation.validate(request.eval_bins, check_bins=True)
+            except Exception as err:  # a failing client must not end the federation
+                failures[cid] = f"{type(err).__name__}: {' '.join(str(err).split())}"
+                continue
+            evaluations.append(evaluation)
+        return evaluations, failures

@@ -46,6 +46,8 @@ from lightning_fedharmony.integrations.flower.strategy import FedHarmonyStrategy
 from lightning_fedharmony.integrations.flower.wire import (
     Key,
     arrays_to_weights,
+    evaluation_from_records,
+    evaluation_to_records,
     instruction_from_records,
     instruction_to_records,
     update_from_records,
@@ -59,6 +61,8 @@ __all__ = [
     "Key",
     "ModelFn",
     "arrays_to_weights",
+    "evaluation_from_records",
+    "evaluation_to_records",
     "instruction_from_records",
     "instruction_to_records",
     "make_client_app",

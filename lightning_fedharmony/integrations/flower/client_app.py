@@ -12,14 +12,16 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from lightning_fedharmony.client import evaluate_client
 from lightning_fedharmony.client_terms import ConsensusMemory
 from lightning_fedharmony.integrations.flower.wire import (
     Key,
+    evaluation_to_records,
     instruction_from_records,
     update_to_records,
 )
 from lightning_fedharmony.orchestrator import CLIENT_TRAINER_DEFAULTS, quiet_lightning, train_client
-from lightning_fedharmony.protocol import ProtocolError
+from lightning_fedharmony.protocol import Instruction, ProtocolError
 
 ModelFn = Callable[[Context], pl.LightningModule]
 DataModuleFn = Callable[[int, Context], pl.LightningDataModule]
@@ -52,9 +54,11 @@ def make_client_app(
     (``datamodule_fn(partition_id, context)``), loads the global weights, installs the teacher and mask, seeds torch
     with the seed the server sent (``derive_seed(seed, server_round, partition_id)``), fits a Trainer built from
     :data:`~lightning_fedharmony.orchestrator.CLIENT_TRAINER_DEFAULTS` and ``trainer_kwargs`` for ``local-epochs``
-    epochs, and replies with its weights, sample count, loss and (FedHarmony) raw prediction statistics. A ``query``
-    message is answered with the node's client id, and its datamodule's ``num_samples`` when the server samples
-    clients by size.
+    epochs, and replies with its weights, sample count, loss and (FedHarmony) raw prediction statistics. An
+    ``evaluate`` message is answered with :func:`~lightning_fedharmony.client.evaluate_client`: the metric state of
+    the global model on the datamodule's held-out split (``val_dataloader``), exact or binned as the server asks. A
+    ``query`` message is answered with the node's client id, and its datamodule's ``num_samples`` when the server
+    samples clients by size.
 
     Nothing is kept in memory between messages (a deployed SuperNode starts a fresh process for each): what the
     client remembers (its id, rounds trained, and for FedHarmony with ``leave_one_out="client"`` its terms in the
@@ -89,20 +93,7 @@ def make_client_app(
     def train(msg: Message, context: Context) -> Message:
         index = partition_id(context)
         client_id = str(index)
-        config = msg.content.config_records.get(Key.CONFIG)
-        if config is None:
-            raise ProtocolError(
-                client_id,
-                Key.CONFIG,
-                f"expected a ConfigRecord `{Key.CONFIG}`, but the message holds {sorted(msg.content)}."
-                " HINT: run the server with `FedHarmonyStrategy`.",
-            )
-        if config.get(Key.CLIENT_ID) != client_id:
-            raise RuntimeError(
-                f"Expected instructions for client {client_id!r} (this node's partition id), but they are for"
-                f" {config.get(Key.CLIENT_ID)!r}."
-            )
-        instruction = instruction_from_records(msg.content, client_id)
+        instruction = _own_instruction(msg, client_id)
         kwargs = {**CLIENT_TRAINER_DEFAULTS, **overrides}
         for name in ("server_round", "local_epochs"):
             if getattr(instruction, name) is None and (name == "server_round" or "max_epochs" not in kwargs):
@@ -126,6 +117,16 @@ def make_client_app(
         update = replace(update, metrics={**update.metrics, "trainer_setup_seconds": setup})
         return Message(update_to_records(update), reply_to=msg)
 
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        index = partition_id(context)
+        client_id = str(index)
+        request = _own_instruction(msg, client_id)
+        module = model_fn(context)
+        datamodule = datamodule_fn(index, context)
+        evaluation = evaluate_client(module, datamodule, client_id, request)
+        return Message(evaluation_to_records(evaluation), reply_to=msg)
+
     return app
 
 
@@ -138,6 +139,29 @@ def _num_examples(datamodule: pl.LightningDataModule, client_id: str) -> int:
             f" size, but got {value!r}. HINT: use `ClientDataModule` or `PartitionedDataModule`, or add the property."
         )
     return value
+
+
+def _own_instruction(msg: Message, client_id: str) -> Instruction:
+    """The instruction (or evaluation request) a message holds, checked to be for ``client_id``.
+
+    Raises:
+        ProtocolError: a message without the ``config`` record, or with a malformed entry.
+        RuntimeError: a message for another client.
+    """
+    config = msg.content.config_records.get(Key.CONFIG)
+    if config is None:
+        raise ProtocolError(
+            client_id,
+            Key.CONFIG,
+            f"expected a ConfigRecord `{Key.CONFIG}`, but the message holds {sorted(msg.content)}."
+            " HINT: run the server with `FedHarmonyStrategy`.",
+        )
+    if config.get(Key.CLIENT_ID) != client_id:
+        raise RuntimeError(
+            f"Expected instructions for client {client_id!r} (this node's partition id), but they are for"
+            f" {config.get(Key.CLIENT_ID)!r}."
+        )
+    return instruction_from_records(msg.content, client_id)
 
 
 def _consensus_memory(context: Context) -> ConsensusMemory:

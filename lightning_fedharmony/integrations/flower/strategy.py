@@ -34,15 +34,17 @@ from lightning_fedharmony.faults import UpdateCollector
 from lightning_fedharmony.integrations.flower.wire import (
     Key,
     arrays_to_weights,
+    evaluation_from_records,
     instruction_to_records,
     library_name,
     update_from_records,
     weights_to_arrays,
     wire_name,
 )
-from lightning_fedharmony.orchestrator import FINGERPRINT_VERSION
-from lightning_fedharmony.protocol import Instruction, ProtocolError, Update
-from lightning_fedharmony.results import FederationResult, round_record
+from lightning_fedharmony.metrics import check_bins
+from lightning_fedharmony.orchestrator import FEDERATED_EVAL, FINGERPRINT_VERSION
+from lightning_fedharmony.protocol import Evaluation, Instruction, ProtocolError, Update
+from lightning_fedharmony.results import FederationResult, RoundRecord, round_record
 from lightning_fedharmony.rounds import (
     FederationError,
     check_client_sampling,
@@ -50,6 +52,7 @@ from lightning_fedharmony.rounds import (
     collect_with_retries,
     complete_instruction,
     evaluate_weights,
+    merge_evaluations,
     select_clients,
 )
 
@@ -65,6 +68,8 @@ _RESERVED_KEYS = frozenset(
         "min_available_clients",
         "client_sampling",
         "seed",
+        "federated_eval",
+        "eval_bins",
         "aggregator",
         "aggregator_args",
         "model_arrays",
@@ -80,9 +85,11 @@ class FedHarmonyStrategy(Strategy):
     ``aggregator.configure_round`` (global weights; for FedHarmony that client's teacher and mask), validate the
     replies, hand them to ``aggregator.aggregate_round`` in selection order and return the new global weights.
     Clients train with the seed ``derive_seed(seed, server_round, partition_id)``, as in
-    :class:`~lightning_fedharmony.orchestrator.Federation`. Evaluation runs on the server through ``evaluate_fn``
-    of :meth:`start` (see :func:`make_evaluate_fn`); :meth:`configure_evaluate` sends no federated evaluation
-    messages.
+    :class:`~lightning_fedharmony.orchestrator.Federation`. After each round every known client gets an ``evaluate``
+    message with the new global weights and answers with the metric state of its held-out split; the server merges
+    the states exactly (as ``Federation`` does), into ``fed_<key>`` metrics and each client's ``val_<key>`` in the
+    round's record, before the checkpoint. Server-side evaluation on a test set runs through ``evaluate_fn`` of
+    :meth:`start` (see :func:`make_evaluate_fn`).
 
     :meth:`start` keeps the promises of ``Federation``, with the same meaning: a round with fewer than
     ``min_clients`` usable replies is sent again with fresh client seeds, up to ``round_retries`` times; a client
@@ -106,6 +113,9 @@ class FedHarmonyStrategy(Strategy):
         client_sampling: ``"uniform"`` or ``"size"``: clients drawn in proportion to their data size (each node
             reports its ``num_samples`` once, with its partition id); the same rule as ``Federation``'s.
         wait_timeout: seconds to wait for ``min_available_clients`` nodes (and for their partition ids).
+        federated_eval: ``"exact"``, ``"binned"`` (no per-sample score leaves a client) or ``"off"``, as in
+            ``Federation``.
+        eval_bins: thresholds of the binned average precision.
         checkpoint_dir: after every round, save what is needed to continue there (atomically, ``federation.ckpt``
             as ``Federation`` writes it); :meth:`start` resumes after the last finished round when a checkpoint is
             found. ``None``: no checkpoints.
@@ -138,6 +148,8 @@ class FedHarmonyStrategy(Strategy):
         seed: int = 0,
         client_sampling: str = "uniform",
         wait_timeout: float = 600.0,
+        federated_eval: str = "exact",
+        eval_bins: int = 200,
         checkpoint_dir: str | os.PathLike[str] | None = None,
         round_retries: int = 0,
         client_timeout: float | None = None,
@@ -159,6 +171,11 @@ class FedHarmonyStrategy(Strategy):
             raise ValueError(f"Expected argument `wait_timeout` to be > 0, but got {wait_timeout!r}.")
         if client_timeout is not None and not client_timeout > 0:
             raise ValueError(f"Expected argument `client_timeout` to be None or > 0, but got {client_timeout!r}.")
+        if federated_eval not in FEDERATED_EVAL:
+            raise ValueError(
+                f"Expected argument `federated_eval` to be one of {FEDERATED_EVAL}, but got {federated_eval!r}."
+            )
+        check_bins(eval_bins)
         if checkpoint_dir is not None and aggregator.relies_on_client_state:
             raise ValueError(
                 f"Expected an aggregator whose state the server holds alone with `checkpoint_dir`, but"
@@ -174,6 +191,8 @@ class FedHarmonyStrategy(Strategy):
         self.seed = seed
         self.client_sampling = check_client_sampling(client_sampling)
         self.wait_timeout = float(wait_timeout)
+        self.federated_eval = federated_eval
+        self.eval_bins = eval_bins
         self.checkpoint_path = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME
         self.round_retries = round_retries
         self.client_timeout = None if client_timeout is None else float(client_timeout)
@@ -188,6 +207,8 @@ class FedHarmonyStrategy(Strategy):
         self._config = ConfigRecord()
         self._instructions: dict[str, Instruction] = {}
         self._pending: dict[int, str] = {}  # node id -> client id, for the round in flight
+        self._eval_pending: dict[int, str] = {}  # node id -> client id, for the evaluation in flight
+        self._eval_started = 0.0
         self._selected: list[str] = []
         self._round_started = 0.0
         self._replies_in = 0.0
@@ -219,6 +240,7 @@ class FedHarmonyStrategy(Strategy):
             self.seed,
         )
         log(INFO, "\t├──> Retries %d, client timeout %s", self.round_retries, self.client_timeout)
+        log(INFO, "\t├──> Federated evaluation: %s", self.federated_eval)
         log(INFO, "\t├──> Checkpoint: %s", self.checkpoint_path)
         log(INFO, "\t└──> Local epochs: %d", self.local_epochs)
 
@@ -329,9 +351,11 @@ class FedHarmonyStrategy(Strategy):
         metrics = evaluate_fn(server_round, arrays)
         if metrics is not None and self.result.rounds:
             record = self.result.rounds[-1]
-            record.metrics = {library_name(k): float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-            record.seconds["eval"] = time.perf_counter() - started
-            record.seconds["total"] += record.seconds["eval"]
+            # update, not replace: the federated metrics of aggregate_evaluate are already there
+            record.metrics.update(
+                {library_name(k): float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+            )
+            _add_seconds(record, "eval", time.perf_counter() - started)
         return metrics
 
     # ------------------------------------------------------------------ checkpoints
@@ -350,6 +374,8 @@ class FedHarmonyStrategy(Strategy):
             "min_available_clients": self.min_available_clients,
             "client_sampling": self.client_sampling,
             "seed": self.seed,
+            "federated_eval": self.federated_eval,
+            "eval_bins": self.eval_bins,
             "aggregator": f"{aggregator_cls.__module__}.{aggregator_cls.__qualname__}",
             "aggregator_args": constructor_settings(self.aggregator),
             "model_arrays": dict(self._model_arrays),
@@ -605,11 +631,58 @@ class FedHarmonyStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """No federated evaluation: the global model is evaluated on the server (``evaluate_fn`` of :meth:`start`)."""
-        return []
+        """Federated evaluation: one ``evaluate`` message with the new global weights per known client (none with
+        ``federated_eval="off"``)."""
+        self._eval_pending = {}
+        self._eval_started = time.perf_counter()
+        if self.federated_eval == "off":
+            return []
+        request = Instruction(weights=self._global, server_round=server_round, eval_bins=self._bins)
+        messages = []
+        for cid, node in sorted(self._node_of.items(), key=lambda item: _client_order(item[0])):
+            content = instruction_to_records(request, cid, arrays=arrays, config=config)
+            messages.append(
+                Message(content, dst_node_id=node, message_type=MessageType.EVALUATE, group_id=str(server_round))
+            )
+            self._eval_pending[node] = cid
+        return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return None
+        """Merge the clients' metric states exactly into the round's record (``fed_<key>`` metrics, each client's
+        ``val_<key>``, failures in ``eval_failures``) and return the federated metrics."""
+        evaluations: dict[str, Evaluation] = {}
+        failures: dict[str, str] = {}
+        for reply in replies:
+            cid = self._eval_pending.get(reply.metadata.src_node_id)
+            if cid is None or cid in evaluations:
+                continue
+            if reply.has_error():
+                failures[cid] = f"ClientAppError: {_error_reason(reply.error.reason)}"
+                continue
+            try:
+                evaluations[cid] = evaluation_from_records(reply.content, cid, self._bins)
+            except ProtocolError as err:
+                failures[cid] = f"rejected evaluation: {err}"
+        waited = self.client_timeout
+        missing = "no reply" if waited is None else f"no reply within client_timeout={waited:g} s"
+        failures.update({cid: missing for cid in self._eval_pending.values() if cid not in evaluations})
+        failures = {cid: reason for cid, reason in failures.items() if cid not in evaluations}
+        ordered = [evaluations[cid] for cid in sorted(evaluations, key=_client_order)]
+        federated, own = merge_evaluations(ordered, self._bins)
+        if self.result.rounds and self.result.rounds[-1].server_round == server_round:
+            record = self.result.rounds[-1]
+            record.metrics.update(federated)
+            record.eval_failures = failures
+            for cid, values in own.items():
+                record.client_metrics.setdefault(cid, {}).update(values)
+            _add_seconds(record, "eval", time.perf_counter() - self._eval_started)
+        if failures:
+            log(WARNING, "Round %d evaluation failures: %s", server_round, failures)
+        return MetricRecord({wire_name(k): v for k, v in federated.items()}) if federated else None
+
+    @property
+    def _bins(self) -> int | None:
+        return self.eval_bins if self.federated_eval == "binned" else None
 
 
 def make_evaluate_fn(module: pl.LightningModule, dataloader: DataLoader) -> Callable[[int, ArrayRecord], MetricRecord]:
@@ -625,6 +698,12 @@ def make_evaluate_fn(module: pl.LightningModule, dataloader: DataLoader) -> Call
         return MetricRecord({wire_name(k): float(v) for k, v in metrics.items()})
 
     return evaluate
+
+
+def _add_seconds(record: RoundRecord, phase: str, seconds: float) -> None:
+    """Count ``seconds`` of a phase that ran after the record was built in it and in the round's total."""
+    for key in (phase, "total"):
+        record.seconds[key] = record.seconds.get(key, 0.0) + seconds
 
 
 def _error_reason(reason: str | None) -> str:

@@ -15,7 +15,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import Tensor
 
 from lightning_fedharmony.protocol import SETTINGS as INSTRUCTION_SETTINGS
-from lightning_fedharmony.protocol import Instruction, ProtocolError, Update
+from lightning_fedharmony.protocol import Evaluation, Instruction, ProtocolError, Update
 from lightning_fedharmony.stats import STATS_FIELDS
 
 
@@ -42,6 +42,7 @@ class Key:
     STATS = "stats"
     CONSENSUS = "consensus"
     TERM = "term"
+    REPORT = "report"
     # the envelope: which client a message is for (`config`) or from (`client`)
     CLIENT_ID = "client-id"
     # entries of `metrics` (client -> server)
@@ -72,6 +73,7 @@ class Key:
     CORR_MOMENTUM = SETTINGS["corr_momentum"]
     DETACH_MARGINALS = SETTINGS["detach_marginals"]
     COLLECT_STATS = SETTINGS["collect_stats"]
+    EVAL_BINS = SETTINGS["eval_bins"]
 
 
 # ---------------------------------------------------------------------------------------------- records <-> protocol
@@ -116,7 +118,13 @@ _UPDATE_SLOTS = (
     _Slot("metrics.", Key.METRICS),
     _Slot("term.", Key.TERM),
 )
-_ARRAY_RECORDS = (Key.ARRAYS, Key.TEACHER, Key.STATS, Key.CONSENSUS, Key.TERM)
+_EVALUATION_SLOTS = (
+    _Slot("client_id", Key.CLIENT, Key.CLIENT_ID),
+    _Slot("num_samples", Key.METRICS, Key.NUM_EXAMPLES),
+    _Slot("report.", Key.REPORT),
+    _Slot("metrics.", Key.METRICS),
+)
+_ARRAY_RECORDS = (Key.ARRAYS, Key.TEACHER, Key.STATS, Key.CONSENSUS, Key.TERM, Key.REPORT)
 
 
 def _to_records(arrays: Mapping[str, np.ndarray], slots: tuple[_Slot, ...]) -> RecordDict:
@@ -221,6 +229,24 @@ def update_from_records(content: RecordDict, client_id: str) -> Update:
         return Update.from_arrays(_from_records(content, _UPDATE_SLOTS), client_id=client_id)
     except ProtocolError as err:
         raise _on_wire(err, _UPDATE_SLOTS) from None
+
+
+def evaluation_to_records(evaluation: Evaluation) -> RecordDict:
+    """A client's evaluation as Flower records: its metric state in the ``report`` ArrayRecord (summed counts and
+    moments; exact scores or binned counts), its held-out sample count as ``num-examples``."""
+    return _to_records(evaluation.to_arrays(), _EVALUATION_SLOTS)
+
+
+def evaluation_from_records(content: RecordDict, client_id: str, bins: int | None = None) -> Evaluation:
+    """The evaluation a reply holds, validated (its report must be of the requested mode ``bins``).
+
+    Raises:
+        ProtocolError: naming ``client_id`` and the record entry that is missing or malformed.
+    """
+    try:
+        return Evaluation.from_arrays(_from_records(content, _EVALUATION_SLOTS), client_id=client_id, bins=bins)
+    except ProtocolError as err:
+        raise _on_wire(err, _EVALUATION_SLOTS) from None
 
 
 def weights_to_arrays(weights: Mapping[str, Tensor]) -> ArrayRecord:
