@@ -46,7 +46,7 @@ def _model(data: Any, seed: int = 0) -> MultilabelMLP:
 
 
 def _round_seconds(data: Any, aggregator: Any, rounds: int) -> float:
-    fed = Federation(_model(data), data.clients(), aggregator, rounds, verbose=False)
+    fed = Federation(_model(data), data.clients(), aggregator, rounds, federated_eval="none", verbose=False)
     fed.fit()
     # round 1 has no teacher yet: the steady state is rounds 2..R
     return statistics.median(r.seconds["total"] for r in fed.result.rounds[1:])
@@ -96,7 +96,7 @@ def bench_overhead(data: Any, repeats: int, rounds: int) -> dict[str, Any]:
             weights = _plain_round(model, clients, weights)
             times.append(time.perf_counter() - started)
         plain.append(statistics.median(times[1:]))
-        fed = Federation(_model(data), clients, FedAvg(), rounds, verbose=False)
+        fed = Federation(_model(data), clients, FedAvg(), rounds, federated_eval="none", verbose=False)
         fed.fit()
         orchestrated.append(statistics.median(r.seconds["total"] for r in fed.result.rounds[1:]))
         setup = statistics.median(r.seconds["trainer_setup"] for r in fed.result.rounds[1:])

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lightning_fedharmony.aggregators.fedharmony import PAPER_SETTINGS
-from lightning_fedharmony.rounds import CLIENT_SAMPLING
+from lightning_fedharmony.rounds import CLIENT_SAMPLING, FEDERATED_EVAL
 
 PARTITIONS = ("dirichlet", "kmeans", "masking", "iid")
 
@@ -82,6 +82,10 @@ class FederationConfig:
         client_timeout: seconds a client may train per round before it counts as failed (``None``: no limit).
         round_retries: retries of a round that got fewer than ``min_clients`` usable updates.
         client_sampling: ``"uniform"`` or ``"size"`` (clients drawn in proportion to their data size).
+        federated_eval: each client evaluates the global model on its held-out split (``data.client_val_fraction``)
+            and the server merges the states: ``"exact"``, ``"binned"`` (no per-sample score leaves a client) or
+            ``"none"``.
+        eval_bins: thresholds of the binned average precision.
         stats_noise_multiplier: Gaussian noise on the clients' exported statistics (0 = off).
         stats_clip: per-sample L2 bound of the statistics' prediction vectors (``None``: ``sqrt(L)``).
     """
@@ -96,6 +100,8 @@ class FederationConfig:
     checkpoint_dir: str | None = None
     client_timeout: float | None = None
     round_retries: int = 0
+    federated_eval: str = "exact"
+    eval_bins: int = 200
     stats_noise_multiplier: float = 0.0
     stats_clip: float | None = None
 
@@ -209,6 +215,12 @@ def validate_config(cfg: DictConfig) -> None:
             f"one of {CLIENT_SAMPLING}",
         ),
         ("federation.round_retries", cfg.federation.round_retries >= 0, "an int >= 0"),
+        (
+            "federation.federated_eval",
+            cfg.federation.federated_eval in FEDERATED_EVAL,
+            f"one of {FEDERATED_EVAL}",
+        ),
+        ("federation.eval_bins", cfg.federation.eval_bins >= 2, "an int >= 2"),
         (
             "federation.client_timeout",
             cfg.federation.client_timeout is None or cfg.federation.client_timeout > 0,

@@ -120,6 +120,8 @@ def federation_settings(
         "eval_every": fcfg.eval_every,
         "client_timeout": fcfg.client_timeout,
         "round_retries": fcfg.round_retries,
+        "federated_eval": fcfg.federated_eval,
+        "eval_bins": fcfg.eval_bins,
         "label_names": prepared.train.label_names,
         "fingerprint_extra": run_fingerprint(cfg, method),
         "num_threads": cfg.num_threads,

@@ -55,6 +55,7 @@ from lightning_fedharmony.results import (  # noqa: F401 - re-exported: their ho
     round_record,
 )
 from lightning_fedharmony.rounds import (  # noqa: F401 - FederationError, client_val_loader, derive_seed re-exported
+    FEDERATED_EVAL,
     FederationError,
     check_client_sampling,
     check_client_sizes,
@@ -74,8 +75,6 @@ log = logging.getLogger(__name__)
 
 #: Layout of :meth:`Federation._fingerprint`; checkpoints with an older one cannot show which run wrote them.
 FINGERPRINT_VERSION = 2
-#: Modes of federated evaluation: exact scores, binned counts (private), none.
-FEDERATED_EVAL = ("exact", "binned", "off")
 
 
 class _ProgressHandler(logging.StreamHandler):
@@ -141,7 +140,7 @@ class Federation:
         eval_every: evaluate every this many rounds (and always after the last).
         federated_eval: ``"exact"`` (clients send their held-out scores and targets: exact AP), ``"binned"`` (clients
             send counts over ``eval_bins`` score thresholds: no per-sample score leaves a client; AP is then an
-            approximation, see the README) or ``"off"``.
+            approximation, see the README) or ``"none"``.
         eval_bins: thresholds of the binned average precision (``federated_eval="binned"``).
         trainer_kwargs: overrides of the client Trainer template (:data:`CLIENT_TRAINER_DEFAULTS`); ``max_epochs``
             is ``local_epochs``.
@@ -519,7 +518,7 @@ class Federation:
             metrics = self.evaluate()
         own: dict[str, dict[str, float]] = {}
         eval_failures: dict[str, str] = {}
-        if evaluated and self.federated_eval != "off":
+        if evaluated and self.federated_eval != "none":
             federated, own, eval_failures = self.evaluate_federated(server_round)
             metrics.update(federated)
         record = round_record(

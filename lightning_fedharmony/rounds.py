@@ -39,6 +39,8 @@ def derive_seed(*parts: int) -> int:
 
 #: How :func:`select_clients` samples a round's clients.
 CLIENT_SAMPLING = ("uniform", "size")
+#: Modes of federated evaluation: exact scores, binned counts (private), none.
+FEDERATED_EVAL = ("exact", "binned", "none")
 
 
 def check_client_sampling(client_sampling: object) -> str:

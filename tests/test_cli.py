@@ -104,6 +104,16 @@ def test_run_reports_each_client(first_run):
         assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", picture
 
 
+def test_federated_evaluation_follows_the_run_config(tmp_path):
+    args = ["run", "--methods", "fedavg", "--quiet", *SMALL, "plots=false"]
+    assert main([*args, f"out_dir={tmp_path / 'none'}", "federation.federated_eval=none"]) == 0
+    assert main([*args, f"out_dir={tmp_path / 'binned'}", "federation.federated_eval=binned", "federation.eval_bins=50"]) == 0
+    off = json.loads((tmp_path / "none" / "history_fedavg.json").read_text())["rounds"][-1]
+    binned = json.loads((tmp_path / "binned" / "history_fedavg.json").read_text())["rounds"][-1]
+    assert "fed_map" not in off["metrics"] and not any("val_map" in v for v in off["client_metrics"].values())
+    assert 0 < binned["metrics"]["fed_map"] <= 1 and all("val_map" in v for v in binned["client_metrics"].values())
+
+
 def test_saved_config_is_the_resolved_run_config(first_run):
     out, _ = first_run
     saved = load_config(out / "config.yaml")

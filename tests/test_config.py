@@ -72,6 +72,11 @@ def test_yaml_then_dotted_overrides(tmp_path: Path):
             ["federation.client_sampling=weighted"],
             r"^federation\.client_sampling: expected one of \('uniform', 'size'\), but got 'weighted'\.",
         ),
+        (
+            ["federation.federated_eval=central"],
+            r"^federation\.federated_eval: expected one of \('exact', 'binned', 'none'\), but got 'central'\.",
+        ),
+        (["federation.eval_bins=1"], r"^federation\.eval_bins: expected an int >= 2, but got 1\."),
         (["federation.min_clients=11"], r"^federation\.min_clients: expected at most partition\.num_clients \(10\)"),
         (["federation.min_clients=4", "partition.num_clients=3"], r"^federation\.min_clients: .*\(3\), but got 4\."),
         (["partition.kind=random"], r"^partition\.kind: expected one of \('dirichlet', .*\), but got 'random'\."),

@@ -62,7 +62,7 @@ def test_federated_metrics_equal_central_evaluation_on_the_union(aggregator) -> 
 
 def test_federated_evaluation_changes_no_training_number() -> None:
     on = Federation(_model(), _clients(), FedHarmony(), 2, verbose=False)
-    off = Federation(_model(), _clients(), FedHarmony(), 2, federated_eval="off", verbose=False)
+    off = Federation(_model(), _clients(), FedHarmony(), 2, federated_eval="none", verbose=False)
     on.fit(), off.fit()
     for key, value in off.global_weights.items():
         assert torch.equal(value, on.global_weights[key]), key
@@ -152,7 +152,7 @@ def test_evaluation_keeps_the_module_and_the_random_state() -> None:
 
 
 def test_federation_rejects_a_bad_federated_eval_setting() -> None:
-    with pytest.raises(ValueError, match=r"`federated_eval` to be one of \('exact', 'binned', 'off'\), but got 'yes'"):
+    with pytest.raises(ValueError, match=r"`federated_eval` to be one of \('exact', 'binned', 'none'\), but got 'yes'"):
         Federation(_model(), _clients(), FedAvg(), federated_eval="yes")
     with pytest.raises(ValueError, match="`bins` to be None"):
         Federation(_model(), _clients(), FedAvg(), eval_bins=0)

@@ -113,7 +113,7 @@ class FedHarmonyStrategy(Strategy):
         client_sampling: ``"uniform"`` or ``"size"``: clients drawn in proportion to their data size (each node
             reports its ``num_samples`` once, with its partition id); the same rule as ``Federation``'s.
         wait_timeout: seconds to wait for ``min_available_clients`` nodes (and for their partition ids).
-        federated_eval: ``"exact"``, ``"binned"`` (no per-sample score leaves a client) or ``"off"``, as in
+        federated_eval: ``"exact"``, ``"binned"`` (no per-sample score leaves a client) or ``"none"``, as in
             ``Federation``.
         eval_bins: thresholds of the binned average precision.
         checkpoint_dir: after every round, save what is needed to continue there (atomically, ``federation.ckpt``
@@ -632,10 +632,10 @@ class FedHarmonyStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Federated evaluation: one ``evaluate`` message with the new global weights per known client (none with
-        ``federated_eval="off"``)."""
+        ``federated_eval="none"``)."""
         self._eval_pending = {}
         self._eval_started = time.perf_counter()
-        if self.federated_eval == "off":
+        if self.federated_eval == "none":
             return []
         request = Instruction(weights=self._global, server_round=server_round, eval_bins=self._bins)
         messages = []
