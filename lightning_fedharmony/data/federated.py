@@ -183,6 +183,8 @@ class PartitionedDataModule(pl.LightningDataModule):
         observed_fraction: ``(low, high)`` share of labels each client observes (masking).
         batch_size: training batch size.
         seed: seeds the split and the partition.
+        val_fraction: share of this client's data held out (seeded) as its own validation split, on which it
+            evaluates the global model for federated evaluation (``val_dataloader``); 0: none.
     """
 
     def __init__(
@@ -196,6 +198,7 @@ class PartitionedDataModule(pl.LightningDataModule):
         observed_fraction: tuple[float, float] = (0.5, 0.7),
         batch_size: int = 64,
         seed: int = 0,
+        val_fraction: float = 0.0,
     ) -> None:
         super().__init__()
         self.data = load_federated_data(
@@ -206,6 +209,7 @@ class PartitionedDataModule(pl.LightningDataModule):
             alpha=alpha,
             observed_fraction=observed_fraction,
             seed=seed,
+            client_val_fraction=val_fraction,
         )
         self.client_data = self.data.client(client, batch_size=batch_size, seed=seed)
         self.num_features = self.data.train.num_features
@@ -218,6 +222,10 @@ class PartitionedDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return self.client_data.train_dataloader()
+
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """This client's held-out split (an empty list with ``val_fraction=0``)."""
+        return self.client_data.val_dataloader()
 
     def test_dataloader(self) -> DataLoader:
         return self.data.test_loader()

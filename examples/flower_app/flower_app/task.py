@@ -29,7 +29,8 @@ def load_data(config: Mapping[str, Any], num_partitions: int) -> FederatedData:
 
 
 def datamodule(config: Mapping[str, Any], partition_id: int, num_partitions: int) -> PartitionedDataModule:
-    """The training data of one node."""
+    """The data of one node: its training split and its held-out split (``client-val-fraction``), on which it
+    evaluates the global model for federated evaluation."""
     return PartitionedDataModule(
         client=partition_id,
         name=str(config["dataset"]),
@@ -39,6 +40,7 @@ def datamodule(config: Mapping[str, Any], partition_id: int, num_partitions: int
         alpha=float(config["alpha"]),
         batch_size=int(config["batch-size"]),
         seed=int(config["seed"]),
+        val_fraction=float(config.get("client-val-fraction", 0.0)),
     )
 
 
