@@ -175,9 +175,10 @@ def main(argv: list[str] | None = None) -> dict:
     state_mib = sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor)) / 2**20
     seen = len(state.get("client_ids", state.get("member_ids", ())))
     # the in-process clients' own terms (leave_one_out="client"): client state, kept here because the clients are
-    client_mib = sum(
-        t.numel() * t.element_size() for m in federation.client_memory.values() for t in m.state_dict().values()
-    ) / 2**20
+    client_mib = (
+        sum(t.numel() * t.element_size() for m in federation.client_memory.values() for t in m.state_dict().values())
+        / 2**20
+    )
     marks = [r for r in (1, 10, 25, 100, args.rounds) if r <= args.rounds]
     report = {
         "data": args.data,

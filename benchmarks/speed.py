@@ -339,7 +339,8 @@ def markdown(report: dict[str, Any]) -> str:
                 lines.append(f"| | {s['clients']} | {s['labels']} | failed: {s['error']} | | | | |")
                 continue
             lines.append(
-                f"| {s['leave_one_out']} | {s['clients']} | {s['labels']} | {s['step_seconds']:.3f} | {s['teacher_ms']:.1f}"
+                f"| {s['leave_one_out']} | {s['clients']} | {s['labels']} | {s['step_seconds']:.3f}"
+                f" | {s['teacher_ms']:.1f}"
                 f" | {s['step_peak_extra_mib']:.0f} | {s['state_mib']:.0f} | {s['input_stats_mib']:.0f} |"
             )
         lines.append("")
@@ -400,7 +401,10 @@ def main() -> None:
     if "server" in parts:
         cells = [tuple(int(v) for v in cell.split("x")) for cell in args.server_cells.split(",")]
         report["server"] = bench_server(
-            cells, max(1, min(args.repeats, 3)), args.threads, args.leave_one_out  # type: ignore[arg-type]
+            cells,
+            max(1, min(args.repeats, 3)),
+            args.threads,
+            args.leave_one_out,  # type: ignore[arg-type]
         )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

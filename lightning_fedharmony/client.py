@@ -466,7 +466,8 @@ class FederatedClient(Callback):
 
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ident: str, request: Instruction) -> None:
         """Answer an evaluation request between rounds: the global model on the datamodule's held-out split."""
-        evaluation = evaluate_client(pl_module, trainer.datamodule, self.client_id, request)
+        datamodule = getattr(trainer, "datamodule", None)  # set by `fit(datamodule=...)`
+        evaluation = evaluate_client(pl_module, datamodule, self.client_id, request)
         self.mailbox.send_evaluation(evaluation, answers=ident)
         self.evaluated = ident
         log.info("client %s: sent the evaluation of round %s", self.client_id, request.server_round)

@@ -111,7 +111,9 @@ class ConsensusMemory:
         self._pending = (share, teacher, mask)
         return replace(instruction, teacher=teacher, mask=mask)
 
-    def complete(self, update: Update, stats: CorrelationStats, server_round: int, *, eps: float, normalization: str) -> Update:
+    def complete(
+        self, update: Update, stats: CorrelationStats, server_round: int, *, eps: float, normalization: str
+    ) -> Update:
         """The update with its statistics replaced by its term (:class:`~lightning_fedharmony.protocol.ConsensusTerm`,
         scored against the teacher it trained with) and the new term remembered under ``server_round``.
 
@@ -135,7 +137,9 @@ class ConsensusMemory:
         term = ConsensusTerm(delta=delta, valid=valid, weight=weight, previous_valid=torch.zeros_like(valid))
         if share.replace_own and share.own_weight > 0:
             old = self._terms[share.own_round]
-            delta.sub_(old.corr if bool(old.valid.all()) else old.corr * pair_validity(old.valid), alpha=share.own_weight)
+            delta.sub_(
+                old.corr if bool(old.valid.all()) else old.corr * pair_validity(old.valid), alpha=share.own_weight
+            )
             term = replace(
                 term,
                 replaced_round=share.own_round,
@@ -154,7 +158,9 @@ class ConsensusMemory:
         return {
             "rounds": torch.tensor(rounds, dtype=torch.int64),
             "corr": torch.stack([self._terms[r].corr for r in rounds]) if rounds else torch.zeros(0),
-            "valid": torch.stack([self._terms[r].valid for r in rounds]) if rounds else torch.zeros(0, dtype=torch.bool),
+            "valid": torch.stack([self._terms[r].valid for r in rounds])
+            if rounds
+            else torch.zeros(0, dtype=torch.bool),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

@@ -7,12 +7,11 @@ import math
 import signal
 import threading
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 from types import FrameType
 
 import torch
 from torch import Tensor
-
-from dataclasses import replace
 
 from lightning_fedharmony.aggregators.base import (
     ClientUpdate,

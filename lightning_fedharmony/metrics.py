@@ -510,7 +510,11 @@ class MultilabelReport(Metric):
             float32 with ``target`` ``(N, L)`` int8 (``-1`` unobserved) in the exact mode, or ``ap_positives`` /
             ``ap_negatives`` ``(bins, L)`` long in the binned one.
         """
-        state = {name: value.detach().clone() for name, value in self.metric_state.items() if name not in _CAT_STATES}
+        state = {
+            name: value.detach().clone()
+            for name, value in self.metric_state.items()
+            if name not in _CAT_STATES and isinstance(value, Tensor)
+        }
         if self.bins is None:
             preds, target = self._concatenated()
             state["preds"], state["target"] = preds.float(), target.to(torch.int8)

@@ -74,7 +74,9 @@ def _finite_within(client_id: str, name: str, value: Tensor, bound: float) -> No
         return
     low, high = torch.aminmax(value)  # one pass; NaN propagates
     if not (math.isfinite(float(low)) and math.isfinite(float(high))) or max(-float(low), float(high)) > bound:
-        raise ProtocolError(client_id, name, f"expected finite values within [-{bound:g}, {bound:g}], but it holds others.")
+        raise ProtocolError(
+            client_id, name, f"expected finite values within [-{bound:g}, {bound:g}], but it holds others."
+        )
 
 
 @dataclass
@@ -135,7 +137,9 @@ class ConsensusShare:
         if num_labels and (int(ids.min()) < 0 or int(ids.max()) >= num_labels):
             raise ProtocolError(client_id, f"{_CONSENSUS}cluster_ids", f"expected ids in [0, {num_labels}).")
         for name in ("numerator", "denominator"):
-            _tensor_field(client_id, f"{_CONSENSUS}{name}", getattr(self, name), (num_labels, num_labels), torch.float32)
+            _tensor_field(
+                client_id, f"{_CONSENSUS}{name}", getattr(self, name), (num_labels, num_labels), torch.float32
+            )
         bound = float(self.total_weight) * (1 + 1e-4) + 1e-6
         _finite_within(client_id, f"{_CONSENSUS}numerator", self.numerator, bound)
         _finite_within(client_id, f"{_CONSENSUS}denominator", self.denominator, bound)
@@ -145,12 +149,22 @@ class ConsensusShare:
             )
         for name in ("total_samples", "total_weight", "own_weight", "own_samples", "min_label_rate", "align_threshold"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
-                raise ProtocolError(client_id, f"{_CONSENSUS}{name}", f"expected a finite float >= 0, but got {value!r}.")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not (math.isfinite(value) and value >= 0)
+            ):
+                raise ProtocolError(
+                    client_id, f"{_CONSENSUS}{name}", f"expected a finite float >= 0, but got {value!r}."
+                )
         if isinstance(self.own_round, bool) or not isinstance(self.own_round, int) or self.own_round < 0:
-            raise ProtocolError(client_id, f"{_CONSENSUS}own_round", f"expected an int >= 0, but got {self.own_round!r}.")
+            raise ProtocolError(
+                client_id, f"{_CONSENSUS}own_round", f"expected an int >= 0, but got {self.own_round!r}."
+            )
         if not isinstance(self.replace_own, bool):
-            raise ProtocolError(client_id, f"{_CONSENSUS}replace_own", f"expected a bool, but got {self.replace_own!r}.")
+            raise ProtocolError(
+                client_id, f"{_CONSENSUS}replace_own", f"expected a bool, but got {self.replace_own!r}."
+            )
         if (self.own_weight > 0) != (self.own_round > 0):
             raise ProtocolError(
                 client_id, f"{_CONSENSUS}own_round", "expected a round > 0 exactly when `own_weight` > 0."
@@ -163,7 +177,9 @@ class ConsensusShare:
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, Any], client_id: str) -> ConsensusShare:
         """Rebuild (without validating) what :meth:`to_arrays` wrote; ``arrays`` holds the ``consensus.`` entries."""
-        return cls(**_entries_from(cls, arrays, _CONSENSUS, client_id, tensors=("numerator", "denominator", "cluster_ids")))
+        return cls(
+            **_entries_from(cls, arrays, _CONSENSUS, client_id, tensors=("numerator", "denominator", "cluster_ids"))
+        )
 
 
 @dataclass
@@ -215,7 +231,11 @@ class ConsensusTerm:
         _tensor_field(client_id, f"{_TERM}previous_valid", previous, (num_labels,), torch.bool)
         for name in ("weight", "replaced_weight", "discrepancy", "sampling_discrepancy"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not (math.isfinite(value) and value >= 0)
+            ):
                 raise ProtocolError(client_id, f"{_TERM}{name}", f"expected a finite float >= 0, but got {value!r}.")
         if not self.weight > 0:
             raise ProtocolError(client_id, f"{_TERM}weight", f"expected a value > 0, but got {self.weight!r}.")
@@ -231,7 +251,7 @@ class ConsensusTerm:
             raise ProtocolError(client_id, f"{_TERM}scored", f"expected a bool, but got {self.scored!r}.")
         pairs = self.pairs
         if not isinstance(pairs, Tensor) or pairs.ndim != 2 or pairs.shape[1] != 4 or not pairs.is_floating_point():
-            got = tuple(pairs.shape) if isinstance(pairs, Tensor) else type(pairs).__name__
+            got = str(tuple(pairs.shape)) if isinstance(pairs, Tensor) else type(pairs).__name__
             raise ProtocolError(client_id, f"{_TERM}pairs", f"expected a float tensor (P, 4), but got {got}.")
         if values:
             # |w V R - w' V' R'| <= w + w' for correlations in [-1, 1]
@@ -247,7 +267,9 @@ class ConsensusTerm:
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, Any], client_id: str) -> ConsensusTerm:
         """Rebuild (without validating) what :meth:`to_arrays` wrote; ``arrays`` holds the ``term.`` entries."""
-        return cls(**_entries_from(cls, arrays, _TERM, client_id, tensors=("delta", "valid", "previous_valid", "pairs")))
+        return cls(
+            **_entries_from(cls, arrays, _TERM, client_id, tensors=("delta", "valid", "previous_valid", "pairs"))
+        )
 
 
 @dataclass
@@ -326,7 +348,9 @@ class Instruction:
         if self.consensus is not None:
             if not isinstance(self.consensus, ConsensusShare):
                 raise ProtocolError(
-                    client_id, "consensus", f"expected a ConsensusShare or None, but got {type(self.consensus).__name__}."
+                    client_id,
+                    "consensus",
+                    f"expected a ConsensusShare or None, but got {type(self.consensus).__name__}.",
                 )
             self.consensus.validate(client_id)
 
@@ -422,7 +446,9 @@ class Update:
                 raise ProtocolError(cid, f"metrics.{name}", f"expected a float, but got {value!r}.")
         if self.term is not None:
             if not isinstance(self.term, ConsensusTerm):
-                raise ProtocolError(cid, "term", f"expected a ConsensusTerm or None, but got {type(self.term).__name__}.")
+                raise ProtocolError(
+                    cid, "term", f"expected a ConsensusTerm or None, but got {type(self.term).__name__}."
+                )
             self.term.validate(cid, values=stats_values)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
@@ -630,7 +656,9 @@ def _entries_from(
             values[f.name] = _scalar_from(arrays[entry], client_id, entry, kinds[str(f.type)])
     unknown = sorted(k for k in arrays if k.startswith(prefix) and k[len(prefix) :] not in values)
     if unknown:
-        raise ProtocolError(client_id, unknown[0], f"unknown entry; expected one of {sorted(prefix + n for n in values)}.")
+        raise ProtocolError(
+            client_id, unknown[0], f"unknown entry; expected one of {sorted(prefix + n for n in values)}."
+        )
     return values
 
 

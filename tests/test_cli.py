@@ -107,7 +107,10 @@ def test_run_reports_each_client(first_run):
 def test_federated_evaluation_follows_the_run_config(tmp_path):
     args = ["run", "--methods", "fedavg", "--quiet", *SMALL, "plots=false"]
     assert main([*args, f"out_dir={tmp_path / 'none'}", "federation.federated_eval=none"]) == 0
-    assert main([*args, f"out_dir={tmp_path / 'binned'}", "federation.federated_eval=binned", "federation.eval_bins=50"]) == 0
+    assert (
+        main([*args, f"out_dir={tmp_path / 'binned'}", "federation.federated_eval=binned", "federation.eval_bins=50"])
+        == 0
+    )
     off = json.loads((tmp_path / "none" / "history_fedavg.json").read_text())["rounds"][-1]
     binned = json.loads((tmp_path / "binned" / "history_fedavg.json").read_text())["rounds"][-1]
     assert "fed_map" not in off["metrics"] and not any("val_map" in v for v in off["client_metrics"].values())

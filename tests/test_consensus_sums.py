@@ -150,7 +150,9 @@ def test_scores_weights_and_model_follow_the_teacher_each_client_trained_with() 
         n = torch.tensor([float(SAMPLES[c]) for c in ids], dtype=torch.float64)
         expected_weights = aggregation_weights(n, torch.tensor(quality, dtype=torch.float64), 2, 3.0, mode="product")
         assert list(result.client_weights.values()) == pytest.approx(expected_weights.tolist(), rel=1e-4)
-        expected_model = weighted_average([record["stats"][c].weights for c in ids], list(result.client_weights.values()))
+        expected_model = weighted_average(
+            [record["stats"][c].weights for c in ids], list(result.client_weights.values())
+        )
         torch.testing.assert_close(result.weights["w"], expected_model["w"])
 
 
@@ -221,7 +223,9 @@ def test_updates_without_terms_and_unsupported_settings_are_refused() -> None:
     stats = CorrelationStats(4)
     stats.update(torch.rand(8, 4), torch.ones(8, 4))
     with pytest.raises(ProtocolError, match=r"field `term`.*HINT"):
-        FedHarmony(leave_one_out="client", t0=5).aggregate_round(1, [ClientUpdate("0", {"w": torch.zeros(1)}, 8, stats)])
+        FedHarmony(leave_one_out="client", t0=5).aggregate_round(
+            1, [ClientUpdate("0", {"w": torch.zeros(1)}, 8, stats)]
+        )
     with pytest.raises(ValueError, match=r"`gamma` to be a float with `leave_one_out='client'`, but got 'auto'"):
         FedHarmony(leave_one_out="client", gamma="auto")
     with pytest.raises(ValueError, match=r"`consensus_weighting`.*'previous_aggregation'"):

@@ -135,9 +135,10 @@ class FedHarmony(Aggregator):
         leave_one_out: where a client's own term leaves its teacher. ``"server"`` (the paper's reading): the server
             keeps every client's latest ``L x L`` correlation (memory ``K L^2``), builds each teacher and scores every
             client against this round's leave-one-out consensus. ``"client"``: the server keeps only the consensus
-            sums (memory ``L^2`` whatever the number of clients, :mod:`~lightning_fedharmony.aggregators.consensus_sums`)
-            and folds the updates in one at a time; each client removes its own term to get the same teacher, and
-            scores itself against the teacher it trained with (so round 1, without one, weighs by data alone).
+            sums (memory ``L^2`` whatever the number of clients,
+            :mod:`~lightning_fedharmony.aggregators.consensus_sums`) and folds the updates in one at a time; each
+            client removes its own term to get the same teacher, and scores itself against the teacher it trained
+            with (so round 1, without one, weighs by data alone).
             Needs a numeric ``gamma`` and ``consensus_weighting`` ``"samples"`` or ``"uniform"``.
         seed: seed of the spectral clustering's k-means.
 

@@ -179,7 +179,8 @@ class FedHarmonyStrategy(Strategy):
         if checkpoint_dir is not None and aggregator.relies_on_client_state:
             raise ValueError(
                 f"Expected an aggregator whose state the server holds alone with `checkpoint_dir`, but"
-                f" {type(aggregator).__name__} keeps part of it on the clients (FedHarmony(leave_one_out='client'): each"
+                f" {type(aggregator).__name__} keeps part of it on the clients"
+                " (FedHarmony(leave_one_out='client'): each"
                 " node's own term in the consensus sums), and a Flower run started again gives every node a fresh"
                 " state. HINT: use FedHarmony(leave_one_out='server') (the default) for Flower runs that resume."
             )
