@@ -63,7 +63,7 @@ def _nan_client() -> ClientDataModule:
 
 
 # ---------------------------------------------------------------- resume after SIGKILL
-def _run_cli(tmp: Path, ckpt: Path, rounds: int) -> subprocess.Popen:
+def _run_cli(tmp: Path, ckpt: Path, rounds: int, extra: tuple[str, ...] = ()) -> subprocess.Popen:
     args = [
         sys.executable,
         "-m",
@@ -77,19 +77,25 @@ def _run_cli(tmp: Path, ckpt: Path, rounds: int) -> subprocess.Popen:
         f"federation.checkpoint_dir={ckpt}",
         f"out_dir={tmp / 'out'}",
         "plots=false",
+        *extra,
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_resume_after_sigkill_gives_bit_identical_weights(tmp_path: Path) -> None:
+# the sums-only server: the in-process clients' own terms are saved with the server's sums and come back with them
+CLIENT_TERMS = ("methods.fedharmony.init_args.leave_one_out=client", "federation.fraction_fit=0.67")
+
+
+@pytest.mark.parametrize("extra", [(), CLIENT_TERMS], ids=["server", "client-terms"])
+def test_resume_after_sigkill_gives_bit_identical_weights(tmp_path: Path, extra: tuple[str, ...]) -> None:
     rounds = 4
-    straight = _run_cli(tmp_path / "a", tmp_path / "a" / "ckpt", rounds)
+    straight = _run_cli(tmp_path / "a", tmp_path / "a" / "ckpt", rounds, extra)
     assert straight.wait(timeout=300) == 0, straight.stdout.read() if straight.stdout else ""
 
     ckpt_dir = tmp_path / "b" / "ckpt"
     ckpt_file = ckpt_dir / "fedharmony" / "federation.ckpt"
-    killed = _run_cli(tmp_path / "b", ckpt_dir, rounds)
+    killed = _run_cli(tmp_path / "b", ckpt_dir, rounds, extra)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         if ckpt_file.exists() and load_checkpoint(ckpt_file)["server_round"] >= 1:
@@ -102,7 +108,8 @@ def test_resume_after_sigkill_gives_bit_identical_weights(tmp_path: Path) -> Non
     finished_before_kill = load_checkpoint(ckpt_file)["server_round"]
     assert 1 <= finished_before_kill < rounds
 
-    resumed = _run_cli(tmp_path / "b", ckpt_dir, rounds)
+    assert bool(load_checkpoint(ckpt_file).get("client_memory")) == bool(extra)
+    resumed = _run_cli(tmp_path / "b", ckpt_dir, rounds, extra)
     output = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, output
     assert f"resumed from {ckpt_file} after round {finished_before_kill}" in output
