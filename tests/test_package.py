@@ -44,7 +44,11 @@ def test_internals_live_in_their_modules():
             "ClientInstructions",
             "ClientUpdate",
             "InconsistentClientUpdates",
+            "RoundAggregation",
         ),
+        "lightning_fedharmony.aggregators.consensus_sums": ("ConsensusSums", "SumsRound"),
+        "lightning_fedharmony.client_terms": ("ConsensusMemory", "share_teacher"),
+        "lightning_fedharmony.protocol": ("ConsensusShare", "ConsensusTerm", "Evaluation"),
         "lightning_fedharmony.exchange": ("Exchange",),
     }
     for module, names in internals.items():

@@ -6,6 +6,7 @@ from lightning_fedharmony.aggregators.base import (
     ClientInstructions,
     ClientUpdate,
     InconsistentClientUpdates,
+    RoundAggregation,
     validate_updates,
 )
 from lightning_fedharmony.aggregators.fedavg import FedAvg, FedProx
@@ -20,5 +21,6 @@ __all__ = [
     "FedHarmony",
     "FedProx",
     "InconsistentClientUpdates",
+    "RoundAggregation",
     "validate_updates",
 ]
