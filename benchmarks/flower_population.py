@@ -103,6 +103,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         min_available_clients=args.nodes,
         seed=args.seed,
         client_sampling=args.client_sampling,
+        fraction_evaluate=args.fraction,  # a population evaluates a sample, as it trains one
     )
     marks: list[dict[str, float]] = []
     server_app = ServerApp()

@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
         seed=args.seed,
         eval_dataloader=data.test_loader(),
         eval_every=args.eval_every,
+        fraction_evaluate=args.fraction,  # a population evaluates a sample, as it trains one
         checkpoint_dir=None if checkpoint_dir is None else checkpoint_dir.name,
         verbose=False,
     )

@@ -86,6 +86,7 @@ class FederationConfig:
             and the server merges the states: ``"exact"``, ``"binned"`` (no per-sample score leaves a client) or
             ``"none"``.
         eval_bins: thresholds of the binned average precision.
+        fraction_evaluate: share of the clients asked to evaluate each evaluated round (seeded); 1: every client.
         stats_noise_multiplier: Gaussian noise on the clients' exported statistics (0 = off).
         stats_clip: per-sample L2 bound of the statistics' prediction vectors (``None``: ``sqrt(L)``).
     """
@@ -102,6 +103,7 @@ class FederationConfig:
     round_retries: int = 0
     federated_eval: str = "exact"
     eval_bins: int = 200
+    fraction_evaluate: float = 1.0
     stats_noise_multiplier: float = 0.0
     stats_clip: float | None = None
 
@@ -221,6 +223,7 @@ def validate_config(cfg: DictConfig) -> None:
             f"one of {FEDERATED_EVAL}",
         ),
         ("federation.eval_bins", cfg.federation.eval_bins >= 2, "an int >= 2"),
+        ("federation.fraction_evaluate", 0 < cfg.federation.fraction_evaluate <= 1, "in (0, 1]"),
         (
             "federation.client_timeout",
             cfg.federation.client_timeout is None or cfg.federation.client_timeout > 0,

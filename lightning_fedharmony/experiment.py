@@ -122,6 +122,7 @@ def federation_settings(
         "round_retries": fcfg.round_retries,
         "federated_eval": fcfg.federated_eval,
         "eval_bins": fcfg.eval_bins,
+        "fraction_evaluate": fcfg.fraction_evaluate,
         "label_names": prepared.train.label_names,
         "fingerprint_extra": run_fingerprint(cfg, method),
         "num_threads": cfg.num_threads,

@@ -65,6 +65,7 @@ from lightning_fedharmony.rounds import (  # noqa: F401 - FederationError, clien
     complete_instruction,
     derive_seed,
     evaluate_weights,
+    evaluation_clients,
     merge_evaluations,
     select_clients,
 )
@@ -142,6 +143,9 @@ class Federation:
             send counts over ``eval_bins`` score thresholds: no per-sample score leaves a client; AP is then an
             approximation, see the README) or ``"none"``.
         eval_bins: thresholds of the binned average precision (``federated_eval="binned"``).
+        fraction_evaluate: share of the clients asked to evaluate each evaluated round (a seeded uniform sample, at
+            least one; :func:`~lightning_fedharmony.rounds.evaluation_clients`): the federated metrics then cover
+            the held-out data of that sample. 1: every client.
         trainer_kwargs: overrides of the client Trainer template (:data:`CLIENT_TRAINER_DEFAULTS`); ``max_epochs``
             is ``local_epochs``.
         checkpoint_dir: after every round, save what is needed to continue there (atomically); :meth:`fit` resumes
@@ -190,6 +194,7 @@ class Federation:
         eval_every: int = 1,
         federated_eval: str = "exact",
         eval_bins: int = 200,
+        fraction_evaluate: float = 1.0,
         trainer_kwargs: Mapping[str, Any] | None = None,
         checkpoint_dir: str | os.PathLike[str] | None = None,
         client_timeout: float | None = None,
@@ -219,6 +224,8 @@ class Federation:
                 f"Expected argument `federated_eval` to be one of {FEDERATED_EVAL}, but got {federated_eval!r}."
             )
         check_bins(eval_bins)
+        if isinstance(fraction_evaluate, bool) or not 0.0 < fraction_evaluate <= 1.0:
+            raise ValueError(f"Expected argument `fraction_evaluate` to be in (0, 1], but got {fraction_evaluate!r}.")
         _check_int("min_clients", min_clients, 1)
         _check_int("round_retries", round_retries, 0)
         if client_timeout is not None and not client_timeout > 0:
@@ -281,6 +288,7 @@ class Federation:
         self.eval_every = eval_every
         self.federated_eval = federated_eval
         self.eval_bins = eval_bins
+        self.fraction_evaluate = float(fraction_evaluate)
         self.trainer_kwargs = {**CLIENT_TRAINER_DEFAULTS, **dict(trainer_kwargs or {}), "max_epochs": local_epochs}
         self.verbose = verbose
         self.stream = stream
@@ -379,6 +387,7 @@ class Federation:
             "eval_every": self.eval_every,
             "federated_eval": self.federated_eval,
             "eval_bins": self.eval_bins,
+            "fraction_evaluate": self.fraction_evaluate,
             "seed": self.seed,
             "stats_noise_multiplier": self.stats_noise_multiplier,
             "stats_clip": self.stats_clip,
@@ -586,8 +595,9 @@ class Federation:
     def evaluate_federated(
         self, server_round: int
     ) -> tuple[dict[str, float], dict[str, dict[str, float]], dict[str, str]]:
-        """Federated evaluation of the current global model: every client evaluates it on its held-out split and the
-        server merges the metric states exactly (:func:`~lightning_fedharmony.rounds.merge_evaluations`).
+        """Federated evaluation of the current global model: every client (or the round's ``fraction_evaluate`` sample)
+        evaluates it on its held-out split and the server merges the metric states exactly
+        (:func:`~lightning_fedharmony.rounds.merge_evaluations`).
 
         Returns:
             The federated metrics (``fed_<key>``), each client's own (``val_<key>``) and the clients whose evaluation
@@ -595,7 +605,8 @@ class Federation:
         """
         bins = self.eval_bins if self.federated_eval == "binned" else None
         request = Instruction(weights=self.global_weights, server_round=server_round, eval_bins=bins)
-        evaluations, failures = self.transport.evaluate(self, server_round, dict.fromkeys(self.clients, request))
+        asked = evaluation_clients(self._client_ids, server_round, self.fraction_evaluate, self.seed)
+        evaluations, failures = self.transport.evaluate(self, server_round, dict.fromkeys(asked, request))
         federated, own = merge_evaluations(evaluations, bins)
         return federated, own, failures
 
@@ -667,6 +678,7 @@ _RESERVED_KEYS = frozenset(
         "eval_every",
         "federated_eval",
         "eval_bins",
+        "fraction_evaluate",
         "seed",
         "stats_noise_multiplier",
         "stats_clip",

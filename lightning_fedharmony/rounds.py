@@ -39,6 +39,8 @@ def derive_seed(*parts: int) -> int:
 
 #: How :func:`select_clients` samples a round's clients.
 CLIENT_SAMPLING = ("uniform", "size")
+#: Keeps the evaluation sample of a round apart from its training sample.
+_EVALUATION_SALT = 0xE7A1
 #: Modes of federated evaluation: exact scores, binned counts (private), none.
 FEDERATED_EVAL = ("exact", "binned", "none")
 
@@ -188,6 +190,15 @@ def collect_with_retries(
         f" each of {round_retries + 1} attempt(s), fewer than `min_clients`={min_clients}. Failures:"
         f" {collected.failures}.{kept}"
     )
+
+
+def evaluation_clients(client_ids: Sequence[str], server_round: int, fraction: float = 1.0, seed: int = 0) -> list[str]:
+    """The clients asked to evaluate a round's global model: all, or a uniform sample of ``ceil(fraction * K)`` (at
+    least one), seeded by the round apart from the training selection; the same rule wherever the server runs. A
+    population of thousands of clients evaluates a sample, as it trains one."""
+    if fraction >= 1.0:
+        return list(client_ids)
+    return select_clients(client_ids, server_round, fraction_fit=fraction, seed=derive_seed(seed, _EVALUATION_SALT))
 
 
 def select_clients(

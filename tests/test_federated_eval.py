@@ -14,7 +14,7 @@ from lightning_fedharmony.metrics import MultilabelReport, validate_report_state
 from lightning_fedharmony.models import MultilabelMLP
 from lightning_fedharmony.orchestrator import Federation
 from lightning_fedharmony.protocol import Evaluation, Instruction, ProtocolError
-from lightning_fedharmony.rounds import evaluate_report, evaluate_weights, merge_evaluations
+from lightning_fedharmony.rounds import evaluate_report, evaluate_weights, evaluation_clients, merge_evaluations
 
 
 def _data(n: int = 240, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,6 +58,23 @@ def test_federated_metrics_equal_central_evaluation_on_the_union(aggregator) -> 
         assert result.final.client_metrics[cid]["val_map"] == pytest.approx(own["map"], abs=1e-6)
         assert result.final.client_metrics[cid]["val_num_samples"] == dm.num_val_samples
     assert all("fed_map" in r.metrics for r in result.rounds)
+
+
+def test_a_fraction_of_the_clients_evaluates_and_the_metrics_cover_their_union() -> None:
+    clients = _clients(num=6)
+    fed = Federation(_model(), clients, FedAvg(), 2, fraction_evaluate=0.5, seed=3, verbose=False)
+    result = fed.fit()
+    for record in result.rounds:
+        asked = evaluation_clients([str(k) for k in range(6)], record.server_round, 0.5, seed=3)
+        assert len(asked) == 3 and asked == evaluation_clients([str(k) for k in range(6)], record.server_round, 0.5, 3)
+        assert sorted(c for c, m in record.client_metrics.items() if "val_map" in m) == sorted(asked)
+    asked = evaluation_clients([str(k) for k in range(6)], 2, 0.5, seed=3)
+    union = _union_loader([clients[int(c)] for c in asked])
+    central = evaluate_weights(fed.global_model(), fed.global_weights, union)
+    assert result.final.metrics["fed_map"] == pytest.approx(central["map"], abs=1e-6)
+    assert evaluation_clients(["0", "1"], 1, 1.0) == ["0", "1"]
+    with pytest.raises(ValueError, match=r"`fraction_evaluate` to be in \(0, 1\], but got 0"):
+        Federation(_model(), clients, FedAvg(), 1, fraction_evaluate=0, verbose=False)
 
 
 def test_federated_evaluation_changes_no_training_number() -> None:

@@ -52,6 +52,7 @@ from lightning_fedharmony.rounds import (
     collect_with_retries,
     complete_instruction,
     evaluate_weights,
+    evaluation_clients,
     merge_evaluations,
     select_clients,
 )
@@ -70,6 +71,7 @@ _RESERVED_KEYS = frozenset(
         "seed",
         "federated_eval",
         "eval_bins",
+        "fraction_evaluate",
         "aggregator",
         "aggregator_args",
         "model_arrays",
@@ -116,6 +118,8 @@ class FedHarmonyStrategy(Strategy):
         federated_eval: ``"exact"``, ``"binned"`` (no per-sample score leaves a client) or ``"none"``, as in
             ``Federation``.
         eval_bins: thresholds of the binned average precision.
+        fraction_evaluate: share of the known clients asked to evaluate each round (a seeded uniform sample, the same
+            as ``Federation``'s); 1: every client.
         checkpoint_dir: after every round, save what is needed to continue there (atomically, ``federation.ckpt``
             as ``Federation`` writes it); :meth:`start` resumes after the last finished round when a checkpoint is
             found. ``None``: no checkpoints.
@@ -150,6 +154,7 @@ class FedHarmonyStrategy(Strategy):
         wait_timeout: float = 600.0,
         federated_eval: str = "exact",
         eval_bins: int = 200,
+        fraction_evaluate: float = 1.0,
         checkpoint_dir: str | os.PathLike[str] | None = None,
         round_retries: int = 0,
         client_timeout: float | None = None,
@@ -194,6 +199,9 @@ class FedHarmonyStrategy(Strategy):
         self.wait_timeout = float(wait_timeout)
         self.federated_eval = federated_eval
         self.eval_bins = eval_bins
+        if isinstance(fraction_evaluate, bool) or not 0.0 < fraction_evaluate <= 1.0:
+            raise ValueError(f"Expected argument `fraction_evaluate` to be in (0, 1], but got {fraction_evaluate!r}.")
+        self.fraction_evaluate = float(fraction_evaluate)
         self.checkpoint_path = None if checkpoint_dir is None else Path(checkpoint_dir) / CHECKPOINT_NAME
         self.round_retries = round_retries
         self.client_timeout = None if client_timeout is None else float(client_timeout)
@@ -377,6 +385,7 @@ class FedHarmonyStrategy(Strategy):
             "seed": self.seed,
             "federated_eval": self.federated_eval,
             "eval_bins": self.eval_bins,
+            "fraction_evaluate": self.fraction_evaluate,
             "aggregator": f"{aggregator_cls.__module__}.{aggregator_cls.__qualname__}",
             "aggregator_args": constructor_settings(self.aggregator),
             "model_arrays": dict(self._model_arrays),
@@ -632,15 +641,17 @@ class FedHarmonyStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Federated evaluation: one ``evaluate`` message with the new global weights per known client (none with
-        ``federated_eval="none"``)."""
+        """Federated evaluation: one ``evaluate`` message with the new global weights per known client, or per client
+        of the round's ``fraction_evaluate`` sample (none with ``federated_eval="none"``)."""
         self._eval_pending = {}
         self._eval_started = time.perf_counter()
         if self.federated_eval == "none":
             return []
         request = Instruction(weights=self._global, server_round=server_round, eval_bins=self._bins)
         messages = []
-        for cid, node in sorted(self._node_of.items(), key=lambda item: _client_order(item[0])):
+        known = sorted(self._node_of, key=_client_order)
+        for cid in evaluation_clients(known, server_round, self.fraction_evaluate, self.seed):
+            node = self._node_of[cid]
             content = instruction_to_records(request, cid, arrays=arrays, config=config)
             messages.append(
                 Message(content, dst_node_id=node, message_type=MessageType.EVALUATE, group_id=str(server_round))
