@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_fedharmony.functional.aggregation import correlation_discrepancy, departing_pairs, sampling_discrepancy
+from lightning_fedharmony.functional.aggregation import teacher_score
 from lightning_fedharmony.functional.blocks import block_mask
-from lightning_fedharmony.functional.consensus import consensus_from_sums, leave_one_out_teacher, pair_validity
+from lightning_fedharmony.functional.consensus import pair_validity, teacher_and_mask
 from lightning_fedharmony.protocol import ConsensusShare, ConsensusTerm, Instruction, ProtocolError, Update
 from lightning_fedharmony.stats import CorrelationStats
 
@@ -38,21 +38,12 @@ def share_teacher(share: ConsensusShare, own: tuple[Tensor, Tensor] | None) -> t
     """A client's teacher ``(L, L)`` float32 and alignment mask ``(L, L)`` bool from the consensus sums, given its own
     term ``(corr, valid)`` in them (``None``: it has none there, and its teacher is the whole consensus).
 
-    The same teacher and mask a server keeping every client's correlation gives it (``leave_one_out="server"``).
+    The same teacher and mask a server keeping every client's correlation gives it (``leave_one_out="server"``):
+    both are :func:`~lightning_fedharmony.functional.teacher_and_mask`.
     """
-    numerator, denominator = share.numerator, share.denominator
+    mine = None if own is None or share.own_weight <= 0 else (own[0], share.own_weight, own[1])
     blocks = block_mask(share.cluster_ids)
-    if own is None or share.own_weight <= 0:
-        teacher, mask = consensus_from_sums(numerator, denominator).float(), blocks & (denominator > 0)
-    else:
-        corr, valid = own
-        teacher, support = leave_one_out_teacher(numerator, denominator, corr, share.own_weight, valid)
-        mask = support.logical_and_(blocks)
-        if not bool(valid.all()):
-            mask.logical_and_(pair_validity(valid))
-    if share.align_threshold > 0:
-        mask.logical_and_(teacher.abs() >= share.align_threshold)
-    return teacher, mask
+    return teacher_and_mask(share.numerator, share.denominator, blocks, mine, share.align_threshold)
 
 
 class ConsensusMemory:
@@ -177,15 +168,12 @@ def _scored(
 ) -> ConsensusTerm:
     """The term with its score against the teacher the client trained with: ``s_k``, its sampling baseline and the
     pairs where it departs most."""
-    discrepancy = correlation_discrepancy(corr[None], teacher[None], mask)
-    n = torch.tensor([float(samples)], dtype=torch.float32)
-    others = torch.tensor([max(share.total_samples - share.own_samples, 0.0)], dtype=torch.float32)
-    baseline = sampling_discrepancy(corr[None], teacher[None], mask, n, others)
-    pairs = departing_pairs(corr, teacher, mask, NUM_REPORTED_PAIRS)
+    others = max(share.total_samples - share.own_samples, 0.0)
+    discrepancy, baseline, pairs = teacher_score(corr, teacher, mask, float(samples), others, NUM_REPORTED_PAIRS)
     return replace(
         term,
-        discrepancy=float(discrepancy),
-        sampling_discrepancy=float(baseline),
+        discrepancy=discrepancy,
+        sampling_discrepancy=baseline,
         scored=True,
         pairs=torch.tensor(pairs, dtype=torch.float64).reshape(-1, 4),
     )

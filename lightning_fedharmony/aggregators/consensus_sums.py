@@ -9,7 +9,6 @@ its term with its own score (:mod:`lightning_fedharmony.client_terms`). A round 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -18,12 +17,8 @@ import torch
 from torch import Tensor
 
 from lightning_fedharmony.aggregators.base import AggregationResult, RoundAggregation, WeightedModelSum
-from lightning_fedharmony.functional.aggregation import (
-    aggregation_weights,
-    balance_factor,
-    quality_from_discrepancy,
-)
-from lightning_fedharmony.functional.consensus import consensus_from_sums
+from lightning_fedharmony.functional.aggregation import aggregation_weights, balance_factor
+from lightning_fedharmony.functional.consensus import consensus_from_sums, off_diagonal_abs_mean
 from lightning_fedharmony.protocol import ConsensusShare, ProtocolError, Update
 
 if TYPE_CHECKING:
@@ -224,11 +219,8 @@ class SumsRound(RoundAggregation):
     def _quality(self, discrepancy: float, baseline: float, scored: bool) -> float:
         if not scored:
             return 1.0
-        gamma = self.aggregator.gamma
-        if self.aggregator.discrepancy_baseline == "sampling":
-            excess = torch.tensor([max(discrepancy - baseline, 0.0)], dtype=torch.float64)
-            return float(quality_from_discrepancy(excess, gamma)[0])
-        return float(quality_from_discrepancy(torch.tensor([discrepancy], dtype=torch.float32), gamma)[0])
+        as_tensor = torch.tensor([discrepancy], dtype=torch.float64), torch.tensor([baseline], dtype=torch.float64)
+        return float(self.aggregator.quality(*as_tensor)[0])
 
     def _fold(self, delta: Tensor) -> None:
         if self._chunk is None:
@@ -297,7 +289,7 @@ class SumsRound(RoundAggregation):
             "balance_factor": balance_factor(self.server_round, agg._t0()) if agg.quality_aggregation else 1.0,
             "discrepancy_mean": sum(discrepancy) / len(discrepancy),
             "quality_min": float(quality.min()),
-            "consensus_abs_mean": _off_diagonal_abs_mean(consensus),
+            "consensus_abs_mean": float(off_diagonal_abs_mean(consensus)),
         }
         return AggregationResult(
             weights=model,
@@ -339,11 +331,3 @@ def _mixed(first: WeightedModelSum, a: float, second: WeightedModelSum | None, b
             value.add_(second.sums[key], alpha=b / second.total)
         out[key] = value.to(dtype)
     return out
-
-
-def _off_diagonal_abs_mean(matrix: Tensor) -> float:
-    num_labels = matrix.shape[0]
-    if num_labels < 2:
-        return 0.0
-    total = float(matrix.abs().sum()) - float(torch.diagonal(matrix).abs().sum())
-    return total / (num_labels * (num_labels - 1)) if math.isfinite(total) else float("nan")

@@ -28,17 +28,15 @@ from lightning_fedharmony.functional.aggregation import (
     QualityWeighting,
     aggregation_weights,
     balance_factor,
-    correlation_discrepancy,
-    departing_pairs,
     quality_from_discrepancy,
-    sampling_discrepancy,
+    teacher_score,
 )
 from lightning_fedharmony.functional.blocks import auto_block_range, block_mask, spectral_label_blocks
 from lightning_fedharmony.functional.consensus import (
     consensus_from_sums,
     consensus_sums,
-    leave_one_out_teacher,
-    pair_validity,
+    off_diagonal_abs_mean,
+    teacher_and_mask,
 )
 from lightning_fedharmony.functional.correlation import Normalization, _check_normalization
 
@@ -318,20 +316,9 @@ class FedHarmony(Aggregator):
             )
         if self._sums is None or self.cluster_ids is None:
             raise RuntimeError("Expected client statistics from an earlier round, but the server has none yet.")
-        numerator, denominator = self._sums
         record = self._clients.get(client_id)
-        if record is None:
-            teacher, mask = consensus_from_sums(numerator, denominator).float(), self._blocks & (denominator > 0)
-        else:
-            teacher, support = leave_one_out_teacher(
-                numerator, denominator, record.corr, self._consensus_weight(record), record.valid
-            )
-            mask = support.logical_and_(self._blocks)
-            if not bool(record.valid.all()):
-                mask.logical_and_(pair_validity(record.valid))
-        if self.align_threshold > 0:
-            mask.logical_and_(teacher.abs() >= self.align_threshold)
-        return teacher, mask
+        own = None if record is None else (record.corr, self._consensus_weight(record), record.valid)
+        return teacher_and_mask(*self._sums, self._blocks, own, self.align_threshold)
 
     @property
     def consensus(self) -> Tensor | None:
@@ -394,10 +381,7 @@ class FedHarmony(Aggregator):
         scored = [self._score(u.client_id, total_samples) for u in updates]
         discrepancy = torch.tensor([s[0] for s in scored], dtype=torch.float64)
         baseline = torch.tensor([s[1] for s in scored], dtype=torch.float64)
-        if self.discrepancy_baseline == "sampling":
-            quality = quality_from_discrepancy((discrepancy - baseline).clamp_min(0.0), self.gamma)
-        else:
-            quality = quality_from_discrepancy(discrepancy.float(), self.gamma).double()
+        quality = self.quality(discrepancy, baseline)
         n = torch.tensor([float(u.num_samples) for u in updates], dtype=torch.float64)
         if self.quality_aggregation:
             weights = aggregation_weights(n, quality, server_round, self._t0(), mode=self.quality_weighting)
@@ -422,7 +406,7 @@ class FedHarmony(Aggregator):
             "balance_factor": balance_factor(server_round, self._t0()) if self.quality_aggregation else 1.0,
             "discrepancy_mean": float(discrepancy.mean()),
             "quality_min": float(quality.min()),
-            "consensus_abs_mean": float(_off_diagonal_abs_mean(consensus)),
+            "consensus_abs_mean": float(off_diagonal_abs_mean(consensus)),
         }
         return weights, metrics
 
@@ -430,12 +414,15 @@ class FedHarmony(Aggregator):
         """The client's discrepancy ``s_k``, its sampling baseline and the pairs where it departs most."""
         teacher, mask = self.teacher(client_id)
         record = self._clients[client_id]
-        corr = record.corr
-        discrepancy = correlation_discrepancy(corr[None], teacher[None], mask)
-        n = torch.tensor([record.num_samples], dtype=torch.float32)
-        baseline = sampling_discrepancy(corr[None], teacher[None], mask, n, torch.tensor([total_samples]) - n)
-        pairs = departing_pairs(corr, teacher, mask, NUM_REPORTED_PAIRS)
-        return float(discrepancy), float(baseline), pairs
+        teacher_samples = total_samples - record.num_samples
+        return teacher_score(record.corr, teacher, mask, record.num_samples, teacher_samples, NUM_REPORTED_PAIRS)
+
+    def quality(self, discrepancy: Tensor, baseline: Tensor) -> Tensor:
+        """``q_k`` from the clients' discrepancies and sampling baselines ``(K,)`` float64: ``exp(-gamma s)`` of the
+        discrepancy beyond the baseline (``discrepancy_baseline="sampling"``) or of the raw one (``"none"``)."""
+        if self.discrepancy_baseline == "sampling":
+            return quality_from_discrepancy((discrepancy - baseline).clamp_min(0.0), self.gamma)
+        return quality_from_discrepancy(discrepancy.float(), self.gamma).double()
 
     def client_report(self) -> tuple[dict[str, dict[str, float]], dict[str, list[tuple[int, int, float, float]]]]:
         """Per participating client of the latest round: ``num_samples``, ``discrepancy`` (``s_k``),
@@ -521,11 +508,3 @@ class FedHarmony(Aggregator):
             self._rebuild_consensus()
         else:
             self._sums, self.cluster_ids = None, None
-
-
-def _off_diagonal_abs_mean(matrix: Tensor) -> Tensor:
-    num_labels = matrix.shape[0]
-    if num_labels < 2:
-        return matrix.new_zeros(())
-    off = ~torch.eye(num_labels, dtype=torch.bool)
-    return matrix.abs()[off].mean()

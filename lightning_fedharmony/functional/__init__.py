@@ -8,6 +8,7 @@ from lightning_fedharmony.functional.aggregation import (
     departing_pairs,
     quality_from_discrepancy,
     sampling_discrepancy,
+    teacher_score,
     weighted_average,
 )
 from lightning_fedharmony.functional.blocks import (
@@ -25,7 +26,9 @@ from lightning_fedharmony.functional.consensus import (
     leave_one_out_sums,
     leave_one_out_support,
     leave_one_out_teacher,
+    off_diagonal_abs_mean,
     pair_validity,
+    teacher_and_mask,
 )
 from lightning_fedharmony.functional.correlation import block_soft_phi, phi_from_means, phi_from_moments, soft_phi
 from lightning_fedharmony.functional.losses import alignment_loss, proximal_term, soft_phi_alignment_loss
@@ -49,6 +52,7 @@ __all__ = [
     "leave_one_out_support",
     "leave_one_out_teacher",
     "mask_components",
+    "off_diagonal_abs_mean",
     "pair_validity",
     "phi_from_means",
     "phi_from_moments",
@@ -58,5 +62,7 @@ __all__ = [
     "soft_phi",
     "soft_phi_alignment_loss",
     "spectral_label_blocks",
+    "teacher_and_mask",
+    "teacher_score",
     "weighted_average",
 ]

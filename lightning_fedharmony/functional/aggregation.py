@@ -117,6 +117,19 @@ def departing_pairs(corr: Tensor, teacher: Tensor, mask: Tensor, k: int = 5) -> 
     return pairs[:k]
 
 
+def teacher_score(
+    corr: Tensor, teacher: Tensor, mask: Tensor, num_samples: float, teacher_samples: float, num_pairs: int = 5
+) -> tuple[float, float, list[tuple[int, int, float, float]]]:
+    """One client against its teacher: ``s_k`` (:func:`correlation_discrepancy`), what sampling alone would give
+    (:func:`sampling_discrepancy`, with ``n_k = num_samples`` and ``n*_k = teacher_samples``) and the ``num_pairs``
+    pairs where it departs most (:func:`departing_pairs`)."""
+    discrepancy = correlation_discrepancy(corr[None], teacher[None], mask)
+    n = torch.tensor([num_samples], dtype=torch.float32)
+    others = torch.tensor([teacher_samples], dtype=torch.float32)
+    baseline = sampling_discrepancy(corr[None], teacher[None], mask, n, others)
+    return float(discrepancy), float(baseline), departing_pairs(corr, teacher, mask, num_pairs)
+
+
 def quality_from_discrepancy(discrepancy: Tensor, gamma: float | str = "auto") -> Tensor:
     """``q_k = exp(-gamma s_k)``; ``gamma="auto"`` is ``1 / median_k s_k`` (all ones when the median is 0)."""
     if discrepancy.ndim != 1:

@@ -187,3 +187,40 @@ def leave_one_out_teacher(
     teacher.div_(loo_den.clamp_min_(torch.finfo(dtype).tiny)).mul_(support).clamp_(-1.0, 1.0)
     torch.diagonal(teacher).fill_(1.0)
     return teacher, support
+
+
+def teacher_and_mask(
+    numerator: Tensor,
+    denominator: Tensor,
+    blocks: Tensor,
+    own: tuple[Tensor, float, Tensor | None] | None = None,
+    align_threshold: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """A client's teacher ``(L, L)`` and the bool pairs it aligns ``(L, L)``, from the sums of :func:`consensus_sums`.
+
+    The teacher is the consensus without the client's own term ``own = (corr, weight, valid)``
+    (:func:`leave_one_out_teacher`), or the whole consensus for a client with no term in the sums (``None``). The
+    mask keeps the pairs within a label block (``blocks``), supported by some other client, valid for the client, and
+    with ``|R*| >= align_threshold``. Whoever holds the client's term computes it: the server that keeps every
+    correlation, or the client itself (:mod:`lightning_fedharmony.client_terms`).
+    """
+    if own is None:
+        teacher, mask = consensus_from_sums(numerator, denominator).float(), blocks & (denominator > 0)
+    else:
+        corr, weight, valid = own
+        teacher, support = leave_one_out_teacher(numerator, denominator, corr, weight, valid)
+        mask = support.logical_and_(blocks)
+        if valid is not None and not bool(valid.all()):
+            mask.logical_and_(pair_validity(valid))
+    if align_threshold > 0:
+        mask.logical_and_(teacher.abs() >= align_threshold)
+    return teacher, mask
+
+
+def off_diagonal_abs_mean(matrix: Tensor) -> Tensor:
+    """Mean ``|R[a, b]|`` over the pairs ``a != b`` of an ``(L, L)`` matrix (0 for ``L < 2``)."""
+    num_labels = matrix.shape[0]
+    if num_labels < 2:
+        return matrix.new_zeros(())
+    off = ~torch.eye(num_labels, dtype=torch.bool, device=matrix.device)
+    return matrix.abs()[off].mean()
