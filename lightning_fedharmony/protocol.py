@@ -119,8 +119,9 @@ class ConsensusShare:
     def num_labels(self) -> int:
         return int(self.cluster_ids.shape[0]) if isinstance(self.cluster_ids, Tensor) else 0
 
-    def validate(self, client_id: str) -> None:
-        """Check every field.
+    def validate(self, client_id: str, *, values: bool = True) -> None:
+        """Check every field; ``values=False`` leaves the sums' ``L x L`` values unread (the server's own sums, which it
+        built from screened terms: reading them again for each client's instruction would cost ``K L^2`` a round).
 
         Raises:
             ProtocolError: naming ``client_id`` and the first field at fault (``consensus.<name>``).
@@ -140,9 +141,10 @@ class ConsensusShare:
             _tensor_field(
                 client_id, f"{_CONSENSUS}{name}", getattr(self, name), (num_labels, num_labels), torch.float32
             )
-        bound = float(self.total_weight) * (1 + 1e-4) + 1e-6
-        _finite_within(client_id, f"{_CONSENSUS}numerator", self.numerator, bound)
-        _finite_within(client_id, f"{_CONSENSUS}denominator", self.denominator, bound)
+        if values:
+            bound = float(self.total_weight) * (1 + 1e-4) + 1e-6
+            _finite_within(client_id, f"{_CONSENSUS}numerator", self.numerator, bound)
+            _finite_within(client_id, f"{_CONSENSUS}denominator", self.denominator, bound)
         if self.weighting not in ("samples", "uniform"):
             raise ProtocolError(
                 client_id, f"{_CONSENSUS}weighting", f"expected 'samples' or 'uniform', but got {self.weighting!r}."
@@ -318,8 +320,11 @@ class Instruction:
         """The settings that are set (not ``None``)."""
         return {name: getattr(self, name) for name in SETTINGS if getattr(self, name) is not None}
 
-    def validate(self, client_id: str) -> None:
+    def validate(self, client_id: str, *, consensus_values: bool = True) -> None:
         """Check every field; the one place an instruction is checked, whichever runner sends or receives it.
+        ``consensus_values=False`` leaves the consensus share's ``L x L`` values unread: for the server checking
+        the instructions it made itself, once per client, from one set of sums (a client reading an instruction
+        checks them).
 
         Raises:
             ProtocolError: naming ``client_id`` and the first field at fault.
@@ -352,7 +357,7 @@ class Instruction:
                     "consensus",
                     f"expected a ConsensusShare or None, but got {type(self.consensus).__name__}.",
                 )
-            self.consensus.validate(client_id)
+            self.consensus.validate(client_id, values=consensus_values)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """The instruction as a flat dict of numpy arrays: ``weights.<name>``, ``teacher``, ``mask``, each set

@@ -132,7 +132,8 @@ def complete_instruction(
     collect_stats: bool,
 ) -> Instruction:
     """The aggregator's instruction with what the runner decides (the round, ``local_epochs``, the client's seed,
-    whether statistics are needed), validated.
+    whether statistics are needed), validated (a consensus share's values aside: the aggregator's own sums, shared
+    by every client's instruction).
 
     Raises:
         ProtocolError: an instruction with a malformed field (names the client and the field).
@@ -140,7 +141,7 @@ def complete_instruction(
     complete = replace(
         instruction, server_round=server_round, local_epochs=local_epochs, seed=seed, collect_stats=collect_stats
     )
-    complete.validate(client_id)
+    complete.validate(client_id, consensus_values=False)
     return complete
 
 

@@ -309,3 +309,13 @@ def test_federation_streams_updates_and_records_a_refused_term_as_a_failure(monk
     assert set(record.client_weights) == {"0", "2"}
     assert record.failures["1"].startswith("rejected update: Client '1', field `term.weight`: expected")
     assert federation.aggregator.state_dict()["member_ids"] == ["0", "2"]
+
+
+def test_every_share_of_a_round_reads_the_same_published_sums() -> None:
+    aggregator = FedHarmony(leave_one_out="client", t0=5)
+    aggregator.aggregate_round(1, _term_updates(3, 5), {"w": torch.zeros(2)})
+    sent = aggregator.configure_round(2, ["0", "1", "2"], {"w": torch.zeros(2)})
+    shares = [sent[cid].consensus for cid in "012"]
+    assert all(s is not None for s in shares)
+    numerators = {s.numerator.data_ptr() for s in shares if s is not None}
+    assert len(numerators) == 1  # converted to float32 once per round, not once per client

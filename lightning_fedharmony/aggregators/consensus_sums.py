@@ -46,6 +46,8 @@ class ConsensusSums:
         self.denominator = torch.zeros(0, 0, dtype=torch.float64)
         self.cluster_ids = torch.zeros(0, dtype=torch.int64)
         self.members: dict[str, Member] = {}
+        self._published: tuple[Tensor, Tensor, Tensor]
+        self.publish()
         self.total_samples = 0.0  # over the members, kept as they change: no pass over every client per share
         self.total_weight = 0.0
 
@@ -77,15 +79,22 @@ class ConsensusSums:
             return None
         return consensus_from_sums(self.numerator, self.denominator).to(dtype)
 
+    def publish(self) -> None:
+        """Take the sums and blocks as they now stand for the next round's shares: converted to float32 once, and
+        shared (read-only) by every client's share rather than copied per client."""
+        self._published = (self.numerator.float(), self.denominator.float(), self.cluster_ids.clone())
+
     def share(
         self, client_id: str, *, weighting: str, replace_own: bool, min_label_rate: float, align_threshold: float
     ) -> ConsensusShare:
-        """What client ``client_id`` is sent: the sums (float32), the blocks and its own term's weight and round."""
+        """What client ``client_id`` is sent: the published sums (float32), the blocks and its own term's weight and
+        round."""
         member = self.members.get(client_id)
+        numerator, denominator, cluster_ids = self._published
         return ConsensusShare(
-            numerator=self.numerator.float(),
-            denominator=self.denominator.float(),
-            cluster_ids=self.cluster_ids.clone(),
+            numerator=numerator,
+            denominator=denominator,
+            cluster_ids=cluster_ids,
             total_samples=self.total_samples,
             total_weight=self.total_weight,
             weighting=weighting,
@@ -124,6 +133,7 @@ class ConsensusSums:
                 )
             }
         )
+        self.publish()
 
 
 @dataclass
@@ -273,6 +283,7 @@ class SumsRound(RoundAggregation):
         consensus = self.sums.consensus(torch.float64)
         assert consensus is not None  # committed above
         self.sums.cluster_ids = agg._label_blocks(consensus)
+        self.sums.publish()
         report = {
             s.client_id: {
                 "num_samples": s.num_samples,
