@@ -149,16 +149,8 @@ class ConsensusShare:
             raise ProtocolError(
                 client_id, f"{_CONSENSUS}weighting", f"expected 'samples' or 'uniform', but got {self.weighting!r}."
             )
-        for name in ("total_samples", "total_weight", "own_weight", "own_samples", "min_label_rate", "align_threshold"):
-            value = getattr(self, name)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not (math.isfinite(value) and value >= 0)
-            ):
-                raise ProtocolError(
-                    client_id, f"{_CONSENSUS}{name}", f"expected a finite float >= 0, but got {value!r}."
-                )
+        names = ("total_samples", "total_weight", "own_weight", "own_samples", "min_label_rate", "align_threshold")
+        _check_nonnegative(client_id, _CONSENSUS, self, names)
         if isinstance(self.own_round, bool) or not isinstance(self.own_round, int) or self.own_round < 0:
             raise ProtocolError(
                 client_id, f"{_CONSENSUS}own_round", f"expected an int >= 0, but got {self.own_round!r}."
@@ -231,14 +223,7 @@ class ConsensusTerm:
         _tensor_field(client_id, f"{_TERM}delta", self.delta, (num_labels, num_labels), torch.float32)
         previous = self.previous_valid if self.previous_valid is not None else valid
         _tensor_field(client_id, f"{_TERM}previous_valid", previous, (num_labels,), torch.bool)
-        for name in ("weight", "replaced_weight", "discrepancy", "sampling_discrepancy"):
-            value = getattr(self, name)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not (math.isfinite(value) and value >= 0)
-            ):
-                raise ProtocolError(client_id, f"{_TERM}{name}", f"expected a finite float >= 0, but got {value!r}.")
+        _check_nonnegative(client_id, _TERM, self, ("weight", "replaced_weight", "discrepancy", "sampling_discrepancy"))
         if not self.weight > 0:
             raise ProtocolError(client_id, f"{_TERM}weight", f"expected a value > 0, but got {self.weight!r}.")
         if isinstance(self.replaced_round, bool) or not isinstance(self.replaced_round, int) or self.replaced_round < 0:
@@ -429,12 +414,7 @@ class Update:
         Raises:
             ProtocolError: naming the client and the first field at fault.
         """
-        cid = self.client_id
-        if not isinstance(cid, str) or not cid:
-            raise ProtocolError(str(cid), "client_id", f"expected a non-empty str, but got {cid!r}.")
-        n = self.num_samples
-        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-            raise ProtocolError(cid, "num_samples", f"expected a positive int, but got {n!r}.")
+        cid = _check_sender(self.client_id, self.num_samples, minimum=1)
         _check_weights(cid, self.weights, reference)
         if self.stats is not None:
             if not isinstance(self.stats, CorrelationStats):
@@ -549,12 +529,8 @@ class Evaluation:
         Raises:
             ProtocolError: naming the client and the first field at fault.
         """
-        cid = self.client_id
-        if not isinstance(cid, str) or not cid:
-            raise ProtocolError(str(cid), "client_id", f"expected a non-empty str, but got {cid!r}.")
+        cid = _check_sender(self.client_id, self.num_samples, minimum=0)
         n = self.num_samples
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ProtocolError(cid, "num_samples", f"expected an int >= 0, but got {n!r}.")
         if (self.report is None) != (n == 0):
             raise ProtocolError(cid, "report", f"expected a report exactly when num_samples > 0, but got {n} samples.")
         if self.report is not None:
@@ -635,6 +611,24 @@ def _reply_sender(arrays: Mapping[str, Any], client_id: str | None, kind: str, p
 def instruction_fields() -> list[str]:
     """Names of :class:`Instruction`'s fields, in order."""
     return [f.name for f in fields(Instruction)]
+
+
+def _check_sender(client_id: Any, num_samples: Any, minimum: int) -> str:
+    """The client id of a reply (a non-empty str) after checking it and its sample count (an int >= ``minimum``)."""
+    if not isinstance(client_id, str) or not client_id:
+        raise ProtocolError(str(client_id), "client_id", f"expected a non-empty str, but got {client_id!r}.")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < minimum:
+        rule = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ProtocolError(client_id, "num_samples", f"expected {rule}, but got {num_samples!r}.")
+    return client_id
+
+
+def _check_nonnegative(client_id: str, prefix: str, message: Any, names: tuple[str, ...]) -> None:
+    """Each of the fields ``names`` of ``message`` is a finite float >= 0."""
+    for name in names:
+        value = getattr(message, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+            raise ProtocolError(client_id, f"{prefix}{name}", f"expected a finite float >= 0, but got {value!r}.")
 
 
 def _numpy(tensor: Tensor) -> np.ndarray:
