@@ -9,11 +9,11 @@ wins and runs on the remaining seeds. Test metrics of configurations that were n
 
 Methods: ``fedavg``, ``fedprox`` (grid over ``proximal_mu``), ``fedharmony`` (the library's defaults, no grid: what a
 user who changes nothing gets), ``fedharmony_paper`` (``FedHarmony.paper()``, grid over ``alignment_weight``),
-``fedharmony_noblocks``
-(``block_alignment=False``), ``loss_only`` (``quality_aggregation=False``), ``aggregation_only``
-(``alignment=False``), ``local_only`` (each client trains its own model on its own data for the same epochs; metrics
-averaged over clients) and ``centralized`` (the pooled training data, one client, same epochs). ``--variant`` adds
-named variants of the FedHarmony family, e.g. ``--variant fh_pearson=fedharmony:corr_normalization=pearson``.
+``fedharmony_noblocks`` (``block_alignment=False``), ``loss_only`` (``quality_aggregation=False``, the default's own
+setting), ``aggregation_only`` (``alignment=False, quality_aggregation=True``), ``local_only`` (each client trains its
+own model on its own data for the same epochs; metrics averaged over clients) and ``centralized`` (the pooled training
+data, one client, same epochs). ``--variant`` adds named variants of the FedHarmony family, e.g.
+``--variant fh_pearson=fedharmony:corr_normalization=pearson``.
 
 One cell::
 
@@ -61,7 +61,7 @@ BASE_METHODS: dict[str, dict[str, Any]] = {
     "fedharmony_paper": {},
     "fedharmony_noblocks": {"block_alignment": False},
     "loss_only": {"quality_aggregation": False},
-    "aggregation_only": {"alignment": False},
+    "aggregation_only": {"alignment": False, "quality_aggregation": True},
     "local_only": {},
     "centralized": {},
 }

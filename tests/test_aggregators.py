@@ -256,8 +256,9 @@ def test_without_blocks_every_pair_is_aligned() -> None:
 def test_t0_from_setup_or_error() -> None:
     updates = _three_clients()
     with pytest.raises(RuntimeError, match=r"Expected `t0` or the number of rounds.*HINT: pass `FedHarmony\(t0=...\)`"):
-        FedHarmony().aggregate_round(1, updates)
-    aggregator = FedHarmony()
+        FedHarmony(quality_aggregation=True).aggregate_round(1, updates)
+    FedHarmony().aggregate_round(1, updates)  # sample-count weights need no schedule
+    aggregator = FedHarmony(quality_aggregation=True)
     aggregator.setup(num_rounds=4)  # T0 = 2
     result = aggregator.aggregate_round(1, updates)
     assert result.metrics["balance_factor"] == pytest.approx(0.5)

@@ -117,7 +117,7 @@ def test_client_side_teachers_equal_the_server_side_ones(kwargs: dict) -> None:
 
 
 def test_scores_weights_and_model_follow_the_teacher_each_client_trained_with() -> None:
-    rounds = _run_both()
+    rounds = _run_both(quality_aggregation=True)
     first = rounds[0]["client"]
     # round 1 has no teacher: nobody is scored, the weights are the data shares
     n = torch.tensor([float(SAMPLES[c]) for c in first.client_weights], dtype=torch.float64)
@@ -151,7 +151,7 @@ def test_scores_weights_and_model_follow_the_teacher_each_client_trained_with() 
 
 
 def test_additive_weights_mix_the_two_running_sums() -> None:
-    rounds = _run_both(quality_weighting="additive")
+    rounds = _run_both(quality_aggregation=True, quality_weighting="additive")
     result = rounds[2]["client"]
     ids = list(result.client_weights)
     expected = weighted_average([rounds[2]["stats"][c].weights for c in ids], list(result.client_weights.values()))

@@ -129,7 +129,7 @@ def _share(updates: list[ClientUpdate]) -> dict[str, float]:
 def test_a_small_honest_client_keeps_its_weight() -> None:
     updates = [_client(f"big{k}", 400, seed=k) for k in range(4)] + [_client("small", 25, seed=9)]
     share = _share(updates)["small"]
-    default = _weights_at_round(FedHarmony(), updates)["small"]
+    default = _weights_at_round(FedHarmony(quality_aggregation=True), updates)["small"]
     paper = _weights_at_round(FedHarmony.paper(), updates)["small"]
     assert 0.85 * share <= default <= 1.05 * share
     # the paper's rule weighs q_k alone once alpha_t reaches 0, with gamma = 1 / median s_k on the raw discrepancy:
@@ -140,14 +140,14 @@ def test_a_small_honest_client_keeps_its_weight() -> None:
 def test_one_large_honest_client_among_many_small_ones_keeps_its_weight() -> None:
     updates = [_client("large", 2000, seed=0)] + [_client(f"s{k}", 50, seed=1 + k) for k in range(9)]
     shares = _share(updates)
-    weights = _weights_at_round(FedHarmony(), updates)
+    weights = _weights_at_round(FedHarmony(quality_aggregation=True), updates)
     assert weights["large"] == pytest.approx(shares["large"], rel=0.05)
     assert _weights_at_round(FedHarmony.paper(), updates)["large"] < 0.5 * shares["large"]
 
 
 def test_a_client_that_really_disagrees_loses_its_weight() -> None:
     updates = [_client(f"c{k}", 300, seed=k) for k in range(5)] + [_client("odd", 300, seed=7, flip=True)]
-    aggregator = FedHarmony()
+    aggregator = FedHarmony(quality_aggregation=True)
     weights = _weights_at_round(aggregator, updates)
     share = _share(updates)["odd"]
     assert weights["odd"] < 0.3 * share
@@ -158,6 +158,17 @@ def test_a_client_that_really_disagrees_loses_its_weight() -> None:
     # the flipped pairs (a label with an odd index against one with an even index, same group) are named first
     a, b, own, teacher = pairs["odd"][0]
     assert a < b and (a % 2) != (b % 2) and (a // 4) == (b // 4) and own * teacher < 0
+
+
+def test_default_averages_by_samples_and_still_scores_every_client() -> None:
+    updates = [_client(f"c{k}", 300, seed=k) for k in range(5)] + [_client("odd", 300, seed=7, flip=True)]
+    aggregator = FedHarmony()
+    assert aggregator.quality_aggregation is False and FedHarmony.paper().quality_aggregation is True
+    weights = _weights_at_round(aggregator, updates)
+    assert weights == pytest.approx(_share(updates), abs=1e-12)
+    report, _ = aggregator.client_report()
+    # the disagreeing client is still found and reported, only not weighed down
+    assert report["odd"]["quality"] < 0.9 < report["c0"]["quality"]
 
 
 def test_client_report_matches_the_scores_and_weights() -> None:
