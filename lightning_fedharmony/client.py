@@ -121,6 +121,7 @@ def install(module: pl.LightningModule, instruction: Instruction) -> None:
         module.fedharmony_configure(
             alignment_weight=instruction.alignment_weight,
             proximal_mu=instruction.proximal_mu,
+            proximal_scaling=instruction.proximal_scaling,
             corr_normalization=instruction.corr_normalization,
             corr_eps=instruction.corr_eps,
             corr_momentum=instruction.corr_momentum,

@@ -22,7 +22,14 @@ from lightning_fedharmony.functional.correlation import (
     block_soft_phi,
     phi_from_means,
 )
-from lightning_fedharmony.functional.losses import masked_mean_square, proximal_term, soft_phi_alignment_loss
+from lightning_fedharmony.functional.losses import (
+    CLIENT_PROXIMAL_SCALINGS,
+    drift_proximal_scale,
+    masked_mean_square,
+    parameter_distance,
+    proximal_term,
+    soft_phi_alignment_loss,
+)
 
 #: State-dict keys owned by FedHarmony: they travel with checkpoints but never with the averaged weights.
 FEDHARMONY_PREFIX = "fedharmony_"
@@ -69,6 +76,11 @@ class FedHarmonyMixin:
     Args:
         alignment_weight: ``lambda``, the weight of the alignment term; an aggregator may override it per round.
         proximal_mu: FedProx's ``mu``; 0 turns the proximal term off. Runners set it with each round's instructions.
+        proximal_scaling: ``"none"`` keeps ``mu`` for every local epoch; ``"drift"`` holds the proximal pull at its
+            size after the first local epoch of a round: from the second epoch on, ``mu`` is multiplied by
+            ``min(1, d_1 / d_e)``, with ``d_e`` the distance from the round's global weights at the start of epoch
+            ``e`` (:func:`~lightning_fedharmony.functional.drift_proximal_scale`). With one local epoch (or training
+            by steps within one epoch) both are the same.
         corr_eps: ``eps`` of the soft phi denominator.
         corr_normalization: ``"pearson"`` (scale-free; see :func:`~lightning_fedharmony.functional.phi_from_moments`)
             or ``"bernoulli"`` (the paper's soft phi).
@@ -89,6 +101,7 @@ class FedHarmonyMixin:
         *args: Any,
         alignment_weight: float = 0.03,
         proximal_mu: float = 0.0,
+        proximal_scaling: str = "none",
         corr_eps: float = 1e-6,
         corr_normalization: Normalization = "pearson",
         corr_momentum: float = 0.9,
@@ -100,6 +113,7 @@ class FedHarmonyMixin:
         self.fedharmony_configure(
             alignment_weight=alignment_weight,
             proximal_mu=proximal_mu,
+            proximal_scaling=proximal_scaling,
             corr_eps=corr_eps,
             corr_normalization=corr_normalization,
             corr_momentum=corr_momentum,
@@ -111,6 +125,7 @@ class FedHarmonyMixin:
         module.register_buffer(_MASK, torch.empty(0, 0, dtype=torch.bool))
         self._fedharmony_running: tuple[Tensor, Tensor, Tensor | None] | None = None
         self._fedharmony_anchor: list[Tensor] | None = None
+        self._fedharmony_drift: tuple[int, float, float] | None = None  # (epoch, d_1, scale) since the anchor
         self._fedharmony_anchored: list[Tensor] = []  # the parameters the anchor was taken of, in its order
         # (preds or logits, target, observed, whether the first entry still needs the sigmoid)
         self._fedharmony_batch: tuple[Tensor, Tensor, Tensor | None, bool] | None = None
@@ -137,8 +152,16 @@ class FedHarmonyMixin:
         corr_eps: float | None = None,
         corr_momentum: float | None = None,
         detach_marginals: bool | None = None,
+        proximal_scaling: str | None = None,
     ) -> None:
         """Set the loss weights and the batch correlation's settings (``None`` keeps the current value)."""
+        if proximal_scaling is not None:
+            if proximal_scaling not in CLIENT_PROXIMAL_SCALINGS:
+                raise ValueError(
+                    f"Expected argument `proximal_scaling` to be one of {CLIENT_PROXIMAL_SCALINGS},"
+                    f" but got {proximal_scaling!r}."
+                )
+            self.fedharmony_proximal_scaling = proximal_scaling
         if corr_momentum is not None:
             if isinstance(corr_momentum, bool) or not (
                 isinstance(corr_momentum, (int, float)) and 0.0 <= corr_momentum < 1.0
@@ -214,6 +237,7 @@ class FedHarmonyMixin:
         module = self._fedharmony_module()
         self._fedharmony_anchored = [p for p in module.parameters() if p.requires_grad]
         self._fedharmony_anchor = [p.detach().clone() for p in self._fedharmony_anchored]
+        self._fedharmony_drift = None
 
     def _fedharmony_proximal_params(self) -> list[Tensor]:
         # walking `parameters()` costs more than the rest of the term's Python on a small model: reuse the list the
@@ -277,7 +301,10 @@ class FedHarmonyMixin:
         prox = None
         if training and self.fedharmony_proximal_mu > 0 and self._fedharmony_anchor is not None:
             params = self._fedharmony_proximal_params()
-            prox = proximal_term(params, self._fedharmony_anchor, self.fedharmony_proximal_mu)
+            mu = self.fedharmony_proximal_mu
+            if self.fedharmony_proximal_scaling == "drift":
+                mu *= self._fedharmony_drift_scale(params, self._fedharmony_anchor)
+            prox = proximal_term(params, self._fedharmony_anchor, mu)
             total = total + prox
 
         if training:
@@ -288,6 +315,19 @@ class FedHarmonyMixin:
         if logging and preds is not None:
             self._fedharmony_log(task, align, prox, preds, logits.shape[0])
         return total
+
+    def _fedharmony_drift_scale(self, params: list[Tensor], anchor: list[Tensor]) -> float:
+        """``proximal_scaling="drift"``'s factor for the current epoch, measured once at the epoch's first step."""
+        epoch = int(getattr(self, "current_epoch", 0))  # the LightningModule's: 0 without a Trainer
+        state = self._fedharmony_drift
+        if state is not None and state[0] == epoch:
+            return state[2]
+        distance = parameter_distance(params, anchor)
+        # the anchor's first epoch starts at distance 0; the next one's starting distance is the reference d_1
+        first = distance if state is None or state[1] == 0.0 else state[1]
+        scale = drift_proximal_scale(first, distance)
+        self._fedharmony_drift = (epoch, first, scale)
+        return scale
 
     def _fedharmony_task_loss(
         self, logits: Tensor, target: Tensor, obs: Tensor | None, loss_fn: LossFn | None

@@ -28,6 +28,8 @@ class MultilabelMLP(FedHarmonyMixin, pl.LightningModule):
         weight_decay: Adam's weight decay.
         alignment_weight: FedHarmony's ``lambda`` (an aggregator may override it).
         proximal_mu: FedProx's ``mu`` (an aggregator may override it).
+        proximal_scaling: ``"none"`` or ``"drift"`` (see :class:`~lightning_fedharmony.FedHarmonyMixin`; an
+            aggregator may override it).
         corr_normalization: soft phi normalisation of the alignment term.
         corr_momentum: running-moment mixing of the batch correlation.
         detach_marginals: stop gradients through the label marginals in the alignment term.
@@ -44,6 +46,7 @@ class MultilabelMLP(FedHarmonyMixin, pl.LightningModule):
         *,
         alignment_weight: float = 0.03,
         proximal_mu: float = 0.0,
+        proximal_scaling: str = "none",
         corr_normalization: Normalization = "pearson",
         corr_momentum: float = 0.9,
         detach_marginals: bool = True,
@@ -51,6 +54,7 @@ class MultilabelMLP(FedHarmonyMixin, pl.LightningModule):
         super().__init__(
             alignment_weight=alignment_weight,
             proximal_mu=proximal_mu,
+            proximal_scaling=proximal_scaling,
             corr_normalization=corr_normalization,
             corr_momentum=corr_momentum,
             detach_marginals=detach_marginals,

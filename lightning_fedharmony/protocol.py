@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from lightning_fedharmony.functional.correlation import _NORMALIZATIONS as NORMALIZATIONS
+from lightning_fedharmony.functional.losses import CLIENT_PROXIMAL_SCALINGS
 from lightning_fedharmony.metrics import validate_report_state
 from lightning_fedharmony.stats import STATS_FIELDS, CorrelationStats, validate_stats_state
 
@@ -33,6 +34,7 @@ from lightning_fedharmony.stats import STATS_FIELDS, CorrelationStats, validate_
 SETTINGS: dict[str, type] = {
     "alignment_weight": float,
     "proximal_mu": float,
+    "proximal_scaling": str,
     "corr_normalization": str,
     "corr_eps": float,
     "corr_momentum": float,
@@ -269,6 +271,8 @@ class Instruction:
         mask: ``(L, L)`` bool pairs to align, or ``None``.
         alignment_weight: ``lambda`` for this round.
         proximal_mu: FedProx's ``mu`` (0 = off).
+        proximal_scaling: how the client scales ``mu`` over its local epochs: ``"none"`` or ``"drift"``
+            (:func:`~lightning_fedharmony.functional.drift_proximal_scale`).
         corr_normalization: the teacher's soft phi normalisation; the client's batch correlation must use the same
             scale, so it follows the server's.
         corr_eps: the teacher's soft phi ``eps``, followed by the client for the same reason.
@@ -290,6 +294,7 @@ class Instruction:
     mask: Tensor | None = None
     alignment_weight: float | None = None
     proximal_mu: float | None = None
+    proximal_scaling: str | None = None
     corr_normalization: str | None = None
     corr_eps: float | None = None
     detach_marginals: bool | None = None
@@ -708,6 +713,10 @@ def _check_setting(client_id: str, name: str, kind: type, value: Any) -> None:
         "seed": (name != "seed" or value >= 0, ">= 0"),
         "eval_bins": (name != "eval_bins" or value >= 2, ">= 2"),
         "corr_normalization": (name != "corr_normalization" or value in NORMALIZATIONS, f"one of {NORMALIZATIONS}"),
+        "proximal_scaling": (
+            name != "proximal_scaling" or value in CLIENT_PROXIMAL_SCALINGS,
+            f"one of {CLIENT_PROXIMAL_SCALINGS}",
+        ),
     }
     passed, rule = rules.get(name, (True, ""))
     if not passed:

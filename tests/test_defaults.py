@@ -249,5 +249,7 @@ def test_proximal_mu_per_local_epoch() -> None:
     federation.local_epochs = 2
     federation.fit()
     assert federation.aggregator.local_epochs == 2 and federation.model.fedharmony_proximal_mu == 0.005
-    with pytest.raises(ValueError, match=r"`proximal_scaling` to be one of \('epochs', 'none'\), but got 'steps'"):
+    with pytest.raises(
+        ValueError, match=r"`proximal_scaling` to be one of \('drift', 'epochs', 'none'\), but got 'steps'"
+    ):
         FedHarmony(proximal_scaling="steps")

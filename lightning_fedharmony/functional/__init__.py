@@ -31,7 +31,13 @@ from lightning_fedharmony.functional.consensus import (
     teacher_and_mask,
 )
 from lightning_fedharmony.functional.correlation import block_soft_phi, phi_from_means, phi_from_moments, soft_phi
-from lightning_fedharmony.functional.losses import alignment_loss, proximal_term, soft_phi_alignment_loss
+from lightning_fedharmony.functional.losses import (
+    alignment_loss,
+    drift_proximal_scale,
+    parameter_distance,
+    proximal_term,
+    soft_phi_alignment_loss,
+)
 
 __all__ = [
     "aggregation_weights",
@@ -46,6 +52,7 @@ __all__ = [
     "correlation_discrepancy",
     "correlation_quality",
     "departing_pairs",
+    "drift_proximal_scale",
     "global_consensus",
     "leave_one_out_consensus",
     "leave_one_out_sums",
@@ -54,6 +61,7 @@ __all__ = [
     "mask_components",
     "off_diagonal_abs_mean",
     "pair_validity",
+    "parameter_distance",
     "phi_from_means",
     "phi_from_moments",
     "proximal_term",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -178,6 +179,49 @@ def proximal_term(params: Iterable[Tensor], global_params: Iterable[Tensor], mu:
         return torch.tensor(0.0)
     anchors = [g.to(p) for p, g in zip(params, global_params)]
     return _Proximal.apply(0.5 * mu, len(params), *params, *anchors)
+
+
+#: How a client may scale FedProx's ``mu`` within a round: ``"none"`` or ``"drift"`` (:func:`drift_proximal_scale`).
+CLIENT_PROXIMAL_SCALINGS = ("none", "drift")
+
+
+def parameter_distance(params: Iterable[Tensor], global_params: Iterable[Tensor]) -> float:
+    """``||w - w_global||``, the Euclidean distance over all parameters, accumulated in float64.
+
+    Example:
+        >>> import torch
+        >>> parameter_distance([torch.tensor([3.0]), torch.tensor([0.0, 4.0])], [torch.zeros(1), torch.zeros(2)])
+        5.0
+    """
+    params, global_params = list(params), list(global_params)
+    if len(params) != len(global_params):
+        raise ValueError(
+            f"Expected as many global parameters as local ones, but got {len(global_params)} and {len(params)}."
+        )
+    with torch.no_grad():
+        total = sum(float((p.detach() - g.to(p)).double().square().sum()) for p, g in zip(params, global_params))
+    return math.sqrt(total)
+
+
+def drift_proximal_scale(first_epoch_distance: float, distance: float) -> float:
+    """The factor on ``mu`` that holds the proximal pull ``mu ||w - w_global||`` at its size after the first epoch.
+
+    ``min(1, d_1 / d_e)``: while local training keeps moving away from the global model (drift still growing, as
+    with few steps per epoch on sparse inputs) the pull stops growing with it; once the proximal term holds the
+    drift (it stays near ``d_1``) ``mu`` is unchanged. ``1`` when either distance is 0.
+
+    Example:
+        >>> drift_proximal_scale(2.0, 5.0), drift_proximal_scale(2.0, 1.5), drift_proximal_scale(0.0, 3.0)
+        (0.4, 1.0, 1.0)
+    """
+    if first_epoch_distance < 0 or distance < 0:
+        raise ValueError(
+            "Expected non-negative distances, but got"
+            f" `first_epoch_distance`={first_epoch_distance!r} and `distance`={distance!r}."
+        )
+    if first_epoch_distance == 0 or distance == 0:
+        return 1.0
+    return min(1.0, first_epoch_distance / distance)
 
 
 class _Proximal(torch.autograd.Function):

@@ -16,7 +16,9 @@ from .models import TinyMLP, multilabel_data, paired_label_data
 NUM_LABELS_PINNED = 12
 
 
-def pinned_federation(aggregator: Aggregator, num_rounds: int = 4, **model_kwargs: Any) -> Federation:
+def pinned_federation(
+    aggregator: Aggregator, num_rounds: int = 4, local_epochs: int = 1, **model_kwargs: Any
+) -> Federation:
     """Five clients of different sizes, two with anti-correlated label pairs; a 12-label TinyMLP, seed 0."""
     clients = []
     for k, n in enumerate((24, 64, 40, 32, 48)):
@@ -27,7 +29,9 @@ def pinned_federation(aggregator: Aggregator, num_rounds: int = 4, **model_kwarg
         clients.append(ClientDataModule(x, y, batch_size=16))
     torch.manual_seed(0)
     model = TinyMLP(num_labels=NUM_LABELS_PINNED, log_loss_parts=False, **model_kwargs)
-    return Federation(model, clients, aggregator, num_rounds=num_rounds, verbose=False, seed=0)
+    return Federation(
+        model, clients, aggregator, num_rounds=num_rounds, local_epochs=local_epochs, verbose=False, seed=0
+    )
 
 
 def weights_digest(weights: dict[str, torch.Tensor]) -> str:
