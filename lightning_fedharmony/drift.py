@@ -106,7 +106,7 @@ class LabelDrift:
         if self.size_ratio >= SIZE_RATIO_NOTE:
             line += (
                 f" Client sizes are up to {self.size_ratio:.0f}x apart: keep client size in the aggregation weights"
-                " (FedHarmony's default product weights do)."
+                ' (FedHarmony\'s defaults do; with `quality_aggregation=True` keep `quality_weighting="product"`).'
             )
         return line
 

@@ -27,7 +27,7 @@ def _update(cid: str, seed: int, num_samples: int = 200) -> ClientUpdate:
     return ClientUpdate(cid, weights, num_samples, stats)
 
 
-def _aggregated(**kwargs: float) -> FedHarmony:
+def _aggregated(**kwargs: float | bool) -> FedHarmony:
     aggregator = FedHarmony(block_alignment=False, t0=2.0, corr_normalization="pearson", **kwargs)
     aggregator.aggregate_round(1, [_update("a", 1), _update("b", 2), _update("c", 3)], {"w": torch.zeros(2, 2)})
     return aggregator
@@ -55,14 +55,17 @@ def test_align_threshold_keeps_only_confident_teacher_pairs(threshold: float) ->
 
 
 def test_align_threshold_also_restricts_the_quality_score() -> None:
-    # with only the confident block scored, the clients' discrepancies (and so their weights) change
-    plain = _aggregated()
-    thresholded = _aggregated(align_threshold=0.5)
+    # with only the confident block scored, the clients' discrepancies (and so their quality weights) change
+    plain = _aggregated(quality_aggregation=True)
+    thresholded = _aggregated(quality_aggregation=True, align_threshold=0.5)
     round2 = [_update("a", 4), _update("b", 5), _update("c", 6)]
-    w_plain = plain.aggregate_round(2, round2, {"w": torch.zeros(2, 2)}).client_weights
-    w_thr = thresholded.aggregate_round(2, round2, {"w": torch.zeros(2, 2)}).client_weights
+    r_plain = plain.aggregate_round(2, round2, {"w": torch.zeros(2, 2)})
+    r_thr = thresholded.aggregate_round(2, round2, {"w": torch.zeros(2, 2)})
+    w_plain, w_thr = r_plain.client_weights, r_thr.client_weights
     assert w_plain.keys() == w_thr.keys()
     assert any(abs(w_plain[k] - w_thr[k]) > 1e-6 for k in w_plain)
+    s_plain, s_thr = r_plain.client_metrics, r_thr.client_metrics
+    assert any(abs(s_plain[k]["discrepancy"] - s_thr[k]["discrepancy"]) > 1e-6 for k in s_plain)
 
 
 def test_align_threshold_applies_to_a_client_without_statistics() -> None:

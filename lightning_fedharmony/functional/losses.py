@@ -206,9 +206,9 @@ def parameter_distance(params: Iterable[Tensor], global_params: Iterable[Tensor]
 def drift_proximal_scale(first_epoch_distance: float, distance: float) -> float:
     """The factor on ``mu`` that holds the proximal pull ``mu ||w - w_global||`` at its size after the first epoch.
 
-    ``min(1, d_1 / d_e)``: while local training keeps moving away from the global model (drift still growing, as
-    with few steps per epoch on sparse inputs) the pull stops growing with it; once the proximal term holds the
-    drift (it stays near ``d_1``) ``mu`` is unchanged. ``1`` when either distance is 0.
+    ``min(1, d_1 / d_e)``: while local training keeps moving away from the global model (as in the first round on
+    rcv1subset1) the pull stops growing with it; once the proximal term holds the drift (it stays near ``d_1``)
+    ``mu`` is unchanged. ``1`` when either distance is 0.
 
     Example:
         >>> drift_proximal_scale(2.0, 5.0), drift_proximal_scale(2.0, 1.5), drift_proximal_scale(0.0, 3.0)
