@@ -129,9 +129,9 @@ def _share(updates: list[ClientUpdate]) -> dict[str, float]:
 def test_a_small_honest_client_keeps_its_weight() -> None:
     updates = [_client(f"big{k}", 400, seed=k) for k in range(4)] + [_client("small", 25, seed=9)]
     share = _share(updates)["small"]
-    default = _weights_at_round(FedHarmony(quality_aggregation=True), updates)["small"]
+    noise_aware = _weights_at_round(FedHarmony(quality_aggregation=True), updates)["small"]
     paper = _weights_at_round(FedHarmony.paper(), updates)["small"]
-    assert 0.85 * share <= default <= 1.05 * share
+    assert 0.85 * share <= noise_aware <= 1.05 * share
     # the paper's rule weighs q_k alone once alpha_t reaches 0, with gamma = 1 / median s_k on the raw discrepancy:
     # the small client's weight then follows its sampling noise, not its size (here 5x its share)
     assert abs(paper - share) > 0.5 * share

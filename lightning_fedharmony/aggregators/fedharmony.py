@@ -139,7 +139,7 @@ class FedHarmony(Aggregator):
             epochs (validation, 3 seeds): the best fixed ``mu`` is 0.005 on rcv1subset1, whose drift keeps growing
             over the epochs of round 1, and 0.01 on tmc2007-500, whose drift levels off. Against a fixed 0.01
             the drift rule gains 0.45 points of validation mAP on rcv1subset1 and loses 0.17 on tmc2007-500 (yeast:
-            within 0.06), where ``mu / E`` and ``mu / sqrt(E)`` cost tmc2007-500 2.3 and 1.7 points.
+            within 0.06), where ``mu / sqrt(E)`` cost tmc2007-500 1.8 points and ``mu / E`` about 2.3.
         align_threshold: align (and score) only the pairs whose teacher correlation has ``|R*_k| >=`` this value:
             the consensus teaches the co-occurrences it is confident about and leaves near-zero pairs, mostly
             sampling noise, to the task loss. ``0`` keeps every pair (the paper's).
