@@ -203,9 +203,16 @@ def serve_method(
         method = names[0]
     if method not in names:
         raise ConfigError(f"--method: expected one of {names}, but got {method!r}.")
+    fcfg = cfg.federation
+    # the statistics are noised where they are computed: a server cannot add the noise its clients left out
+    for key, off in (("stats_noise_multiplier", 0.0), ("stats_clip", None)):
+        if fcfg[key] != off:
+            raise ConfigError(
+                f"federation.{key}: expected {off} with `fedharmony serve` (each client noises its own statistics:"
+                f" set `{key}` on its `FederatedClient` callback), but got {fcfg[key]!r}."
+            )
     aggregator = instantiate(cfg.methods[method], Aggregator, f"methods.{method}")
     prepared = prepared or prepare_data(cfg)
-    fcfg = cfg.federation
     checkpoint_dir = Path(fcfg.checkpoint_dir if fcfg.checkpoint_dir is not None else Path(root) / "server") / method
     transport = FolderTransport(root, poll_interval=poll_interval)
     if not (checkpoint_dir / CHECKPOINT_NAME).exists():

@@ -170,6 +170,16 @@ def test_bad_configuration_is_one_line_naming_the_key(args, key, capsys, tmp_pat
     assert not (tmp_path / "results.json").exists()
 
 
+@pytest.mark.parametrize(("override", "key"), [("stats_noise_multiplier=1.0", "noise"), ("stats_clip=2.0", "clip")])
+def test_serve_refuses_noise_settings_only_clients_can_apply(override, key, capsys, tmp_path):
+    code = main(["serve", "--quiet", "--method", "fedavg", "--root", str(tmp_path / "root"), f"federation.{override}"])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.err.startswith(f"fedharmony: error: federation.stats_{key}")
+    assert "FederatedClient" in captured.err and "Traceback" not in captured.err
+    assert not (tmp_path / "root").exists()  # refused before the folder is touched
+
+
 def test_compare_two_seeds_writes_mean_and_std(tmp_path, capsys):
     argv = ["compare", "--seeds", "0,1", "--methods", "fedavg", "--quiet", *SMALL, f"out_dir={tmp_path}", "plots=false"]
     assert main(argv) == 0
