@@ -11,6 +11,7 @@ from lightning_fedharmony import FedAvg, FedHarmony
 from lightning_fedharmony.client import evaluate_client
 from lightning_fedharmony.data import ClientDataModule
 from lightning_fedharmony.metrics import MultilabelReport, validate_report_state
+from lightning_fedharmony.mixin import model_weights
 from lightning_fedharmony.models import MultilabelMLP
 from lightning_fedharmony.orchestrator import Federation
 from lightning_fedharmony.protocol import Evaluation, Instruction, ProtocolError
@@ -189,46 +190,58 @@ def _flower_datamodule(partition: int) -> ClientDataModule:
     return ClientDataModule(x, y, batch_size=16, val_fraction=0.25, seed=partition)
 
 
+class _InProcessGrid:
+    """A Flower Grid in this process: nodes answer the partition-id query, and every other message goes to ``app``
+    (the real ClientApp, one Context per node); ``sent`` records ``(round, message type)`` of those."""
+
+    def __init__(self, nodes: dict[int, int], app=None) -> None:
+        from flwr.app import Context, RecordDict
+
+        self.nodes, self.app = nodes, app  # node id -> partition id
+        self.contexts = {
+            node: Context(run_id=1, node_id=node, node_config={"partition-id": p}, state=RecordDict(), run_config={})
+            for node, p in nodes.items()
+        }
+        self.sent: list[tuple[int, str]] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+        from lightning_fedharmony.integrations.flower import Key
+
+        replies = []
+        for msg in messages:
+            node, kind = msg.metadata.dst_node_id, msg.metadata.message_type
+            if kind == MessageType.QUERY:
+                cid = str(self.nodes[node])
+                replies.append(Message(RecordDict({Key.CLIENT: ConfigRecord({Key.CLIENT_ID: cid})}), reply_to=msg))
+                continue
+            assert self.app is not None, f"unexpected {kind} message"
+            self.sent.append((int(msg.metadata.group_id), kind))
+            replies.append(self.app(msg, self.contexts[node]))
+        return replies
+
+
 @pytest.mark.parametrize("mode", ["exact", "binned"])
 def test_flower_evaluate_messages_merge_to_central_evaluation(task_identity: None, mode: str) -> None:
-    from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+    from flwr.app import ConfigRecord, MessageType
 
-    from lightning_fedharmony.integrations.flower import FedHarmonyStrategy, Key, make_client_app, weights_to_arrays
+    from lightning_fedharmony.integrations.flower import FedHarmonyStrategy, make_client_app, weights_to_arrays
     from lightning_fedharmony.results import RoundRecord
 
-    nodes = {7: 0, 8: 1}
-
-    class Grid:
-        def get_node_ids(self) -> list[int]:
-            return list(nodes)
-
-        def send_and_receive(self, messages, *, timeout=None):
-            replies = []
-            for msg in messages:
-                assert msg.metadata.message_type == MessageType.QUERY
-                cid = str(nodes[msg.metadata.dst_node_id])
-                replies.append(Message(RecordDict({Key.CLIENT: ConfigRecord({Key.CLIENT_ID: cid})}), reply_to=msg))
-            return replies
-
     app = make_client_app(lambda context: _model(), lambda partition, context: _flower_datamodule(partition))
+    grid = _InProcessGrid({7: 0, 8: 1}, app)
     strategy = FedHarmonyStrategy(FedAvg(), min_available_clients=2, federated_eval=mode, eval_bins=50)
     weights = _model().state_dict()
-    strategy.discover_clients(Grid())  # type: ignore[arg-type]
+    strategy.discover_clients(grid)  # type: ignore[arg-type]
     strategy._global = weights
     strategy.result.rounds.append(RoundRecord(1, ["0", "1"], {}, {}, 0.0, {}, {}, {"total": 0.0}))
-    messages = list(strategy.configure_evaluate(1, weights_to_arrays(weights), ConfigRecord(), Grid()))  # type: ignore[arg-type]
+    messages = list(strategy.configure_evaluate(1, weights_to_arrays(weights), ConfigRecord(), grid))  # type: ignore[arg-type]
     assert [m.metadata.message_type for m in messages] == [MessageType.EVALUATE] * 2
-    replies = []
-    for msg in messages:
-        partition = nodes[msg.metadata.dst_node_id]
-        context = Context(
-            run_id=1,
-            node_id=msg.metadata.dst_node_id,
-            node_config={"partition-id": partition},
-            state=RecordDict(),
-            run_config={},
-        )
-        replies.append(app(msg, context))
+    replies = grid.send_and_receive(messages)
     metrics = strategy.aggregate_evaluate(1, replies)
     assert metrics is not None
     clients = [_flower_datamodule(p) for p in (0, 1)]
@@ -240,3 +253,29 @@ def test_flower_evaluate_messages_merge_to_central_evaluation(task_identity: Non
         assert record.metrics[f"fed_{key}"] == pytest.approx(float(expected[key]), abs=1e-6), key
     assert set(record.client_metrics) == {"0", "1"} and not record.eval_failures
     assert record.client_metrics["1"]["val_num_samples"] == clients[1].num_val_samples
+
+
+def test_flower_evaluates_every_eval_every_rounds_and_after_the_last(task_identity: None) -> None:
+    from flwr.app import MessageType, MetricRecord
+
+    from lightning_fedharmony.integrations.flower import FedHarmonyStrategy, make_client_app, weights_to_arrays
+
+    app = make_client_app(lambda context: _model(), lambda partition, context: _flower_datamodule(partition))
+    grid = _InProcessGrid({7: 0, 8: 1}, app)
+
+    with pytest.raises(ValueError, match="Expected argument `eval_every` to be an int >= 1, but got 0"):
+        FedHarmonyStrategy(FedAvg(), eval_every=0)
+    server_rounds: list[int] = []
+
+    def evaluate_fn(server_round, arrays):
+        server_rounds.append(server_round)
+        return MetricRecord({"map": 0.5})
+
+    strategy = FedHarmonyStrategy(FedAvg(), min_available_clients=2, eval_every=2)
+    initial = weights_to_arrays(model_weights(_model()))
+    strategy.start(grid, initial, num_rounds=5, evaluate_fn=evaluate_fn)  # type: ignore[arg-type]
+    assert server_rounds == [0, 2, 4, 5]
+    assert sorted({r for r, kind in grid.sent if kind == MessageType.EVALUATE}) == [2, 4, 5]
+    assert len([r for r, kind in grid.sent if kind == MessageType.TRAIN]) == 10  # both clients, every round
+    evaluated = [("fed_map" in record.metrics, "map" in record.metrics) for record in strategy.result.rounds]
+    assert evaluated == [(False, False), (True, True), (False, False), (True, True), (True, True)]

@@ -33,6 +33,7 @@ def main(grid: Grid, context: Context) -> None:
         round_retries=int(config["round-retries"]),
         client_timeout=float(config["client-timeout"]) or None,
         federated_eval=str(config.get("federated-eval", "exact")),
+        eval_every=int(config.get("eval-every", 1)),
         # the data, partition and model settings join the checkpoint's fingerprint: a checkpoint of another setup
         # is refused rather than resumed
         fingerprint_extra={"run_config": {key: value for key, value in config.items() if key not in RUN_ONLY}},

@@ -69,6 +69,7 @@ _RESERVED_KEYS = frozenset(
         "min_available_clients",
         "client_sampling",
         "seed",
+        "eval_every",
         "federated_eval",
         "eval_bins",
         "fraction_evaluate",
@@ -87,11 +88,11 @@ class FedHarmonyStrategy(Strategy):
     ``aggregator.configure_round`` (global weights; for FedHarmony that client's teacher and mask), validate the
     replies, hand them to ``aggregator.aggregate_round`` in selection order and return the new global weights.
     Clients train with the seed ``derive_seed(seed, server_round, partition_id)``, as in
-    :class:`~lightning_fedharmony.orchestrator.Federation`. After each round every known client gets an ``evaluate``
-    message with the new global weights and answers with the metric state of its held-out split; the server merges
-    the states exactly (as ``Federation`` does), into ``fed_<key>`` metrics and each client's ``val_<key>`` in the
-    round's record, before the checkpoint. Server-side evaluation on a test set runs through ``evaluate_fn`` of
-    :meth:`start` (see :func:`make_evaluate_fn`).
+    :class:`~lightning_fedharmony.orchestrator.Federation`. After each evaluated round (every ``eval_every``-th and
+    the last) every known client gets an ``evaluate`` message with the new global weights and answers with the metric
+    state of its held-out split; the server merges the states exactly (as ``Federation`` does), into ``fed_<key>``
+    metrics and each client's ``val_<key>`` in the round's record, before the checkpoint. Server-side evaluation on a
+    test set runs through ``evaluate_fn`` of :meth:`start` (see :func:`make_evaluate_fn`), on the same rounds.
 
     :meth:`start` keeps the promises of ``Federation``, with the same meaning: a round with fewer than
     ``min_clients`` usable replies is sent again with fresh client seeds, up to ``round_retries`` times; a client
@@ -115,6 +116,8 @@ class FedHarmonyStrategy(Strategy):
         client_sampling: ``"uniform"`` or ``"size"``: clients drawn in proportion to their data size (each node
             reports its ``num_samples`` once, with its partition id); the same rule as ``Federation``'s.
         wait_timeout: seconds to wait for ``min_available_clients`` nodes (and for their partition ids).
+        eval_every: evaluate (federated and ``evaluate_fn``) every this many rounds, and always after the last, as
+            ``Federation`` does.
         federated_eval: ``"exact"``, ``"binned"`` (no per-sample score leaves a client) or ``"none"``, as in
             ``Federation``.
         eval_bins: thresholds of the binned average precision.
@@ -152,6 +155,7 @@ class FedHarmonyStrategy(Strategy):
         seed: int = 0,
         client_sampling: str = "uniform",
         wait_timeout: float = 600.0,
+        eval_every: int = 1,
         federated_eval: str = "exact",
         eval_bins: int = 200,
         fraction_evaluate: float = 1.0,
@@ -169,6 +173,7 @@ class FedHarmonyStrategy(Strategy):
             ("min_available_clients", min_available_clients, 1),
             ("local_epochs", local_epochs, 1),
             ("round_retries", round_retries, 0),
+            ("eval_every", eval_every, 1),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"Expected argument `{name}` to be an int >= {minimum}, but got {value!r}.")
@@ -197,6 +202,7 @@ class FedHarmonyStrategy(Strategy):
         self.seed = seed
         self.client_sampling = check_client_sampling(client_sampling)
         self.wait_timeout = float(wait_timeout)
+        self.eval_every = eval_every
         self.federated_eval = federated_eval
         self.eval_bins = eval_bins
         if isinstance(fraction_evaluate, bool) or not 0.0 < fraction_evaluate <= 1.0:
@@ -249,7 +255,7 @@ class FedHarmonyStrategy(Strategy):
             self.seed,
         )
         log(INFO, "\t├──> Retries %d, client timeout %s", self.round_retries, self.client_timeout)
-        log(INFO, "\t├──> Federated evaluation: %s", self.federated_eval)
+        log(INFO, "\t├──> Federated evaluation: %s, every %d rounds", self.federated_eval, self.eval_every)
         log(INFO, "\t├──> Checkpoint: %s", self.checkpoint_path)
         log(INFO, "\t└──> Local epochs: %d", self.local_epochs)
 
@@ -307,17 +313,18 @@ class FedHarmonyStrategy(Strategy):
             result.arrays = arrays
             log(INFO, "\t└──> Aggregated MetricRecord: %s", train_metrics)
             result.train_metrics_clientapp[server_round] = train_metrics
-            messages = list(self.configure_evaluate(server_round, arrays, evaluate_config, grid))
-            if messages:
-                replies = grid.send_and_receive(messages, timeout=self._reply_timeout(timeout))
-                evaluated = self.aggregate_evaluate(server_round, replies)
-                if evaluated is not None:
-                    result.evaluate_metrics_clientapp[server_round] = evaluated
-            if evaluate_fn is not None:
-                metrics = self._evaluate(evaluate_fn, server_round, arrays)
-                log(INFO, "Global evaluation\n\t└──> MetricRecord: %s", metrics)
-                if metrics is not None:
-                    result.evaluate_metrics_serverapp[server_round] = metrics
+            if server_round % self.eval_every == 0 or server_round == num_rounds:
+                messages = list(self.configure_evaluate(server_round, arrays, evaluate_config, grid))
+                if messages:
+                    replies = grid.send_and_receive(messages, timeout=self._reply_timeout(timeout))
+                    evaluated = self.aggregate_evaluate(server_round, replies)
+                    if evaluated is not None:
+                        result.evaluate_metrics_clientapp[server_round] = evaluated
+                if evaluate_fn is not None:
+                    metrics = self._evaluate(evaluate_fn, server_round, arrays)
+                    log(INFO, "Global evaluation\n\t└──> MetricRecord: %s", metrics)
+                    if metrics is not None:
+                        result.evaluate_metrics_serverapp[server_round] = metrics
             if self.checkpoint_path is not None:
                 self.save()
         return result
@@ -383,6 +390,7 @@ class FedHarmonyStrategy(Strategy):
             "min_available_clients": self.min_available_clients,
             "client_sampling": self.client_sampling,
             "seed": self.seed,
+            "eval_every": self.eval_every,
             "federated_eval": self.federated_eval,
             "eval_bins": self.eval_bins,
             "fraction_evaluate": self.fraction_evaluate,
