@@ -25,6 +25,12 @@ PINNED = {
     "fedavg": "6d874411b23823aa212d09909c97c985fc6c07f6e7701941616178f1c3b2b449",
     "fedprox": "d0fa7bac4c3d18c8131e81e728cab820cd569da19c4524f4cb138d39846d7885",
 }
+# The validated default's, one and three local epochs (alignment with running moments, the drift rule), taken when it
+# was adopted.
+PINNED_DEFAULT = {
+    1: "5cd3f6961fc8067c2f0909532a1cc319c81ae013ddd8b525bbd62b2ce961e86c",
+    3: "486272aad54abaf4abfccf4fa463415a8b3583963a82b0a8282093dc8638c0dc",
+}
 
 
 @pytest.mark.parametrize(
@@ -35,6 +41,14 @@ def test_pinned_final_weights(name: str, aggregator) -> None:
     federation = pinned_federation(aggregator)
     federation.fit()
     assert weights_digest(federation.global_weights) == PINNED[name]
+
+
+@pytest.mark.parametrize("local_epochs", [1, 3])
+def test_pinned_final_weights_of_the_default(local_epochs: int) -> None:
+    federation = pinned_federation(FedHarmony(), local_epochs=local_epochs)
+    federation.fit()
+    assert federation.result.final.client_weights  # a real run, with teachers from round two
+    assert weights_digest(federation.global_weights) == PINNED_DEFAULT[local_epochs]
 
 
 def test_paper_preset_settings_and_overrides() -> None:
