@@ -195,7 +195,10 @@ def check_fingerprint(saved_fingerprint: Any, current: Mapping[str, Any]) -> Non
             " was written by an earlier version that recorded only the federation's, so it cannot show that it"
             " belongs to this run. HINT: use a fresh `checkpoint_dir` (or delete this checkpoint) to start over."
         )
-    saved, now = {**_FINGERPRINT_DEFAULTS, **flatten(saved_fingerprint)}, flatten(current)
+    now = flatten(current)
+    # an entry added since is filled in only where this run records it (a model without the hparam has none)
+    defaults = {key: value for key, value in _FINGERPRINT_DEFAULTS.items() if key in now}
+    saved = {**defaults, **flatten(saved_fingerprint)}
     for key in [*now, *(k for k in saved if k not in now)]:
         if saved.get(key, _ABSENT) != now.get(key, _ABSENT):
             raise CheckpointMismatchError(
@@ -205,8 +208,15 @@ def check_fingerprint(saved_fingerprint: Any, current: Mapping[str, Any]) -> Non
             )
 
 
-#: Fingerprint entries added since checkpoints of this layout were first written: one without them ran with these.
-_FINGERPRINT_DEFAULTS = {"client_sampling": "uniform"}
+#: Fingerprint entries added since checkpoints of this layout were first written: one without them ran with these
+#: (dotted keys, as :func:`check_fingerprint` flattens them). ``proximal_scaling`` did not exist, which trained as
+#: ``"none"`` does: a FedAvg or FedProx run resumes, while a ``FedHarmony()`` run of the earlier defaults is refused
+#: on the settings that did change (``aggregator_args.quality_aggregation``).
+_FINGERPRINT_DEFAULTS = {
+    "client_sampling": "uniform",
+    "model_hparams.proximal_scaling": "none",
+    "aggregator_args.proximal_scaling": "none",
+}
 
 
 class _Absent:

@@ -92,6 +92,33 @@ def test_checkpoint_of_an_earlier_version_is_refused_with_a_hint(finished: Path)
         other.fit()
 
 
+@pytest.mark.parametrize(
+    ("aggregator", "refused"),
+    [
+        (FedAvg(), None),
+        (FedHarmony(quality_aggregation=True, proximal_scaling="none"), None),
+        (FedHarmony(), "aggregator_args.proximal_scaling"),  # the drift rule trains differently
+    ],
+)
+def test_checkpoint_from_before_proximal_scaling_resumes_where_nothing_changed(
+    tmp_path: Path, aggregator, refused: str | None
+) -> None:
+    """A checkpoint written before ``proximal_scaling`` existed (neither the model nor the aggregator recorded it)
+    trained as ``"none"`` does."""
+    _federation(tmp_path, aggregator=aggregator).fit()
+    path = tmp_path / CHECKPOINT_NAME
+    state = load_checkpoint(path)
+    del state["fingerprint"]["model_hparams"]["proximal_scaling"]
+    state["fingerprint"]["aggregator_args"].pop("proximal_scaling", None)
+    save_checkpoint(path, state)
+    again = _federation(tmp_path, aggregator=aggregator)
+    if refused is None:  # resumed: the finished run's round, not a new one
+        assert [r.metrics for r in again.fit().rounds] == [r["metrics"] for r in state["history"]["rounds"]]
+    else:
+        with pytest.raises(CheckpointMismatchError, match=rf"`{refused}` differs: saved 'none', now 'drift'"):
+            again.fit()
+
+
 def _truncate(path: Path) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
