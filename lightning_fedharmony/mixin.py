@@ -69,17 +69,18 @@ class FedHarmonyMixin:
     The teacher and mask are buffers (``fedharmony_teacher``, ``fedharmony_mask``): saved in checkpoints, never part
     of :func:`model_weights`, so they are not averaged.
 
-    The defaults are :class:`~lightning_fedharmony.FedHarmony`'s validated ones; a FedHarmony server sends its own
-    settings with every teacher (:meth:`FedHarmony.paper` sends the paper's), so these matter for a module trained
-    without one.
+    The correlation defaults (Pearson, detached marginals, momentum 0.9) are :class:`~lightning_fedharmony.FedHarmony`'s
+    validated ones, while ``proximal_mu`` (0) and ``proximal_scaling`` (``"none"``) leave the proximal term off until a
+    server asks for it; a FedHarmony server sends its own settings with every teacher and round
+    (:meth:`FedHarmony.paper` sends the paper's), so these matter for a module trained without one.
 
     Args:
         alignment_weight: ``lambda``, the weight of the alignment term; an aggregator may override it per round.
         proximal_mu: FedProx's ``mu``; 0 turns the proximal term off. Runners set it with each round's instructions.
         proximal_scaling: ``"none"`` keeps ``mu`` for every local epoch; ``"drift"`` holds the proximal pull at its
-            size after the first local epoch of a round: from the second epoch on, ``mu`` is multiplied by
-            ``min(1, d_1 / d_e)``, with ``d_e`` the distance from the round's global weights at the start of epoch
-            ``e`` (:func:`~lightning_fedharmony.functional.drift_proximal_scale`). With one local epoch (or training
+            size after the first local epoch of a round: local epoch ``e + 1`` trains with ``mu`` times
+            ``min(1, d_1 / d_e)``, with ``d_e`` the distance from the round's global weights after ``e`` epochs
+            (:func:`~lightning_fedharmony.functional.drift_proximal_scale`). With one or two local epochs (or training
             by steps within one epoch) both are the same.
         corr_eps: ``eps`` of the soft phi denominator.
         corr_normalization: ``"pearson"`` (scale-free; see :func:`~lightning_fedharmony.functional.phi_from_moments`)

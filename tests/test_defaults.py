@@ -82,9 +82,12 @@ def test_default_instructions_carry_every_client_setting() -> None:
     assert model.fedharmony_corr_normalization == "pearson"
     assert model.fedharmony_detach_marginals is True and model.fedharmony_corr_momentum == 0.9
     assert model.fedharmony_alignment_weight == 0.03 and model.fedharmony_proximal_mu == 0.01
+    assert model.fedharmony_proximal_scaling == "drift"
     paper = pinned_federation(FedHarmony.paper(), num_rounds=2, detach_marginals=True, corr_momentum=0.5)
+    paper.model.fedharmony_configure(proximal_scaling="drift")
     paper.fit()
     assert paper.model.fedharmony_detach_marginals is False and paper.model.fedharmony_corr_momentum == 0.0
+    assert paper.model.fedharmony_proximal_scaling == "none"
 
 
 # ---------------------------------------------------------------------------------------------------- quality weights
@@ -175,7 +178,7 @@ def test_a_client_that_really_disagrees_loses_its_weight() -> None:
 
 
 def test_default_averages_by_samples_and_still_scores_every_client() -> None:
-    updates = [_client(f"c{k}", 300, seed=k) for k in range(5)] + [_client("odd", 300, seed=7, flip=True)]
+    updates = [_client(f"c{k}", 150 + 60 * k, seed=k) for k in range(5)] + [_client("odd", 300, seed=7, flip=True)]
     aggregator = FedHarmony()
     assert aggregator.quality_aggregation is False and FedHarmony.paper().quality_aggregation is True
     weights = _weights_at_round(aggregator, updates)

@@ -1,4 +1,4 @@
-"""Switch-guarded FedHarmony variants used by the quality benchmark: the paper's behaviour stays the default."""
+"""Switch-guarded FedHarmony variants used by the quality benchmark: a switch at its default changes nothing."""
 
 from __future__ import annotations
 

@@ -206,7 +206,8 @@ def parameter_distance(params: Iterable[Tensor], global_params: Iterable[Tensor]
 def drift_proximal_scale(first_epoch_distance: float, distance: float) -> float:
     """The factor on ``mu`` that holds the proximal pull ``mu ||w - w_global||`` at its size after the first epoch.
 
-    ``min(1, d_1 / d_e)``: while local training keeps moving away from the global model (as in the first round on
+    ``min(1, d_1 / d_e)`` for the local epoch after the ``e``-th, ``d_e`` being the distance from the round's global
+    weights after ``e`` epochs: while local training keeps moving away from the global model (as in the first round on
     rcv1subset1) the pull stops growing with it; once the proximal term holds the drift (it stays near ``d_1``)
     ``mu`` is unchanged. ``1`` when either distance is 0.
 
