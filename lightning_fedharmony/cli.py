@@ -29,6 +29,7 @@ from lightning_fedharmony.config import ConfigError, load_config
 from lightning_fedharmony.drift import drift_summary, drift_table, label_drift
 from lightning_fedharmony.experiment import (
     TABLE_COLUMNS,
+    check_serve_settings,
     disagreement_lines,
     prepare_data,
     run_methods,
@@ -100,6 +101,7 @@ def run_command(args: argparse.Namespace) -> dict[str, Any]:
 def serve_command(args: argparse.Namespace) -> dict[str, Any]:
     """Serve one method through a shared folder, then write and print the same results as ``run``."""
     cfg = load_config(args.config, args.overrides)
+    check_serve_settings(cfg)  # before loading the data
     prepared = prepare_data(cfg)
     name, fed = serve_method(cfg, args.root, args.method, prepared, verbose=not args.quiet)
     report = write_outputs(cfg, prepared, {name: fed})

@@ -170,6 +170,25 @@ def run_methods(
     return federations
 
 
+def check_serve_settings(cfg: DictConfig) -> None:
+    """Refuse the run-config keys that :func:`serve_method` cannot honour.
+
+    The statistics are noised where they are computed: a server cannot add the noise its clients left out, so
+    ``federation.stats_noise_multiplier`` and ``federation.stats_clip`` belong on each client's
+    :class:`~lightning_fedharmony.FederatedClient`.
+
+    Raises:
+        ConfigError: naming the key, what ``serve`` expects and the value.
+    """
+    for key, off, shown in (("stats_noise_multiplier", 0.0, "0.0"), ("stats_clip", None, "null")):
+        value = cfg.federation[key]
+        if value != off:
+            raise ConfigError(
+                f"federation.{key}: expected {shown} with `fedharmony serve`, but got {value!r}. HINT: each client"
+                f" noises its own statistics: set `{key}` on its `FederatedClient` callback."
+            )
+
+
 def serve_method(
     cfg: DictConfig,
     root: str | os.PathLike[str],
@@ -203,16 +222,10 @@ def serve_method(
         method = names[0]
     if method not in names:
         raise ConfigError(f"--method: expected one of {names}, but got {method!r}.")
-    fcfg = cfg.federation
-    # the statistics are noised where they are computed: a server cannot add the noise its clients left out
-    for key, off in (("stats_noise_multiplier", 0.0), ("stats_clip", None)):
-        if fcfg[key] != off:
-            raise ConfigError(
-                f"federation.{key}: expected {off} with `fedharmony serve` (each client noises its own statistics:"
-                f" set `{key}` on its `FederatedClient` callback), but got {fcfg[key]!r}."
-            )
+    check_serve_settings(cfg)
     aggregator = instantiate(cfg.methods[method], Aggregator, f"methods.{method}")
     prepared = prepared or prepare_data(cfg)
+    fcfg = cfg.federation
     checkpoint_dir = Path(fcfg.checkpoint_dir if fcfg.checkpoint_dir is not None else Path(root) / "server") / method
     transport = FolderTransport(root, poll_interval=poll_interval)
     if not (checkpoint_dir / CHECKPOINT_NAME).exists():

@@ -170,14 +170,28 @@ def test_bad_configuration_is_one_line_naming_the_key(args, key, capsys, tmp_pat
     assert not (tmp_path / "results.json").exists()
 
 
-@pytest.mark.parametrize(("override", "key"), [("stats_noise_multiplier=1.0", "noise"), ("stats_clip=2.0", "clip")])
-def test_serve_refuses_noise_settings_only_clients_can_apply(override, key, capsys, tmp_path):
-    code = main(["serve", "--quiet", "--method", "fedavg", "--root", str(tmp_path / "root"), f"federation.{override}"])
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (
+            "stats_noise_multiplier=1.0",
+            "federation.stats_noise_multiplier: expected 0.0 with `fedharmony serve`, but got 1.0.",
+        ),
+        ("stats_clip=2.0", "federation.stats_clip: expected null with `fedharmony serve`, but got 2.0."),
+    ],
+)
+def test_serve_refuses_noise_settings_only_clients_can_apply(override, expected, capsys, tmp_path, monkeypatch):
+    def no_data(cfg):
+        raise AssertionError("the data was loaded before the settings were checked")
+
+    monkeypatch.setattr("lightning_fedharmony.cli.prepare_data", no_data)
+    argv = ["serve", "--quiet", "--method", "fedavg", "--root", str(tmp_path / "root"), f"federation.{override}"]
+    code = main(argv)
     captured = capsys.readouterr()
     assert code == 2
-    assert captured.err.startswith(f"fedharmony: error: federation.stats_{key}")
+    assert captured.err.startswith(f"fedharmony: error: {expected} HINT: each client noises its own statistics")
     assert "FederatedClient" in captured.err and "Traceback" not in captured.err
-    assert not (tmp_path / "root").exists()  # refused before the folder is touched
+    assert not (tmp_path / "root").exists()
 
 
 def test_compare_two_seeds_writes_mean_and_std(tmp_path, capsys):
