@@ -214,6 +214,7 @@ def check_fingerprint(saved_fingerprint: Any, current: Mapping[str, Any]) -> Non
 #: on the settings that did change (``aggregator_args.quality_aggregation``).
 _FINGERPRINT_DEFAULTS = {
     "client_sampling": "uniform",
+    "eval_every": 1,  # Flower's fingerprint records it since FedHarmonyStrategy(eval_every=...)
     "model_hparams.proximal_scaling": "none",
     "aggregator_args.proximal_scaling": "none",
 }

@@ -112,11 +112,25 @@ def test_checkpoint_from_before_proximal_scaling_resumes_where_nothing_changed(
     state["fingerprint"]["aggregator_args"].pop("proximal_scaling", None)
     save_checkpoint(path, state)
     again = _federation(tmp_path, aggregator=aggregator)
-    if refused is None:  # resumed: the finished run's round, not a new one
-        assert [r.metrics for r in again.fit().rounds] == [r["metrics"] for r in state["history"]["rounds"]]
+    if refused is None:  # resumed: the finished run's record, timings included, not a new round
+        assert [r.seconds for r in again.fit().rounds] == [r["seconds"] for r in state["history"]["rounds"]]
     else:
         with pytest.raises(CheckpointMismatchError, match=rf"`{refused}` differs: saved 'none', now 'drift'"):
             again.fit()
+
+
+def test_checkpoint_from_before_eval_every_was_recorded_counts_it_as_1(finished: Path) -> None:
+    """Flower's fingerprint records ``eval_every`` since ``FedHarmonyStrategy(eval_every=...)``; earlier ones ran with
+    1 (the defaults are runner-agnostic, so a ``Federation`` checkpoint stands in for a Flower one)."""
+    path = finished / CHECKPOINT_NAME
+    state = load_checkpoint(path)
+    del state["fingerprint"]["eval_every"]
+    save_checkpoint(path, state)
+    extra = {"partition": {"alpha": 0.1, "num_clients": 2}}
+    with pytest.raises(CheckpointMismatchError, match=r"`eval_every` differs: saved 1, now 2"):
+        _federation(finished, fingerprint_extra=extra, eval_every=2).fit()
+    resumed = _federation(finished, fingerprint_extra=extra).fit()
+    assert [r.seconds for r in resumed.rounds] == [r["seconds"] for r in state["history"]["rounds"]]
 
 
 def _truncate(path: Path) -> None:

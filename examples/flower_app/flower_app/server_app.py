@@ -12,8 +12,9 @@ from lightning_fedharmony.mixin import model_weights
 
 app = ServerApp()
 
-#: run config entries that do not change the result, so a resumed run may change them
-RUN_ONLY = ("result-path", "checkpoint-dir", "round-retries", "client-timeout")
+#: run config entries left out of the checkpoint's fingerprint: they change no trained number, so a resumed run may
+#: change them (all but eval-every, which the strategy's own fingerprint holds as `eval_every`)
+RUN_ONLY = ("result-path", "checkpoint-dir", "round-retries", "client-timeout", "eval-every")
 
 
 @app.main()

@@ -117,7 +117,8 @@ class FedHarmonyStrategy(Strategy):
             reports its ``num_samples`` once, with its partition id); the same rule as ``Federation``'s.
         wait_timeout: seconds to wait for ``min_available_clients`` nodes (and for their partition ids).
         eval_every: evaluate (federated and ``evaluate_fn``) every this many rounds, and always after the last, as
-            ``Federation`` does.
+            ``Federation`` does; :meth:`start`'s ``evaluate_fn`` also scores the initial weights (round 0) of a fresh
+            run, as Flower's strategies do.
         federated_eval: ``"exact"``, ``"binned"`` (no per-sample score leaves a client) or ``"none"``, as in
             ``Federation``.
         eval_bins: thresholds of the binned average precision.
