@@ -87,8 +87,9 @@ class FederationConfig:
             ``"none"``.
         eval_bins: thresholds of the binned average precision.
         fraction_evaluate: share of the clients asked to evaluate each evaluated round (seeded); 1: every client.
-        stats_noise_multiplier: Gaussian noise on the clients' exported statistics (0 = off).
-        stats_clip: per-sample L2 bound of the statistics' prediction vectors (``None``: ``sqrt(L)``).
+        stats_noise_multiplier: Gaussian noise on the clients' exported statistics (0 = off). ``fedharmony serve``
+            refuses it: its clients set it on their ``FederatedClient``.
+        stats_clip: per-sample L2 bound of the statistics' prediction vectors (``None``: ``sqrt(L)``); the same.
     """
 
     num_rounds: int = 30
