@@ -51,7 +51,9 @@ def _stats(seed: int, samples: int, dead_label: int | None = None) -> Correlatio
 
 
 def _weights(seed: int) -> dict[str, torch.Tensor]:
-    return {"w": torch.randn(3, generator=torch.Generator().manual_seed(1000 + seed))}
+    # an integer entry too, like BatchNorm's counter: not averaged, taken from the client with the largest weight
+    generator = torch.Generator().manual_seed(1000 + seed)
+    return {"w": torch.randn(3, generator=generator), "count": torch.tensor(seed, dtype=torch.int64)}
 
 
 # (round, clients taking part, samples per client): partial participation leaves stale terms behind
@@ -152,11 +154,16 @@ def test_scores_weights_and_model_follow_the_teacher_each_client_trained_with() 
 
 def test_additive_weights_mix_the_two_running_sums() -> None:
     rounds = _run_both(quality_aggregation=True, quality_weighting="additive")
-    result = rounds[2]["client"]
-    ids = list(result.client_weights)
-    expected = weighted_average([rounds[2]["stats"][c].weights for c in ids], list(result.client_weights.values()))
-    torch.testing.assert_close(result.weights["w"], expected["w"])
-    assert sum(result.client_weights.values()) == pytest.approx(1.0)
+    for record in rounds:
+        result = record["client"]
+        ids = list(result.client_weights)
+        expected = weighted_average([record["stats"][c].weights for c in ids], list(result.client_weights.values()))
+        torch.testing.assert_close(result.weights["w"], expected["w"])
+        # the counter of the largest final weight, not of the most samples (they differ in round 3)
+        assert torch.equal(result.weights["count"], expected["count"])
+        assert sum(result.client_weights.values()) == pytest.approx(1.0)
+    most_samples = max(rounds[2]["stats"], key=lambda cid: SAMPLES[cid])
+    assert int(rounds[2]["client"].weights["count"]) != int(rounds[2]["stats"][most_samples].weights["count"])
 
 
 def _term_updates(num_clients: int, num_labels: int, server_round: int = 1) -> Iterator[ClientUpdate]:

@@ -178,6 +178,8 @@ class SumsRound(RoundAggregation):
         self._by_samples = WeightedModelSum()
         self._by_quality = WeightedModelSum()
         self._by_product = WeightedModelSum()
+        # each update's integer entries (BatchNorm's counters: a few scalars), taken from the largest final weight
+        self._integers: list[dict[str, Tensor]] = []
 
     def _add(self, update: Update) -> None:
         cid, term = update.client_id, update.term
@@ -216,6 +218,9 @@ class SumsRound(RoundAggregation):
 
         quality = self._quality(term.discrepancy, term.sampling_discrepancy, term.scored)
         n = float(update.num_samples)
+        self._integers.append(
+            {k: v.detach().clone() for k, v in update.weights.items() if not (v.is_floating_point() or v.is_complex())}
+        )
         self._by_samples.add(update.weights, n)
         if self.aggregator.quality_aggregation:
             if self.aggregator.quality_weighting == "product":
@@ -277,6 +282,7 @@ class SumsRound(RoundAggregation):
         else:  # sample weights (also when every quality underflowed to 0)
             weights = n / n.sum()
             model = _mixed(self._by_samples, 1.0, None, 0.0)
+        model.update(self._integers[int(torch.argmax(weights))])  # as `weighted_average` picks them
         numerator = self._numerator if self._numerator is not None else torch.zeros(0, 0, dtype=torch.float64)
         denominator = self._denominator if self._denominator is not None else torch.zeros_like(numerator)
         self._commit(numerator, denominator)
@@ -331,7 +337,7 @@ class SumsRound(RoundAggregation):
 
 def _mixed(first: WeightedModelSum, a: float, second: WeightedModelSum | None, b: float) -> dict[str, Tensor]:
     """``a S_1 / sum_1 + b S_2 / sum_2`` in the clients' dtypes (a zero coefficient drops its sum); integer entries
-    come from the state dict with the largest weight in ``S_1``."""
+    come from the state dict with the largest weight in ``S_1`` (``finish`` puts the final weights' pick in)."""
     out: dict[str, Tensor] = {}
     for key, dtype in first.dtypes.items():
         if key not in first.sums:
