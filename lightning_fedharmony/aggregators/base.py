@@ -221,16 +221,15 @@ class BufferedRound(RoundAggregation):
 
 class WeightedModelSum:
     """A running weighted sum of model state dicts, ``sum_k a_k theta_k`` (float entries in float64), fed one
-    state dict at a time so that a server never holds more than one client's weights; integer entries (BatchNorm's
-    counters) are kept from the state dict with the largest ``a_k``, as :func:`weighted_average` does.
+    state dict at a time so that a server never holds more than one client's weights. Integer entries (BatchNorm's
+    counters) are not summed: the caller keeps those of the client whose final weight is largest, as
+    :func:`weighted_average` does (:func:`integer_entries`).
     """
 
     def __init__(self) -> None:
         self.sums: dict[str, Tensor] = {}
         self.dtypes: dict[str, torch.dtype] = {}
         self.total = 0.0
-        self._top = -1.0
-        self.integers: dict[str, Tensor] = {}
 
     def add(self, weights: Mapping[str, Tensor], scale: float) -> None:
         """Add ``scale * weights``."""
@@ -240,14 +239,16 @@ class WeightedModelSum:
         for key, tensor in weights.items():
             if key in self.sums:
                 self.sums[key].add_(tensor.detach().to(torch.float64), alpha=scale)
-        if scale > self._top:
-            self._top = scale
-            self.integers = {k: v.detach().clone() for k, v in weights.items() if not _averaged(v)}
         self.total += scale
 
 
 def _averaged(tensor: Tensor) -> bool:
     return tensor.is_floating_point() or tensor.is_complex()
+
+
+def integer_entries(weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Copies of the entries of a state dict that weighted averaging leaves out (integer counters)."""
+    return {k: v.detach().clone() for k, v in weights.items() if not _averaged(v)}
 
 
 def _check_round(server_round: int) -> None:

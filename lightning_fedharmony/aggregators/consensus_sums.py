@@ -16,7 +16,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from lightning_fedharmony.aggregators.base import AggregationResult, RoundAggregation, WeightedModelSum
+from lightning_fedharmony.aggregators.base import (
+    AggregationResult,
+    RoundAggregation,
+    WeightedModelSum,
+    integer_entries,
+)
 from lightning_fedharmony.functional.aggregation import aggregation_weights, balance_factor
 from lightning_fedharmony.functional.consensus import consensus_from_sums, off_diagonal_abs_mean
 from lightning_fedharmony.protocol import ConsensusShare, ProtocolError, Update
@@ -218,9 +223,7 @@ class SumsRound(RoundAggregation):
 
         quality = self._quality(term.discrepancy, term.sampling_discrepancy, term.scored)
         n = float(update.num_samples)
-        self._integers.append(
-            {k: v.detach().clone() for k, v in update.weights.items() if not (v.is_floating_point() or v.is_complex())}
-        )
+        self._integers.append(integer_entries(update.weights))
         self._by_samples.add(update.weights, n)
         if self.aggregator.quality_aggregation:
             if self.aggregator.quality_weighting == "product":
@@ -272,17 +275,20 @@ class SumsRound(RoundAggregation):
         agg = self.aggregator
         n = torch.tensor([s.num_samples for s in self._scored], dtype=torch.float64)
         quality = torch.tensor([s.quality for s in self._scored], dtype=torch.float64)
+        # (first sum, a, second sum, b) of the model `a S_1 / sum_1 + b S_2 / sum_2`
+        mix: tuple[WeightedModelSum, float, WeightedModelSum | None, float]
         if agg.quality_aggregation and agg.quality_weighting == "product" and self._by_product.total > 0:
             weights = aggregation_weights(n, quality, self.server_round, agg._t0(), mode="product")
-            model = _mixed(self._by_product, 1.0, None, 0.0)
+            mix = (self._by_product, 1.0, None, 0.0)
         elif agg.quality_aggregation and agg.quality_weighting == "additive":
             alpha = balance_factor(self.server_round, agg._t0())
             weights = aggregation_weights(n, quality, self.server_round, agg._t0(), mode="additive")
-            model = _mixed(self._by_samples, alpha, self._by_quality, 1.0 - alpha)
+            mix = (self._by_samples, alpha, self._by_quality, 1.0 - alpha)
         else:  # sample weights (also when every quality underflowed to 0)
             weights = n / n.sum()
-            model = _mixed(self._by_samples, 1.0, None, 0.0)
-        model.update(self._integers[int(torch.argmax(weights))])  # as `weighted_average` picks them
+            mix = (self._by_samples, 1.0, None, 0.0)
+        # integer entries from the largest final weight, as `weighted_average` picks them
+        model = _mixed(*mix, integers=self._integers[int(torch.argmax(weights))])
         numerator = self._numerator if self._numerator is not None else torch.zeros(0, 0, dtype=torch.float64)
         denominator = self._denominator if self._denominator is not None else torch.zeros_like(numerator)
         self._commit(numerator, denominator)
@@ -335,13 +341,15 @@ class SumsRound(RoundAggregation):
         sums.cluster_ids = torch.zeros(sums.numerator.shape[0], dtype=torch.int64)
 
 
-def _mixed(first: WeightedModelSum, a: float, second: WeightedModelSum | None, b: float) -> dict[str, Tensor]:
-    """``a S_1 / sum_1 + b S_2 / sum_2`` in the clients' dtypes (a zero coefficient drops its sum); integer entries
-    come from the state dict with the largest weight in ``S_1`` (``finish`` puts the final weights' pick in)."""
+def _mixed(
+    first: WeightedModelSum, a: float, second: WeightedModelSum | None, b: float, *, integers: dict[str, Tensor]
+) -> dict[str, Tensor]:
+    """``a S_1 / sum_1 + b S_2 / sum_2`` in the clients' dtypes (a zero coefficient drops its sum), with the entries
+    that are not averaged (integer counters) from ``integers``."""
     out: dict[str, Tensor] = {}
     for key, dtype in first.dtypes.items():
         if key not in first.sums:
-            out[key] = first.integers[key]
+            out[key] = integers[key]
             continue
         value = first.sums[key] * (a / first.total)
         if second is not None and b > 0 and second.total > 0:
