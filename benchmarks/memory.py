@@ -26,6 +26,7 @@ import torch
 
 from lightning_fedharmony import FedAvg, FedHarmony
 from lightning_fedharmony.aggregators.base import Aggregator
+from lightning_fedharmony.checkpoint import CLIENT_STATE_NAME
 from lightning_fedharmony.data.federated import PARTITIONS, load_federated_data
 from lightning_fedharmony.models import MultilabelMLP
 from lightning_fedharmony.orchestrator import Federation
@@ -165,7 +166,11 @@ def main(argv: list[str] | None = None) -> dict:
                 flush=True,
             )
     finished = time.perf_counter()
+    # the in-process clients' terms (leave_one_out="client") are kept next to the checkpoint, one file per client
+    client_state_kib = None
     if checkpoint_dir is not None:
+        store = Path(checkpoint_dir.name) / CLIENT_STATE_NAME
+        client_state_kib = sum(p.stat().st_size for p in store.glob("*.pt")) / 1024
         checkpoint_dir.cleanup()
 
     sizes = data.partition.sizes
@@ -216,6 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
         # least-squares slope from round 10 on: a leak shows as a steady positive slope, allocator noise does not
         "slope_mib_per_round": _slope([kib / 1024 for kib in rss[9:]]),
         "checkpoint_kib_first_last": [checkpoint_kib[0], checkpoint_kib[-1]] if checkpoint_kib else None,
+        "client_state_kib_last": client_state_kib,
         "history_pickled_mib": history_mib,
         "aggregator_state_tensor_mib": state_mib,
         "aggregator_clients_kept": seen,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import json
 import os
@@ -22,6 +23,11 @@ STATE_KEYS = ("server_round", "global_weights", "aggregator", "history", "finger
 _PLAIN = (type(None), bool, int, float, str)
 #: The per-client part of a federation's history, one JSON line per round, next to :data:`CHECKPOINT_NAME`.
 CLIENT_LOG_NAME = "federation.clients.jsonl"
+#: The in-process clients' own state (their consensus memories with FedHarmony ``leave_one_out="client"``), one file
+#: per client in a folder next to :data:`CHECKPOINT_NAME`, rewritten only for the clients a round touched.
+CLIENT_STATE_NAME = "federation.client_state"
+#: Characters a client's file name keeps as they are (:func:`client_file_name`).
+_FILE_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 
 
 #: What a user does about a checkpoint that cannot be used.
@@ -152,6 +158,70 @@ def read_client_log(path: str | os.PathLike[str], server_rounds: Sequence[int]) 
     return entries
 
 
+def client_file_name(client_id: str) -> str:
+    """The file (in :data:`CLIENT_STATE_NAME`) of one client's state: letters, digits, ``_`` and ``-`` kept, every
+    other byte of the id's UTF-8 written ``%XX``, so that distinct ids never share a file and none names a folder.
+
+    Example:
+        >>> client_file_name("site-3"), client_file_name("../a b")
+        ('site-3.pt', '%2E%2E%2Fa%20b.pt')
+    """
+    return "".join(c if c in _FILE_SAFE else "".join(f"%{b:02X}" for b in c.encode()) for c in client_id) + ".pt"
+
+
+def write_client_states(
+    folder: str | os.PathLike[str], states: Mapping[str, Mapping[str, Any] | None], *, fresh: bool = False
+) -> None:
+    """Write each client's state to its own file in ``folder``, atomically; ``None`` removes the client's file.
+
+    A checkpoint then rewrites only the clients a round touched, not every client the federation has seen. The files
+    are written before the checkpoint that counts the round, so a run killed in between leaves some a round ahead of
+    it; what is kept there must take that (a client's consensus memory does: it keeps the term the server last
+    counted next to the newest, and drops the newer one when the round is run again).
+
+    Args:
+        folder: the folder (created if missing).
+        states: client id -> state (tensors and plain values), or ``None`` for a client with nothing to keep.
+        fresh: first remove every client file in the folder (the first round of a new run).
+    """
+    target = Path(folder)
+    if fresh and target.is_dir():
+        for stale in target.glob("*.pt"):
+            stale.unlink()
+    for client_id, state in states.items():
+        path = target / client_file_name(client_id)
+        if state is None:
+            path.unlink(missing_ok=True)
+            continue
+        entry = {"version": CHECKPOINT_VERSION, "client_id": client_id, "state": dict(state)}
+        atomic_write(path, functools.partial(torch.save, entry))
+
+
+def read_client_states(folder: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """Every client state that :func:`write_client_states` left in ``folder``, by client id.
+
+    Raises:
+        CheckpointError: if the folder is missing, or a file in it cannot be read or is not a client's state (named).
+    """
+    target = Path(folder)
+    if not target.is_dir():
+        raise CheckpointError(
+            f"{os.fspath(target)}: expected the clients' state that the checkpoint next to it refers to, but the"
+            f" folder is missing. {CHECKPOINT_HINT}"
+        )
+    states: dict[str, dict[str, Any]] = {}
+    for path in sorted(target.glob("*.pt")):
+        entry = load_checkpoint(path, ("client_id", "state"))
+        client_id, state = entry["client_id"], entry["state"]
+        if not isinstance(client_id, str) or client_file_name(client_id) != path.name or not isinstance(state, dict):
+            raise CheckpointError(
+                f"{os.fspath(path)}: expected the state of the client this file is named after, but it holds"
+                f" {client_id!r}. {CHECKPOINT_HINT}"
+            )
+        states[client_id] = state
+    return states
+
+
 def restore_checkpoint(path: str | os.PathLike[str], load_state_dict: Callable[[Mapping[str, Any]], None]) -> None:
     """Read the checkpoint at ``path`` and hand it to ``load_state_dict`` (a runner's), with one-line errors.
 
@@ -170,9 +240,14 @@ def restore_checkpoint(path: str | os.PathLike[str], load_state_dict: Callable[[
             detail = read_client_log(Path(path).parent / CLIENT_LOG_NAME, [r["server_round"] for r in rounds])
             merged = [{**r, **{k: v for k, v in d.items() if k != "server_round"}} for r, d in zip(rounds, detail)]
             state["history"] = {**history, "rounds": merged}
+        if state.get("client_state") == CLIENT_STATE_NAME:
+            # a per-round checkpoint of in-process clients: their state is in the folder next to it
+            state["client_memory"] = read_client_states(Path(path).parent / CLIENT_STATE_NAME)
         load_state_dict(state)
     except CheckpointMismatchError as err:
         raise CheckpointMismatchError(f"{where}: {err}") from None
+    except CheckpointError:  # a file next to the checkpoint, named in the message already
+        raise
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
         reason = " ".join(f"{type(err).__name__}: {err}".split())
         raise CheckpointError(

@@ -25,6 +25,7 @@ from lightning_fedharmony.aggregators.base import Aggregator, RoundAggregation
 from lightning_fedharmony.checkpoint import (
     CHECKPOINT_NAME,
     CLIENT_LOG_NAME,
+    CLIENT_STATE_NAME,
     append_client_log,
     check_fingerprint,
     check_fingerprint_extra,
@@ -32,6 +33,7 @@ from lightning_fedharmony.checkpoint import (
     plain_items,
     restore_checkpoint,
     save_checkpoint,
+    write_client_states,
 )
 from lightning_fedharmony.client import (  # noqa: F401 - re-exported: their home was here
     CLIENT_TRAINER_DEFAULTS,
@@ -305,6 +307,7 @@ class Federation:
         #: what the clients trained here keep of their terms in a sums-only server's consensus (FedHarmony
         #: ``leave_one_out="client"``): client state, which lives here because the clients do
         self.client_memory: dict[str, ConsensusMemory] = {}
+        self._memory_touched: set[str] = set()  # handed out since the last checkpoint
         self._last_gc, self._gc_seconds = 0.0, 0.0
         self._aggregation: RoundAggregation | None = None
         self._printing = False
@@ -400,16 +403,23 @@ class Federation:
             **({} if self.client_sizes is None else {"client_sizes": self.client_sizes}),
         }
 
-    def state_dict(self, *, history: bool = True) -> dict[str, Any]:
+    def consensus_memory(self, client_id: str) -> ConsensusMemory:
+        """The consensus memory of a client trained in this process (created on first use), marked for the next
+        checkpoint."""
+        self._memory_touched.add(client_id)
+        return self.client_memory.setdefault(client_id, ConsensusMemory())
+
+    def state_dict(self, *, history: bool = True, client_memory: bool = True) -> dict[str, Any]:
         """Everything needed to continue after the last finished round (tensors and plain values only); without
-        ``history``, all but the history."""
-        state = {
+        ``history`` or ``client_memory``, all but that."""
+        state: dict[str, Any] = {
             "server_round": len(self.result.rounds),
             "global_weights": self.global_weights,
             "aggregator": self.aggregator.state_dict(),
             "fingerprint": self._fingerprint(),
-            "client_memory": {cid: m.state_dict() for cid, m in self.client_memory.items() if m.rounds()},
         }
+        if client_memory:
+            state["client_memory"] = {cid: m.state_dict() for cid, m in self.client_memory.items() if m.rounds()}
         if history:
             state["history"] = self.result.to_dict()
         return state
@@ -430,6 +440,8 @@ class Federation:
         for cid, memory_state in state.get("client_memory", {}).items():
             self.client_memory[cid] = ConsensusMemory()
             self.client_memory[cid].load_state_dict(memory_state)
+        # the next checkpoint writes them all once: they may come from elsewhere than its folder
+        self._memory_touched = set(self.client_memory)
 
     def save(self, path: str | os.PathLike[str] | None = None) -> Path:
         """Write the federation's state atomically (default: ``checkpoint_dir``)."""
@@ -439,19 +451,29 @@ class Federation:
         return save_checkpoint(target, self.state_dict())
 
     def _save_round(self, record: RoundRecord) -> None:
-        """The checkpoint after a round: the round's per-client detail (:data:`CLIENT_FIELDS`, the bulk of what the
-        history gains per round x client) is appended to a log next to it (:data:`CLIENT_LOG_NAME`), the rest is
-        rewritten."""
+        """The checkpoint after a round. What grows with the clients is written next to it, only as far as the round
+        changed it: the round's per-client detail (:data:`CLIENT_FIELDS`) is appended to a log
+        (:data:`CLIENT_LOG_NAME`), and the consensus memories of the clients the round trained are rewritten in a
+        folder of one file per client (:data:`CLIENT_STATE_NAME`); the rest is rewritten."""
         path = self.checkpoint_path
         if path is None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = len(self.result.rounds) == 1
         detail = {name: getattr(record, name) for name in CLIENT_FIELDS}
-        append_client_log(
-            path.parent / CLIENT_LOG_NAME, record.server_round, detail, fresh=len(self.result.rounds) == 1
+        append_client_log(path.parent / CLIENT_LOG_NAME, record.server_round, detail, fresh=fresh)
+        touched, self._memory_touched = self._memory_touched, set()
+        memories = {cid: self.client_memory[cid] for cid in sorted(touched)}
+        write_client_states(
+            path.parent / CLIENT_STATE_NAME,
+            {cid: memory.state_dict() if memory.rounds() else None for cid, memory in memories.items()},
+            fresh=fresh,
         )
         history = {**self.result.to_dict(client_fields=False), "client_log": CLIENT_LOG_NAME}
-        save_checkpoint(path, {**self.state_dict(history=False), "history": history})
+        state = {**self.state_dict(history=False, client_memory=False), "history": history}
+        if self.client_memory:
+            state["client_state"] = CLIENT_STATE_NAME
+        save_checkpoint(path, state)
 
     def restore(self, path: str | os.PathLike[str]) -> None:
         """Continue from a checkpoint written by :meth:`save`.

@@ -134,3 +134,21 @@ def test_quality_default_fedharmony_has_no_grid_and_the_paper_preset_keeps_one()
         10.0,
         100.0,
     }
+
+
+def test_memory_benchmark_measures_the_checkpoint_and_the_clients_files(tmp_path: Path) -> None:
+    """benchmarks/memory.py, a tiny sums-only population with checkpoints: the clients' files next to the checkpoint
+    are measured, and the report is written."""
+    memory = load_benchmark("memory")
+    argv = ["--data", "river:yeast", "--clients", "30", "--fraction", "0.2", "--rounds", "3", "--eval-every", "3"]
+    report = memory.main([*argv, "--leave-one-out", "client", "--checkpoint", "--out", str(tmp_path / "m")])
+    first, _ = report["checkpoint_kib_first_last"]
+    assert report["client_memory_tensor_mib"] > 0
+    # the files hold every kept term (plus a small header each)
+    assert report["client_state_kib_last"] * 1024 >= report["client_memory_tensor_mib"] * 2**20
+    assert json.loads((tmp_path / "m" / "memory.json").read_text())["client_state_kib_last"] == pytest.approx(
+        report["client_state_kib_last"]
+    )
+    assert first > 0
+    plain = memory.main([*argv, "--out", str(tmp_path / "n")])
+    assert plain["client_state_kib_last"] is None and plain["checkpoint_kib_first_last"] is None

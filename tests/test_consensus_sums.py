@@ -4,15 +4,25 @@ with the clients."""
 
 from __future__ import annotations
 
+import shutil
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-from lightning_fedharmony import FedHarmony
+from lightning_fedharmony import FedHarmony, orchestrator
 from lightning_fedharmony.aggregators import ClientUpdate
+from lightning_fedharmony.checkpoint import (
+    CHECKPOINT_NAME,
+    CLIENT_STATE_NAME,
+    CheckpointError,
+    client_file_name,
+    load_checkpoint,
+    read_client_states,
+    save_checkpoint,
+)
 from lightning_fedharmony.client_terms import ConsensusMemory, share_teacher
 from lightning_fedharmony.data import ClientDataModule
 from lightning_fedharmony.functional import (
@@ -269,10 +279,11 @@ def _clients(num: int = 3, n: int = 120) -> list[ClientDataModule]:
     return [ClientDataModule(x[i::num], y[i::num], batch_size=32) for i in range(num)]
 
 
-def _federation(**kwargs) -> Federation:
+def _federation(num_clients: int = 3, **kwargs) -> Federation:
     torch.manual_seed(0)
     aggregator = FedHarmony(leave_one_out="client", num_blocks=2)
-    return Federation(MultilabelMLP(6, 5, hidden=(8,)), _clients(), aggregator, 3, verbose=False, **kwargs)
+    clients = _clients(num_clients)
+    return Federation(MultilabelMLP(6, 5, hidden=(8,)), clients, aggregator, 3, verbose=False, **kwargs)
 
 
 def test_federation_resumes_with_the_clients_memories(tmp_path: Path) -> None:
@@ -288,6 +299,112 @@ def test_federation_resumes_with_the_clients_memories(tmp_path: Path) -> None:
     for name, tensor in straight.global_weights.items():
         assert torch.equal(tensor, resumed.global_weights[name]), name
     assert resumed.result.rounds[-1].client_weights == straight.result.rounds[-1].client_weights
+
+
+def test_each_round_rewrites_only_the_memories_of_the_clients_it_trained(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    written: list[dict] = []
+    original = orchestrator.write_client_states
+
+    def spy(folder, states, *, fresh=False):
+        written.append({"fresh": fresh, "clients": sorted(states)})
+        original(folder, states, fresh=fresh)
+
+    monkeypatch.setattr(orchestrator, "write_client_states", spy)
+    federation = _federation(fraction_fit=0.34, checkpoint_dir=tmp_path, num_clients=6)
+    federation.aggregator.setup(3)
+    selected = []
+    for server_round in (1, 2, 3):
+        federation.run_round(server_round)
+        selected.append(sorted(federation.select_clients(server_round)))
+    assert [w["clients"] for w in written] == selected
+    assert [w["fresh"] for w in written] == [True, False, False]
+    state = load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    assert "client_memory" not in state and state["client_state"] == CLIENT_STATE_NAME
+    files = read_client_states(tmp_path / CLIENT_STATE_NAME)
+    assert files.keys() == federation.client_memory.keys() == set().union(*selected)
+    for cid, memory in federation.client_memory.items():
+        saved = files[cid]
+        assert saved.keys() == memory.state_dict().keys()
+        assert all(torch.equal(saved[k], v) for k, v in memory.state_dict().items()), cid
+
+
+def _resumed_after(tmp_path: Path, interrupt: Callable[[Federation], None]) -> tuple[Federation, Federation]:
+    """Rounds 1 and 2 checkpointed, then ``interrupt`` (what a crash or an earlier version leaves on disk), then a
+    run that resumes from it: its weights equal those of a run without interruption. Six clients, three per round."""
+    straight = _federation(num_clients=6, fraction_fit=0.34)
+    straight.fit()
+    first = _federation(num_clients=6, fraction_fit=0.34, checkpoint_dir=tmp_path)
+    first.aggregator.setup(3)
+    first.run_round(1)
+    first.run_round(2)
+    interrupt(first)
+    resumed = _federation(num_clients=6, fraction_fit=0.34, checkpoint_dir=tmp_path)
+    resumed.fit()
+    assert [r.server_round for r in resumed.result.rounds] == [1, 2, 3]
+    for name, tensor in straight.global_weights.items():
+        assert torch.equal(tensor, resumed.global_weights[name]), name
+    assert resumed.result.rounds[-1].client_weights == straight.result.rounds[-1].client_weights
+    return straight, resumed
+
+
+def test_memories_a_round_ahead_of_the_checkpoint_resume_to_the_same_weights(tmp_path: Path) -> None:
+    def killed_before_the_checkpoint_of_round_3(first: Federation) -> None:
+        after_round_2 = (tmp_path / CHECKPOINT_NAME).read_bytes()
+        first.run_round(3)  # writes the files of round 3's clients, then the checkpoint, which is put back
+        (tmp_path / CHECKPOINT_NAME).write_bytes(after_round_2)
+
+    _resumed_after(tmp_path, killed_before_the_checkpoint_of_round_3)
+
+
+def test_a_checkpoint_holding_the_memories_inline_still_resumes(tmp_path: Path) -> None:
+    def earlier_layout(_: Federation) -> None:  # every memory inside the checkpoint, no clients' files
+        state = load_checkpoint(tmp_path / CHECKPOINT_NAME)
+        state["client_memory"] = read_client_states(tmp_path / CLIENT_STATE_NAME)
+        del state["client_state"], state["version"]
+        save_checkpoint(tmp_path / CHECKPOINT_NAME, state)
+        shutil.rmtree(tmp_path / CLIENT_STATE_NAME)
+
+    straight, _ = _resumed_after(tmp_path, earlier_layout)
+    # the round after the resume wrote every memory it restored, not only its own clients'
+    assert read_client_states(tmp_path / CLIENT_STATE_NAME).keys() == straight.client_memory.keys()
+
+
+def test_a_fresh_run_clears_the_clients_files_of_an_earlier_one(tmp_path: Path) -> None:
+    _federation(checkpoint_dir=tmp_path).fit()
+    (tmp_path / CHECKPOINT_NAME).unlink()  # start over in the same folder
+    stale = tmp_path / CLIENT_STATE_NAME / client_file_name("gone")
+    stale.write_bytes((tmp_path / CLIENT_STATE_NAME / client_file_name("0")).read_bytes())
+    federation = _federation(checkpoint_dir=tmp_path)
+    federation.aggregator.setup(3)
+    federation.run_round(1)
+    assert not stale.exists()
+
+
+def test_a_damaged_client_file_is_a_checkpoint_error_naming_it(tmp_path: Path) -> None:
+    _federation(checkpoint_dir=tmp_path).fit()
+    damaged = tmp_path / CLIENT_STATE_NAME / client_file_name("1")
+    damaged.write_bytes(b"not a torch file")
+    with pytest.raises(CheckpointError, match=r"federation\.client_state/1\.pt: expected a readable .*HINT"):
+        _federation(checkpoint_dir=tmp_path).fit()
+    # a file that holds another client's state
+    (tmp_path / CLIENT_STATE_NAME / client_file_name("0")).replace(damaged)
+    with pytest.raises(CheckpointError, match=r"1\.pt: expected the state of the client this file is named after"):
+        _federation(checkpoint_dir=tmp_path).fit()
+    for path in (tmp_path / CLIENT_STATE_NAME).glob("*.pt"):
+        path.unlink()
+    (tmp_path / CLIENT_STATE_NAME).rmdir()
+    with pytest.raises(CheckpointError, match=r"federation\.client_state: expected the clients' state .* missing"):
+        _federation(checkpoint_dir=tmp_path).fit()
+
+
+def test_client_file_names_are_plain_and_distinct() -> None:
+    ids = ["0", "site-3", "a_b", "../x", "a b", "a%20b", ".", "..", "ü", "a/b", "a\\b"]
+    names = [client_file_name(cid) for cid in ids]
+    assert names[:3] == ["0.pt", "site-3.pt", "a_b.pt"]
+    assert len(set(names)) == len(ids)
+    assert all("/" not in n and "\\" not in n and not n.startswith(".") for n in names)
 
 
 def test_share_teacher_of_a_client_outside_the_sums_is_the_whole_consensus() -> None:

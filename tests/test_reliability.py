@@ -18,7 +18,13 @@ from hypothesis.extra.numpy import arrays
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_fedharmony import CorrelationStats, DirectoryExchange, FedAvg, FedHarmony, PayloadError
-from lightning_fedharmony.checkpoint import CHECKPOINT_NAME, CLIENT_LOG_NAME, CheckpointMismatchError, load_checkpoint
+from lightning_fedharmony.checkpoint import (
+    CHECKPOINT_NAME,
+    CLIENT_LOG_NAME,
+    CLIENT_STATE_NAME,
+    CheckpointMismatchError,
+    load_checkpoint,
+)
 from lightning_fedharmony.data import ClientDataModule
 from lightning_fedharmony.faults import ClientTimeoutError, screen_update, time_limit
 from lightning_fedharmony.models import MultilabelMLP
@@ -108,7 +114,9 @@ def test_resume_after_sigkill_gives_bit_identical_weights(tmp_path: Path, extra:
     finished_before_kill = load_checkpoint(ckpt_file)["server_round"]
     assert 1 <= finished_before_kill < rounds
 
-    assert bool(load_checkpoint(ckpt_file).get("client_memory")) == bool(extra)
+    # the clients' terms are kept next to the checkpoint, one file per client
+    assert (load_checkpoint(ckpt_file).get("client_state") == CLIENT_STATE_NAME) == bool(extra)
+    assert any((ckpt_file.parent / CLIENT_STATE_NAME).glob("*.pt")) == bool(extra)
     resumed = _run_cli(tmp_path / "b", ckpt_dir, rounds, extra)
     output = resumed.communicate(timeout=300)[0]
     assert resumed.returncode == 0, output

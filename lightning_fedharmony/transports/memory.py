@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from lightning_fedharmony.client_terms import ConsensusMemory
 from lightning_fedharmony.faults import UpdateCollector, time_limit
 from lightning_fedharmony.protocol import Evaluation, Instruction
 from lightning_fedharmony.transports.base import Transport
@@ -36,9 +35,7 @@ class InMemoryTransport(Transport):
                             trainer_kwargs=federation.trainer_kwargs,
                             stats_noise_multiplier=federation.stats_noise_multiplier,
                             stats_clip=federation.stats_clip,
-                            memory=None
-                            if instruction.consensus is None
-                            else federation.client_memory.setdefault(cid, ConsensusMemory()),
+                            memory=None if instruction.consensus is None else federation.consensus_memory(cid),
                         )
                 except Exception as err:  # a failing client must not end the federation
                     collected.fail(cid, f"{type(err).__name__}: {' '.join(str(err).split())}")
