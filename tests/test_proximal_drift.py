@@ -27,6 +27,17 @@ def test_drift_proximal_scale_and_parameter_distance() -> None:
         parameter_distance(params, [torch.zeros(2)])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_parameter_distance_of_16_bit_weights_is_exact(dtype: torch.dtype) -> None:
+    # 2048 and -0.5 are exact in both dtypes, their difference 2048.5 in neither (it rounds to 2048)
+    local, anchor = torch.tensor([2048.0, 3.0], dtype=dtype), torch.tensor([-0.5, 3.0], dtype=dtype)
+    assert float((local - anchor)[0]) == 2048.0
+    assert parameter_distance([local], [anchor]) == 2048.5
+    # float32 weights subtract in float32, as before, so the distances of float32 runs do not move
+    local32, anchor32 = torch.tensor([1.0]), torch.tensor([-(2.0**-30)])
+    assert parameter_distance([local32], [anchor32]) == float(local32 - anchor32) == 1.0
+
+
 class _Epochs:
     """Stands in for the Trainer's epoch counter, which the drift rule reads."""
 

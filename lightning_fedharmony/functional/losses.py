@@ -188,6 +188,10 @@ CLIENT_PROXIMAL_SCALINGS = ("none", "drift")
 def parameter_distance(params: Iterable[Tensor], global_params: Iterable[Tensor]) -> float:
     """``||w - w_global||``, the Euclidean distance over all parameters, accumulated in float64.
 
+    A parameter of 16 bits or fewer is widened before the subtraction: the difference of two bfloat16 values of
+    opposite sign is not a bfloat16 in general, and rounding it would coarsen the distance. Wider ones subtract in
+    their own dtype (exact where a weight is near its global value), which keeps float32 runs' last bits as before.
+
     Example:
         >>> import torch
         >>> parameter_distance([torch.tensor([3.0]), torch.tensor([0.0, 4.0])], [torch.zeros(1), torch.zeros(2)])
@@ -198,8 +202,14 @@ def parameter_distance(params: Iterable[Tensor], global_params: Iterable[Tensor]
         raise ValueError(
             f"Expected as many global parameters as local ones, but got {len(global_params)} and {len(params)}."
         )
+    total = 0.0
     with torch.no_grad():
-        total = sum(float((p.detach() - g.to(p)).double().square().sum()) for p, g in zip(params, global_params))
+        for p, g in zip(params, global_params):
+            if p.is_floating_point() and p.element_size() <= 2:
+                difference = p.detach().double() - g.to(device=p.device, dtype=torch.float64)
+            else:
+                difference = (p.detach() - g.to(p)).double()
+            total += float(difference.square().sum())
     return math.sqrt(total)
 
 
