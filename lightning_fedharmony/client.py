@@ -186,7 +186,7 @@ def train_client(
         datamodule: its data.
         client_id: its name.
         instructions: what the server sent (``local_epochs`` overrides ``trainer_kwargs["max_epochs"]``).
-        trainer_kwargs: the Trainer's arguments.
+        trainer_kwargs: the Trainer's arguments; its ``callbacks`` (one or a list) join the client's own.
         seed: overrides the instruction's ``seed``.
         collect_stats: overrides the instruction's ``collect_stats`` (``None`` in both: no statistics).
         stats_noise_multiplier: Gaussian noise on the statistics (see :mod:`lightning_fedharmony.privacy`).
@@ -228,6 +228,9 @@ def train_client(
     kwargs = dict(trainer_kwargs)
     if instructions.local_epochs is not None:
         kwargs["max_epochs"] = instructions.local_epochs
+    # the caller's own callbacks (one or a list) run first, then the statistics' export
+    own = kwargs.pop("callbacks", None)
+    callbacks = [*(own if isinstance(own, (list, tuple)) else [] if own is None else [own]), *callbacks]
     started = time.perf_counter()
     trainer = pl.Trainer(**kwargs, callbacks=callbacks)
     setup = time.perf_counter() - started

@@ -149,7 +149,8 @@ class Federation:
             least one; :func:`~lightning_fedharmony.rounds.evaluation_clients`): the federated metrics then cover
             the held-out data of that sample. 1: every client.
         trainer_kwargs: overrides of the client Trainer template (:data:`CLIENT_TRAINER_DEFAULTS`); ``max_epochs``
-            is ``local_epochs``.
+            is ``local_epochs``. ``callbacks`` (one or a list) join every client's Trainer, the same instances in
+            each.
         checkpoint_dir: after every round, save what is needed to continue there (atomically); :meth:`fit` resumes
             after the last finished round when a checkpoint is found. ``None``: no checkpoints.
         client_timeout: seconds a client may train per round before it is stopped and recorded as failed (with a

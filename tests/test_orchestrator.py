@@ -247,6 +247,34 @@ def test_fedharmony_server_metrics_and_teachers_from_round_two():
     assert fed.result.rounds[1].server_metrics
 
 
+class FitCounter(pl.Callback):
+    """Counts the client fits it took part in and the batches it saw."""
+
+    def __init__(self) -> None:
+        self.fits = 0
+        self.batches = 0
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.fits += 1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.batches += 1
+
+
+@pytest.mark.parametrize("as_list", [True, False], ids=["list", "one"])
+def test_callbacks_in_trainer_kwargs_join_every_clients_trainer(as_list: bool):
+    counter = FitCounter()
+    fed = federation(
+        aggregator=FedHarmony(), num_rounds=2, trainer_kwargs={"callbacks": [counter] if as_list else counter}
+    )
+    fed.fit()
+    assert all(not r.failures for r in fed.result.rounds)
+    assert counter.fits == 2 * len(SIZES)
+    assert counter.batches == 2 * sum(math.ceil(n / 16) for n in SIZES)
+    # the statistics' export still ran beside them: round 2's clients were scored against teachers
+    assert all(math.isfinite(m["discrepancy"]) for m in fed.result.rounds[1].client_metrics.values())
+
+
 def test_module_without_mixin_and_fedharmony_is_a_type_error():
     with pytest.raises(TypeError, match=r"FedHarmonyMixin for FedHarmony, but got PlainMLP\. HINT: declare"):
         federation(PlainMLP(NUM_FEATURES, NUM_LABELS), aggregator=FedHarmony())
