@@ -152,3 +152,20 @@ def test_memory_benchmark_measures_the_checkpoint_and_the_clients_files(tmp_path
     assert first > 0
     plain = memory.main([*argv, "--out", str(tmp_path / "n")])
     assert plain["client_state_kib_last"] is None and plain["checkpoint_kib_first_last"] is None
+
+
+def test_proximal_pull_benchmark_writes_its_figures(tmp_path: Path) -> None:
+    """benchmarks/proximal_pull.py on river:yeast, 2 rounds: per-round figures in range, and the markdown table."""
+    pull = load_benchmark("proximal_pull")
+    out = tmp_path / "pull.json"
+    report = pull.main(["--data", "river:yeast", "--rounds", "2", "--batches", "2", "--out", str(out)])
+    rounds = report["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    for r in rounds:
+        assert r["hidden_ratio"] > 0 and r["output_ratio"] > 0 and 0 <= r["output_rows_pulled"] <= 1
+        assert 0 < r["test_map"] <= 1
+    assert json.loads(out.read_text())["rounds"] == rounds
+    table = out.with_suffix(".md").read_text()
+    assert "| round | pull / loss-gradient RMS, hidden |" in table and table.count("\n| ") == 3
+    with pytest.raises(SystemExit):
+        pull.main(["--data", "river:yeast", "--mu", "0"])
