@@ -58,8 +58,12 @@ class PullProbe(pl.Callback):
         squares = [torch.zeros_like(p) for p in params]
         seen = 0
         with torch.enable_grad():
-            for x, y in trainer.train_dataloader:  # type: ignore[union-attr]
-                loss = F.binary_cross_entropy_with_logits(pl_module(x), y)
+            for batch in trainer.train_dataloader:  # type: ignore[union-attr]
+                x, y = batch[0], batch[1]
+                if len(batch) > 2:  # label masking: only the observed entries carry a loss
+                    loss = F.binary_cross_entropy_with_logits(pl_module(x), y, weight=batch[2].float())
+                else:
+                    loss = F.binary_cross_entropy_with_logits(pl_module(x), y)
                 for square, grad in zip(squares, torch.autograd.grad(loss, params)):
                     square += grad.square()
                 seen += 1
@@ -85,6 +89,7 @@ class PullProbe(pl.Callback):
 
 
 def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Run FedProx on the cell with the probe; per round, the sample-weighted means of the figures and the test mAP."""
     from lightning_fedharmony import FedProx
     from lightning_fedharmony.data.federated import load_federated_data
     from lightning_fedharmony.models import MultilabelMLP
@@ -133,6 +138,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def markdown(args: argparse.Namespace, rounds: list[dict[str, Any]]) -> str:
+    """The per-round table."""
     lines = [
         f"{args.data}, {args.partition}, FedProx mu = {args.mu}, seed {args.seed} (sample-weighted means over clients)",
         "",
@@ -148,6 +154,7 @@ def markdown(args: argparse.Namespace, rounds: list[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Parse the arguments, measure, write the JSON and the markdown; return the report."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="a name in --data-dir, a path, or river:yeast")
     parser.add_argument("--data-dir", default=str(DATA_DIR))

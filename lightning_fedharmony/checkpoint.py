@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import inspect
 import json
 import os
@@ -159,14 +160,22 @@ def read_client_log(path: str | os.PathLike[str], server_rounds: Sequence[int]) 
 
 
 def client_file_name(client_id: str) -> str:
-    """The file (in :data:`CLIENT_STATE_NAME`) of one client's state: letters, digits, ``_`` and ``-`` kept, every
-    other byte of the id's UTF-8 written ``%XX``, so that distinct ids never share a file and none names a folder.
+    """The file (in :data:`CLIENT_STATE_NAME`) of one client's state.
+
+    Args:
+        client_id: the client's id (any string).
+
+    Returns:
+        Up to 48 characters of the id (letters, digits, ``_`` and ``-``; anything else as ``_``) and 16 hex digits of
+        its SHA-256: any id fits a file name, and distinct ids get distinct files, on case-insensitive file systems
+        too.
 
     Example:
-        >>> client_file_name("site-3"), client_file_name("../a b")
-        ('site-3.pt', '%2E%2E%2Fa%20b.pt')
+        >>> client_file_name("site-3")
+        'site-3-c715e36f245de958.pt'
     """
-    return "".join(c if c in _FILE_SAFE else "".join(f"%{b:02X}" for b in c.encode()) for c in client_id) + ".pt"
+    readable = "".join(c if c in _FILE_SAFE else "_" for c in client_id[:48])
+    return f"{readable}-{hashlib.sha256(client_id.encode()).hexdigest()[:16]}.pt"
 
 
 def write_client_states(
@@ -197,11 +206,16 @@ def write_client_states(
         atomic_write(path, functools.partial(torch.save, entry))
 
 
-def read_client_states(folder: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+def read_client_states(folder: str | os.PathLike[str], expected: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
     """Every client state that :func:`write_client_states` left in ``folder``, by client id.
 
+    Args:
+        folder: the folder.
+        expected: ids whose state must be there (those the checkpoint counted).
+
     Raises:
-        CheckpointError: if the folder is missing, or a file in it cannot be read or is not a client's state (named).
+        CheckpointError: if the folder is missing, a file in it cannot be read or is not the state of the client it
+            is named after, or an expected client has no file (each named).
     """
     target = Path(folder)
     if not target.is_dir():
@@ -213,12 +227,23 @@ def read_client_states(folder: str | os.PathLike[str]) -> dict[str, dict[str, An
     for path in sorted(target.glob("*.pt")):
         entry = load_checkpoint(path, ("client_id", "state"))
         client_id, state = entry["client_id"], entry["state"]
-        if not isinstance(client_id, str) or client_file_name(client_id) != path.name or not isinstance(state, dict):
+        if not isinstance(client_id, str) or client_file_name(client_id) != path.name:
             raise CheckpointError(
                 f"{os.fspath(path)}: expected the state of the client this file is named after, but it holds"
-                f" {client_id!r}. {CHECKPOINT_HINT}"
+                f" client {client_id!r}. {CHECKPOINT_HINT}"
+            )
+        if not isinstance(state, dict):
+            raise CheckpointError(
+                f"{os.fspath(path)}: expected a client's state (a dict), but got {type(state).__name__}."
+                f" {CHECKPOINT_HINT}"
             )
         states[client_id] = state
+    missing = [cid for cid in expected if cid not in states]
+    if missing:
+        raise CheckpointError(
+            f"{os.fspath(target)}: expected the state of every client the checkpoint counts, but {len(missing)} have"
+            f" no file (first: {missing[0]!r}). {CHECKPOINT_HINT}"
+        )
     return states
 
 
@@ -242,7 +267,8 @@ def restore_checkpoint(path: str | os.PathLike[str], load_state_dict: Callable[[
             state["history"] = {**history, "rounds": merged}
         if state.get("client_state") == CLIENT_STATE_NAME:
             # a per-round checkpoint of in-process clients: their state is in the folder next to it
-            state["client_memory"] = read_client_states(Path(path).parent / CLIENT_STATE_NAME)
+            expected = state.get("client_state_ids", ())
+            state["client_memory"] = read_client_states(Path(path).parent / CLIENT_STATE_NAME, expected)
         load_state_dict(state)
     except CheckpointMismatchError as err:
         raise CheckpointMismatchError(f"{where}: {err}") from None

@@ -150,7 +150,8 @@ class Federation:
             the held-out data of that sample. 1: every client.
         trainer_kwargs: overrides of the client Trainer template (:data:`CLIENT_TRAINER_DEFAULTS`); ``max_epochs``
             is ``local_epochs``. ``callbacks`` (one or a list) join every client's Trainer, the same instances in
-            each.
+            each, so a stateful one (``EarlyStopping``) carries its state from client to client; a
+            ``ModelCheckpoint`` also needs ``enable_checkpointing=True``.
         checkpoint_dir: after every round, save what is needed to continue there (atomically); :meth:`fit` resumes
             after the last finished round when a checkpoint is found. ``None``: no checkpoints.
         client_timeout: seconds a client may train per round before it is stopped and recorded as failed (with a
@@ -405,8 +406,17 @@ class Federation:
         }
 
     def consensus_memory(self, client_id: str) -> ConsensusMemory:
-        """The consensus memory of a client trained in this process (created on first use), marked for the next
-        checkpoint."""
+        """The consensus memory of a client trained in this process, created on first use.
+
+        A transport hands clients their memories through this method, not ``client_memory``: it marks the memory
+        for the next checkpoint, which rewrites only the marked ones.
+
+        Args:
+            client_id: the client.
+
+        Returns:
+            The client's memory (the same object on every call).
+        """
         self._memory_touched.add(client_id)
         return self.client_memory.setdefault(client_id, ConsensusMemory())
 
@@ -441,8 +451,9 @@ class Federation:
         for cid, memory_state in state.get("client_memory", {}).items():
             self.client_memory[cid] = ConsensusMemory()
             self.client_memory[cid].load_state_dict(memory_state)
-        # the next checkpoint writes them all once: they may come from elsewhere than its folder
-        self._memory_touched = set(self.client_memory)
+        # memories from elsewhere than a checkpoint's folder are all written by the next checkpoint
+        from_folder = state.get("client_state") == CLIENT_STATE_NAME
+        self._memory_touched = set() if from_folder else set(self.client_memory)
 
     def save(self, path: str | os.PathLike[str] | None = None) -> Path:
         """Write the federation's state atomically (default: ``checkpoint_dir``)."""
@@ -463,17 +474,18 @@ class Federation:
         fresh = len(self.result.rounds) == 1
         detail = {name: getattr(record, name) for name in CLIENT_FIELDS}
         append_client_log(path.parent / CLIENT_LOG_NAME, record.server_round, detail, fresh=fresh)
-        touched, self._memory_touched = self._memory_touched, set()
-        memories = {cid: self.client_memory[cid] for cid in sorted(touched)}
+        touched = sorted(self._memory_touched)
         write_client_states(
             path.parent / CLIENT_STATE_NAME,
-            {cid: memory.state_dict() if memory.rounds() else None for cid, memory in memories.items()},
+            {cid: m.state_dict() if (m := self.client_memory[cid]).rounds() else None for cid in touched},
             fresh=fresh,
         )
+        self._memory_touched.difference_update(touched)  # only once written: a failed write is tried again
         history = {**self.result.to_dict(client_fields=False), "client_log": CLIENT_LOG_NAME}
         state = {**self.state_dict(history=False, client_memory=False), "history": history}
         if self.client_memory:
             state["client_state"] = CLIENT_STATE_NAME
+            state["client_state_ids"] = sorted(cid for cid, m in self.client_memory.items() if m.rounds())
         save_checkpoint(path, state)
 
     def restore(self, path: str | os.PathLike[str]) -> None:
@@ -485,6 +497,8 @@ class Federation:
             CheckpointMismatchError: the checkpoint was written by another setup (names the setting and the file).
         """
         restore_checkpoint(path, self.load_state_dict)
+        if self.checkpoint_path is None or Path(path).resolve() != self.checkpoint_path.resolve():
+            self._memory_touched = set(self.client_memory)  # their files are in another folder than ours
         log.info("resumed from %s after round %d", os.fspath(path), len(self.result.rounds))
 
     def select_clients(self, server_round: int) -> list[str]:

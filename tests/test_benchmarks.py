@@ -167,5 +167,7 @@ def test_proximal_pull_benchmark_writes_its_figures(tmp_path: Path) -> None:
     assert json.loads(out.read_text())["rounds"] == rounds
     table = out.with_suffix(".md").read_text()
     assert "| round | pull / loss-gradient RMS, hidden |" in table and table.count("\n| ") == 3
+    masked = pull.main(["--data", "river:yeast", "--partition", "masking", "--rounds", "1", "--out", str(out)])
+    assert 0 < masked["rounds"][0]["test_map"] <= 1  # batches with an observed mask
     with pytest.raises(SystemExit):
         pull.main(["--data", "river:yeast", "--mu", "0"])

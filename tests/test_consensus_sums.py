@@ -386,11 +386,13 @@ def test_a_damaged_client_file_is_a_checkpoint_error_naming_it(tmp_path: Path) -
     _federation(checkpoint_dir=tmp_path).fit()
     damaged = tmp_path / CLIENT_STATE_NAME / client_file_name("1")
     damaged.write_bytes(b"not a torch file")
-    with pytest.raises(CheckpointError, match=r"federation\.client_state/1\.pt: expected a readable .*HINT"):
+    readable = r"federation\.client_state/1-[0-9a-f]{16}\.pt: expected a readable .*HINT"
+    with pytest.raises(CheckpointError, match=readable):
         _federation(checkpoint_dir=tmp_path).fit()
     # a file that holds another client's state
     (tmp_path / CLIENT_STATE_NAME / client_file_name("0")).replace(damaged)
-    with pytest.raises(CheckpointError, match=r"1\.pt: expected the state of the client this file is named after"):
+    other = r"1-[0-9a-f]{16}\.pt: expected the state of the client this file is named after, but it holds client '0'"
+    with pytest.raises(CheckpointError, match=other):
         _federation(checkpoint_dir=tmp_path).fit()
     for path in (tmp_path / CLIENT_STATE_NAME).glob("*.pt"):
         path.unlink()
@@ -399,12 +401,21 @@ def test_a_damaged_client_file_is_a_checkpoint_error_naming_it(tmp_path: Path) -
         _federation(checkpoint_dir=tmp_path).fit()
 
 
-def test_client_file_names_are_plain_and_distinct() -> None:
-    ids = ["0", "site-3", "a_b", "../x", "a b", "a%20b", ".", "..", "ü", "a/b", "a\\b"]
+def test_client_file_names_are_plain_distinct_and_short() -> None:
+    ids = ["0", "site-3", "a_b", "../x", "a b", "a%20b", ".", "..", "ü", "a/b", "a\\b", "A", "a", "CON", "字" * 300]
     names = [client_file_name(cid) for cid in ids]
-    assert names[:3] == ["0.pt", "site-3.pt", "a_b.pt"]
-    assert len(set(names)) == len(ids)
-    assert all("/" not in n and "\\" not in n and not n.startswith(".") for n in names)
+    assert names[1].startswith("site-3-") and names[-2].startswith("CON-")
+    assert len({n.lower() for n in names}) == len(ids)  # distinct on case-insensitive file systems too
+    assert all("/" not in n and "\\" not in n and not n.startswith(".") and len(n) <= 68 for n in names)
+
+
+def test_a_client_file_the_checkpoint_counts_but_lost_is_a_checkpoint_error(tmp_path: Path) -> None:
+    first = _federation(num_clients=6, fraction_fit=0.34, checkpoint_dir=tmp_path)
+    first.aggregator.setup(3)
+    first.run_round(1)
+    (tmp_path / CLIENT_STATE_NAME / client_file_name(first.select_clients(1)[0])).unlink()
+    with pytest.raises(CheckpointError, match=r"client_state: expected the state of every client .* 1 have no file"):
+        _federation(num_clients=6, fraction_fit=0.34, checkpoint_dir=tmp_path).fit()
 
 
 def test_share_teacher_of_a_client_outside_the_sums_is_the_whole_consensus() -> None:

@@ -1,4 +1,4 @@
-"""The README's runnable Python example runs as shown and returns what its comments say."""
+"""The README's runnable Python example runs as shown and returns the fields its comments name."""
 
 from __future__ import annotations
 
