@@ -229,8 +229,8 @@ def train_client(
     if instructions.local_epochs is not None:
         kwargs["max_epochs"] = instructions.local_epochs
     # the caller's own callbacks (one or a list) run first, then the statistics' export
-    own = kwargs.pop("callbacks", None)
-    callbacks = [*(own if isinstance(own, (list, tuple)) else [] if own is None else [own]), *callbacks]
+    own = kwargs.pop("callbacks", None) or []
+    callbacks = [*(own if isinstance(own, (list, tuple)) else [own]), *callbacks]
     started = time.perf_counter()
     trainer = pl.Trainer(**kwargs, callbacks=callbacks)
     setup = time.perf_counter() - started
