@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_fedharmony.functional.aggregation import weighted_average
+from lightning_fedharmony.functional.aggregation import server_momentum_step, weighted_average
 from lightning_fedharmony.protocol import Instruction, ProtocolError, Update
 
 #: The one error of the client protocol (kept under its first name): names the client and the field.
@@ -88,6 +88,11 @@ class Aggregator(ABC):
     #: whether the clients keep part of the aggregator's cross-round state (a runner that restarts its clients
     #: afresh cannot resume it)
     relies_on_client_state: bool = False
+    #: server momentum ``beta`` (FedAvgM; 0 = the plain average), a constructor argument of the library's aggregators
+    server_momentum: float = 0.0
+    #: scale the kept momentum by its agreement with the round's update (:func:`server_momentum_step`)
+    server_momentum_adaptive: bool = True
+    _momentum: dict[str, Tensor] | None = None
 
     def setup(self, num_rounds: int, local_epochs: int = 1) -> None:
         """Called once by the runner before round 1 with the planned rounds and each client's local epochs."""
@@ -132,6 +137,7 @@ class Aggregator(ABC):
         finishes, so a round given up (too few updates) leaves no trace. By default the updates are kept until
         :meth:`RoundAggregation.finish` calls :meth:`combine`; a streaming aggregator folds each one in as it comes."""
         _check_round(server_round)
+        self.check_global_weights(global_weights)
         return BufferedRound(self, server_round, global_weights)
 
     def combine(
@@ -145,8 +151,10 @@ class Aggregator(ABC):
         validate_updates(updates, global_weights, stats_values=False)
         client_weights, metrics = self.client_weights(server_round, updates)
         client_metrics, client_pairs = self.client_report()
+        averaged = weighted_average([u.weights for u in updates], client_weights)
+        weights = self.server_step(averaged, global_weights, metrics)
         return AggregationResult(
-            weights=weighted_average([u.weights for u in updates], client_weights),
+            weights=weights,
             client_weights={u.client_id: float(w) for u, w in zip(updates, client_weights)},
             metrics=metrics,
             client_metrics=client_metrics,
@@ -161,12 +169,53 @@ class Aggregator(ABC):
         """Per-client scalars and label pairs of the latest :meth:`client_weights` call (none by default)."""
         return {}, {}
 
+    def server_step(
+        self,
+        averaged: dict[str, Tensor],
+        global_weights: Mapping[str, Tensor] | None,
+        metrics: dict[str, float],
+    ) -> dict[str, Tensor]:
+        """The round's new global weights from the clients' average: the average itself, or with
+        ``server_momentum > 0`` one :func:`server_momentum_step` (its factor goes into ``metrics`` as
+        ``server_momentum``). Called once per round, when the round is taken in.
+
+        Raises:
+            ValueError: if server momentum is on and ``global_weights`` is ``None``.
+        """
+        if not self.server_momentum:
+            return averaged
+        self.check_global_weights(global_weights)
+        assert global_weights is not None  # checked above
+        weights, self._momentum, kept = server_momentum_step(
+            global_weights, averaged, self._momentum, self.server_momentum, adaptive=self.server_momentum_adaptive
+        )
+        metrics["server_momentum"] = kept
+        return weights
+
+    def check_global_weights(self, global_weights: Mapping[str, Tensor] | None) -> None:
+        """Refuse a round without the weights the clients started from when server momentum needs them."""
+        if self.server_momentum and global_weights is None:
+            raise ValueError(
+                f"Expected argument `global_weights` (the weights the clients started from) with"
+                f" `server_momentum={self.server_momentum!r}`, but got None."
+            )
+
     def state_dict(self) -> dict[str, Any]:
         """Cross-round state (plain tensors and values)."""
-        return {}
+        return self.momentum_state()
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
+        self.load_momentum_state(state)
+
+    def momentum_state(self) -> dict[str, Any]:
+        """The server momentum (``{}`` when there is none), for subclasses' :meth:`state_dict`."""
+        return {"server_momentum_buffer": dict(self._momentum)} if self._momentum else {}
+
+    def load_momentum_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`momentum_state` returned (no entry: no momentum yet)."""
+        buffer = state.get("server_momentum_buffer")
+        self._momentum = dict(buffer) if buffer else None
 
 
 class RoundAggregation(ABC):
@@ -260,3 +309,12 @@ def sample_weights(updates: Sequence[ClientUpdate]) -> Tensor:
     """``n_k / sum n``: FedAvg's weights."""
     n = torch.tensor([float(u.num_samples) for u in updates], dtype=torch.float64)
     return n / n.sum()
+
+
+def check_server_momentum(server_momentum: float, adaptive: bool) -> None:
+    """The constructor check of ``server_momentum`` and ``server_momentum_adaptive``."""
+    number = isinstance(server_momentum, (int, float)) and not isinstance(server_momentum, bool)
+    if not (number and 0 <= server_momentum < 1):
+        raise ValueError(f"Expected argument `server_momentum` to be a float in [0, 1), but got {server_momentum!r}.")
+    if not isinstance(adaptive, bool):
+        raise TypeError(f"Expected argument `server_momentum_adaptive` to be a bool, but got {adaptive!r}.")

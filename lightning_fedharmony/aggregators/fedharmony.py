@@ -21,6 +21,7 @@ from lightning_fedharmony.aggregators.base import (
     InconsistentClientUpdates,
     RoundAggregation,
     _check_round,
+    check_server_momentum,
     sample_weights,
 )
 from lightning_fedharmony.aggregators.consensus_sums import ConsensusSums, SumsRound
@@ -158,6 +159,11 @@ class FedHarmony(Aggregator):
             with (so round 1, without one, weighs by data alone).
             Needs a numeric ``gamma`` and ``consensus_weighting`` ``"samples"`` or ``"uniform"``.
         seed: seed of the spectral clustering's k-means.
+        server_momentum: server momentum ``beta`` in ``[0, 1)`` on the aggregated model (FedAvgM); 0, the default,
+            takes the aggregate as it is. Not a default yet: a first screen on validation splits is in
+            ``benchmarks/results_quality.md``.
+        server_momentum_adaptive: scale the momentum kept from earlier rounds by its agreement with the round's
+            update (:func:`~lightning_fedharmony.functional.server_momentum_step`).
 
     Example:
         >>> FedHarmony().proximal_mu, FedHarmony.paper().proximal_mu
@@ -191,6 +197,8 @@ class FedHarmony(Aggregator):
         corr_momentum: float | None = 0.9,
         leave_one_out: LeaveOneOut = "server",
         seed: int = 0,
+        server_momentum: float = 0.0,
+        server_momentum_adaptive: bool = True,
     ) -> None:
         if not alignment_weight >= 0:
             raise ValueError(f"Expected argument `alignment_weight` to be >= 0, but got {alignment_weight!r}.")
@@ -234,6 +242,9 @@ class FedHarmony(Aggregator):
                 " but got 'previous_aggregation' (a client's weight in the sums must be known when it sends its term)."
             )
         _check_normalization(corr_normalization, "corr_normalization")
+        check_server_momentum(server_momentum, server_momentum_adaptive)
+        self.server_momentum = float(server_momentum)
+        self.server_momentum_adaptive = server_momentum_adaptive
         self.alignment_weight = float(alignment_weight)
         self.alignment = alignment
         self.block_alignment = block_alignment
@@ -357,6 +368,7 @@ class FedHarmony(Aggregator):
             if self.quality_aggregation:
                 self._t0()  # fail before any update is taken
             _check_round(server_round)
+            self.check_global_weights(global_weights)
             return SumsRound(self, self._consensus_sums, server_round, global_weights)
         return super().begin_round(server_round, global_weights)
 
@@ -499,7 +511,12 @@ class FedHarmony(Aggregator):
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         if self.leave_one_out == "client":
-            return {"leave_one_out": "client", "num_rounds": self.num_rounds, **self._consensus_sums.state_dict()}
+            return {
+                "leave_one_out": "client",
+                "num_rounds": self.num_rounds,
+                **self._consensus_sums.state_dict(),
+                **self.momentum_state(),
+            }
         ids = list(self._clients)
         records = [self._clients[cid] for cid in ids]
         return {
@@ -509,6 +526,7 @@ class FedHarmony(Aggregator):
             "num_samples": torch.tensor([r.num_samples for r in records], dtype=torch.float64),
             "aggregation_weight": torch.tensor([r.aggregation_weight for r in records], dtype=torch.float64),
             "num_rounds": self.num_rounds,
+            **self.momentum_state(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -518,6 +536,7 @@ class FedHarmony(Aggregator):
                 f"Expected a state of `leave_one_out={self.leave_one_out!r}`, but it holds one of {kept!r}."
             )
         self.num_rounds = state.get("num_rounds", self.num_rounds)
+        self.load_momentum_state(state)
         if self.leave_one_out == "client":
             self._consensus_sums.load_state_dict(state)
             return

@@ -8,6 +8,7 @@ from lightning_fedharmony.functional.aggregation import (
     departing_pairs,
     quality_from_discrepancy,
     sampling_discrepancy,
+    server_momentum_step,
     teacher_score,
     weighted_average,
 )
@@ -72,5 +73,6 @@ __all__ = [
     "spectral_label_blocks",
     "teacher_and_mask",
     "teacher_score",
+    "server_momentum_step",
     "weighted_average",
 ]

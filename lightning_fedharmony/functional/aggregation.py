@@ -275,3 +275,69 @@ def weighted_average(
         else:
             averaged[key] = tensors[top].detach().clone()
     return averaged
+
+
+def server_momentum_step(
+    global_weights: Mapping[str, Tensor],
+    averaged: Mapping[str, Tensor],
+    momentum: Mapping[str, Tensor] | None,
+    beta: float,
+    *,
+    adaptive: bool = True,
+) -> tuple[dict[str, Tensor], dict[str, Tensor], float]:
+    """One server momentum step (FedAvgM, Hsu et al. 2019): ``m = beta' m + (avg - w)``, ``w' = w + m``.
+
+    With ``adaptive=True`` the momentum kept from earlier rounds is scaled by how much this round's update agrees
+    with it, ``beta' = beta * max(0, cos(avg - w, m))``: rounds that keep moving the same way are accelerated, and
+    momentum that the clients' updates turn against is dropped (a soft form of the adaptive restart of O'Donoghue and
+    Candes, 2015). ``adaptive=False`` keeps ``beta' = beta``.
+
+    Args:
+        global_weights: the round's global weights ``w`` (what the clients started from).
+        averaged: the clients' aggregated weights.
+        momentum: the momentum ``m`` returned by the previous step (float64), or ``None`` in the first round.
+        beta: momentum factor in ``[0, 1)``; 0 returns ``averaged`` unchanged.
+        adaptive: scale the kept momentum by the agreement (see above).
+
+    Returns:
+        The new global weights (in ``averaged``'s dtypes; entries that are not floating point, such as BatchNorm's
+        counters, as in ``averaged``), the new momentum (float64) and the factor ``beta'`` used (0 in the first
+        round, which has no momentum yet).
+
+    Raises:
+        ValueError: if ``beta`` is outside ``[0, 1)`` or a floating point entry of ``averaged`` is missing from
+            ``global_weights`` or has another shape.
+
+    Example:
+        >>> import torch
+        >>> w, m, b = server_momentum_step({"w": torch.zeros(2)}, {"w": torch.ones(2)}, None, 0.5)
+        >>> w, b
+        ({'w': tensor([1., 1.])}, 0.0)
+        >>> w, m, b = server_momentum_step(w, {"w": torch.full((2,), 2.0)}, m, 0.5)
+        >>> w, b
+        ({'w': tensor([2.5000, 2.5000])}, 0.5)
+    """
+    if not (isinstance(beta, (int, float)) and not isinstance(beta, bool) and 0 <= beta < 1):
+        raise ValueError(f"Expected argument `beta` to be a float in [0, 1), but got {beta!r}.")
+    keys = [k for k, v in averaged.items() if v.is_floating_point()]
+    for key in keys:
+        if key not in global_weights or global_weights[key].shape != averaged[key].shape:
+            raise ValueError(
+                f"Expected argument `global_weights` to hold entry {key!r} of shape {tuple(averaged[key].shape)},"
+                f" but got {tuple(global_weights[key].shape) if key in global_weights else 'no such entry'}."
+            )
+    if beta == 0:
+        return dict(averaged), {}, 0.0
+    delta = {k: averaged[k].to(torch.float64) - global_weights[k].to(torch.float64) for k in keys}
+    kept = 0.0 if not momentum else beta
+    if momentum and adaptive:
+        dot = sum(float(torch.sum(delta[k] * momentum[k])) for k in keys if k in momentum)
+        delta_sq = sum(float(delta[k].square().sum()) for k in keys)
+        momentum_sq = sum(float(m.square().sum()) for m in momentum.values())
+        norms = (delta_sq * momentum_sq) ** 0.5
+        kept = beta * max(0.0, dot / norms) if norms > 0 else 0.0
+    new_momentum = {k: delta[k].add(momentum[k], alpha=kept) if momentum and k in momentum else delta[k] for k in keys}
+    weights = dict(averaged)
+    for key in keys:
+        weights[key] = (global_weights[key].to(torch.float64) + new_momentum[key]).to(averaged[key].dtype)
+    return weights, new_momentum, kept
