@@ -206,15 +206,19 @@ def write_client_states(
         atomic_write(path, functools.partial(torch.save, entry))
 
 
-def read_client_states(folder: str | os.PathLike[str], expected: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
-    """Every client state that :func:`write_client_states` left in ``folder``, by client id.
+def read_client_states(
+    folder: str | os.PathLike[str], expected: Sequence[str] | None = None
+) -> dict[str, dict[str, Any]]:
+    """The client states that :func:`write_client_states` left in ``folder``, by client id.
 
     Args:
         folder: the folder.
-        expected: ids whose state must be there (those the checkpoint counted).
+        expected: the ids to read (those the checkpoint counts); each must have its file, and other files in the
+            folder (a client's file written a round ahead of the checkpoint, leftovers of another run) are not read.
+            ``None`` reads every file.
 
     Raises:
-        CheckpointError: if the folder is missing, a file in it cannot be read or is not the state of the client it
+        CheckpointError: if the folder is missing, a file read cannot be read or is not the state of the client it
             is named after, or an expected client has no file (each named).
     """
     target = Path(folder)
@@ -223,8 +227,18 @@ def read_client_states(folder: str | os.PathLike[str], expected: Sequence[str] =
             f"{os.fspath(target)}: expected the clients' state that the checkpoint next to it refers to, but the"
             f" folder is missing. {CHECKPOINT_HINT}"
         )
+    if expected is None:
+        paths = sorted(target.glob("*.pt"))
+    else:
+        paths = [target / client_file_name(cid) for cid in expected]
+        missing = [cid for cid, path in zip(expected, paths) if not path.is_file()]
+        if missing:
+            raise CheckpointError(
+                f"{os.fspath(target)}: expected the state of every client the checkpoint counts, but {len(missing)}"
+                f" have no file (first: {missing[0]!r}). {CHECKPOINT_HINT}"
+            )
     states: dict[str, dict[str, Any]] = {}
-    for path in sorted(target.glob("*.pt")):
+    for path in paths:
         entry = load_checkpoint(path, ("client_id", "state"))
         client_id, state = entry["client_id"], entry["state"]
         if not isinstance(client_id, str) or client_file_name(client_id) != path.name:
@@ -238,17 +252,29 @@ def read_client_states(folder: str | os.PathLike[str], expected: Sequence[str] =
                 f" {CHECKPOINT_HINT}"
             )
         states[client_id] = state
-    missing = [cid for cid in expected if cid not in states]
-    if missing:
-        raise CheckpointError(
-            f"{os.fspath(target)}: expected the state of every client the checkpoint counts, but {len(missing)} have"
-            f" no file (first: {missing[0]!r}). {CHECKPOINT_HINT}"
-        )
     return states
 
 
-def restore_checkpoint(path: str | os.PathLike[str], load_state_dict: Callable[[Mapping[str, Any]], None]) -> None:
-    """Read the checkpoint at ``path`` and hand it to ``load_state_dict`` (a runner's), with one-line errors.
+def sweep_client_states(folder: str | os.PathLike[str], keep: Sequence[str]) -> None:
+    """Remove what a checkpoint no longer refers to from a clients' state folder: the files of clients not in
+    ``keep`` (another run's, or a client's that has nothing to keep) and temporary files of interrupted writes."""
+    target = Path(folder)
+    if not target.is_dir():
+        return
+    kept = {client_file_name(cid) for cid in keep}
+    for path in target.iterdir():
+        leftover = path.name.startswith(".") and path.name.endswith(".tmp")
+        if path.is_file() and (leftover or (path.suffix == ".pt" and path.name not in kept)):
+            path.unlink(missing_ok=True)
+
+
+def restore_checkpoint(
+    path: str | os.PathLike[str],
+    load_state_dict: Callable[[Mapping[str, Any]], None],
+    check: Callable[[Mapping[str, Any]], None] | None = None,
+) -> None:
+    """Read the checkpoint at ``path`` and hand it to ``load_state_dict`` (a runner's), with one-line errors;
+    ``check`` (e.g. the runner's fingerprint check) sees the checkpoint before the files next to it are read.
 
     Raises:
         CheckpointError: the file cannot be read, or its content does not fit the runner's model or aggregator
@@ -258,6 +284,8 @@ def restore_checkpoint(path: str | os.PathLike[str], load_state_dict: Callable[[
     where = os.fspath(path)
     state = load_checkpoint(path, STATE_KEYS)
     try:
+        if check is not None:
+            check(state)
         history = state["history"]
         if isinstance(history, Mapping) and history.get("client_log") == CLIENT_LOG_NAME:
             # a per-round checkpoint: the rounds' per-client detail is in the log next to it
@@ -267,7 +295,7 @@ def restore_checkpoint(path: str | os.PathLike[str], load_state_dict: Callable[[
             state["history"] = {**history, "rounds": merged}
         if state.get("client_state") == CLIENT_STATE_NAME:
             # a per-round checkpoint of in-process clients: their state is in the folder next to it
-            expected = state.get("client_state_ids", ())
+            expected = state.get("client_state_ids")
             state["client_memory"] = read_client_states(Path(path).parent / CLIENT_STATE_NAME, expected)
         load_state_dict(state)
     except CheckpointMismatchError as err:

@@ -33,6 +33,7 @@ from lightning_fedharmony.checkpoint import (
     plain_items,
     restore_checkpoint,
     save_checkpoint,
+    sweep_client_states,
     write_client_states,
 )
 from lightning_fedharmony.client import (  # noqa: F401 - re-exported: their home was here
@@ -310,6 +311,7 @@ class Federation:
         #: ``leave_one_out="client"``): client state, which lives here because the clients do
         self.client_memory: dict[str, ConsensusMemory] = {}
         self._memory_touched: set[str] = set()  # handed out since the last checkpoint
+        self._sweep_client_state = True  # the first checkpoint of a start or a resume clears what it no longer counts
         self._last_gc, self._gc_seconds = 0.0, 0.0
         self._aggregation: RoundAggregation | None = None
         self._printing = False
@@ -374,6 +376,9 @@ class Federation:
             log.setLevel(level)
 
     # ------------------------------------------------------------------ checkpoints
+    def _check_fingerprint(self, state: Mapping[str, Any]) -> None:
+        check_fingerprint(state["fingerprint"], self._fingerprint())
+
     def _fingerprint(self) -> dict[str, Any]:
         """Everything known to decide the result: the caller's ``fingerprint_extra`` first (it names the settings
         as the user wrote them), then what the federation sees itself."""
@@ -442,7 +447,7 @@ class Federation:
             CheckpointMismatchError: naming the first setting (dotted key) whose saved value differs from the
                 current one, or if the checkpoint predates fingerprints of the whole run.
         """
-        check_fingerprint(state["fingerprint"], self._fingerprint())
+        self._check_fingerprint(state)
         load_model_weights(self.model, state["global_weights"])
         self.global_weights = model_weights(self.model)
         self.aggregator.load_state_dict(state["aggregator"])
@@ -454,6 +459,7 @@ class Federation:
         # memories from elsewhere than a checkpoint's folder are all written by the next checkpoint
         from_folder = state.get("client_state") == CLIENT_STATE_NAME
         self._memory_touched = set() if from_folder else set(self.client_memory)
+        self._sweep_client_state = True
 
     def save(self, path: str | os.PathLike[str] | None = None) -> Path:
         """Write the federation's state atomically (default: ``checkpoint_dir``)."""
@@ -483,10 +489,16 @@ class Federation:
         self._memory_touched.difference_update(touched)  # only once written: a failed write is tried again
         history = {**self.result.to_dict(client_fields=False), "client_log": CLIENT_LOG_NAME}
         state = {**self.state_dict(history=False, client_memory=False), "history": history}
+        ids = sorted(cid for cid, m in self.client_memory.items() if m.rounds())
         if self.client_memory:
             state["client_state"] = CLIENT_STATE_NAME
-            state["client_state_ids"] = sorted(cid for cid, m in self.client_memory.items() if m.rounds())
+            state["client_state_ids"] = ids
         save_checkpoint(path, state)
+        if self._sweep_client_state:  # only now: until the new checkpoint is down, the old one may need them
+            sweep_client_states(path.parent / CLIENT_STATE_NAME, ids)
+            for leftover in path.parent.glob(f".{path.name}.*.tmp"):
+                leftover.unlink(missing_ok=True)
+            self._sweep_client_state = False
 
     def restore(self, path: str | os.PathLike[str]) -> None:
         """Continue from a checkpoint written by :meth:`save`.
@@ -496,7 +508,7 @@ class Federation:
                 aggregator (named, with a HINT).
             CheckpointMismatchError: the checkpoint was written by another setup (names the setting and the file).
         """
-        restore_checkpoint(path, self.load_state_dict)
+        restore_checkpoint(path, self.load_state_dict, check=self._check_fingerprint)
         if self.checkpoint_path is None or Path(path).resolve() != self.checkpoint_path.resolve():
             self._memory_touched = set(self.client_memory)  # their files are in another folder than ours
         log.info("resumed from %s after round %d", os.fspath(path), len(self.result.rounds))

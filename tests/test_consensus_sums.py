@@ -18,6 +18,7 @@ from lightning_fedharmony.checkpoint import (
     CHECKPOINT_NAME,
     CLIENT_STATE_NAME,
     CheckpointError,
+    CheckpointMismatchError,
     client_file_name,
     load_checkpoint,
     read_client_states,
@@ -390,7 +391,7 @@ def test_a_damaged_client_file_is_a_checkpoint_error_naming_it(tmp_path: Path) -
     with pytest.raises(CheckpointError, match=readable):
         _federation(checkpoint_dir=tmp_path).fit()
     # a file that holds another client's state
-    (tmp_path / CLIENT_STATE_NAME / client_file_name("0")).replace(damaged)
+    damaged.write_bytes((tmp_path / CLIENT_STATE_NAME / client_file_name("0")).read_bytes())
     other = r"1-[0-9a-f]{16}\.pt: expected the state of the client this file is named after, but it holds client '0'"
     with pytest.raises(CheckpointError, match=other):
         _federation(checkpoint_dir=tmp_path).fit()
@@ -454,3 +455,31 @@ def test_every_share_of_a_round_reads_the_same_published_sums() -> None:
     assert all(s is not None for s in shares)
     numerators = {s.numerator.data_ptr() for s in shares if s is not None}
     assert len(numerators) == 1  # converted to float32 once per round, not once per client
+
+
+def test_files_the_checkpoint_does_not_count_are_not_read_and_are_swept(tmp_path: Path) -> None:
+    def leftovers(_: Federation) -> None:  # another run's damaged file and a write killed mid-way, in both folders
+        (tmp_path / CLIENT_STATE_NAME / client_file_name("gone")).write_bytes(b"not a torch file")
+        (tmp_path / CLIENT_STATE_NAME / f".{client_file_name('0')}.x1.tmp").write_bytes(b"half")
+        (tmp_path / f".{CHECKPOINT_NAME}.x2.tmp").write_bytes(b"half")
+
+    _, resumed = _resumed_after(tmp_path, leftovers)  # resumes: the damaged file is not the checkpoint's
+    left = sorted(p.name for p in (tmp_path / CLIENT_STATE_NAME).iterdir())
+    assert left == sorted(client_file_name(cid) for cid in resumed.client_memory)
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_another_setup_is_named_before_the_clients_files_are_read(tmp_path: Path) -> None:
+    _federation(checkpoint_dir=tmp_path).fit()
+    (tmp_path / CLIENT_STATE_NAME / client_file_name("1")).write_bytes(b"not a torch file")
+    torch.manual_seed(0)
+    other = Federation(
+        MultilabelMLP(6, 5, hidden=(8,)),
+        _clients(3),
+        FedHarmony(leave_one_out="client", num_blocks=3),
+        3,
+        verbose=False,
+        checkpoint_dir=tmp_path,
+    )
+    with pytest.raises(CheckpointMismatchError, match="num_blocks"):
+        other.fit()
