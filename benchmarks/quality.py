@@ -66,6 +66,8 @@ BASE_METHODS: dict[str, dict[str, Any]] = {
     "centralized": {},
 }
 FEDHARMONY_FAMILY = ("fedharmony", "fedharmony_paper", "fedharmony_noblocks", "loss_only", "aggregation_only")
+#: the methods a `--variant` may start from (e.g. `fpm=fedprox:server_momentum=0.5`)
+VARIANT_BASES = (*FEDHARMONY_FAMILY, "fedavg", "fedprox")
 #: Keys that configure the client model (the mixin) too; FedHarmony also sends each of them with its teachers.
 MODEL_KEYS = ("corr_normalization", "corr_momentum", "detach_marginals", "corr_eps")
 
@@ -168,15 +170,15 @@ def parse_variants(specs: Sequence[str]) -> dict[str, tuple[str, dict[str, Any]]
     """``NAME=BASE:key=value,key=value`` -> ``{NAME: (BASE, {key: value})}``.
 
     Raises:
-        ValueError: on a malformed spec or a base outside the FedHarmony family.
+        ValueError: on a malformed spec or a base outside :data:`VARIANT_BASES`.
     """
     variants: dict[str, tuple[str, dict[str, Any]]] = {}
     for spec in specs:
         name, _, rest = spec.partition("=")
         base, _, assignments = rest.partition(":")
-        if not name or base not in FEDHARMONY_FAMILY:
+        if not name or base not in VARIANT_BASES:
             raise ValueError(
-                f"Expected `--variant NAME=BASE:key=value,...` with BASE in {FEDHARMONY_FAMILY}, but got {spec!r}."
+                f"Expected `--variant NAME=BASE:key=value,...` with BASE in {VARIANT_BASES}, but got {spec!r}."
             )
         params: dict[str, Any] = {}
         for item in filter(None, assignments.split(",")):
@@ -265,7 +267,7 @@ def _build(task: Task, data: Any) -> tuple[Any, Any]:
             agg_kwargs["t0"] = float(settings["rounds"])
         aggregator = (FedHarmony.paper if paper else FedHarmony)(seed=task.seed, **agg_kwargs)
     else:
-        aggregator = FedAvg()
+        aggregator = FedAvg(**agg_kwargs) if task.base == "fedavg" else FedAvg()
     return model, aggregator
 
 

@@ -328,6 +328,11 @@ def check_fingerprint(saved_fingerprint: Any, current: Mapping[str, Any]) -> Non
     # an entry added since is filled in only where this run records it (a model without the hparam has none)
     defaults = {key: value for key, value in _FINGERPRINT_DEFAULTS.items() if key in now}
     saved = {**defaults, **flatten(saved_fingerprint)}
+    for key in [k for k, v in saved.items() if isinstance(v, Mapping) and not v and k not in now]:
+        # a section that was empty then and holds only entries added since (FedAvg's arguments) is those defaults
+        added = [k for k in now if k.startswith(f"{key}.")]
+        if added and all(k in defaults for k in added):
+            del saved[key]
     for key in [*now, *(k for k in saved if k not in now)]:
         if saved.get(key, _ABSENT) != now.get(key, _ABSENT):
             raise CheckpointMismatchError(
@@ -340,12 +345,15 @@ def check_fingerprint(saved_fingerprint: Any, current: Mapping[str, Any]) -> Non
 #: Fingerprint entries added since checkpoints of this layout were first written: one without them ran with these
 #: (dotted keys, as :func:`check_fingerprint` flattens them). ``proximal_scaling`` did not exist, which trained as
 #: ``"none"`` does: a FedAvg or FedProx run resumes, while a ``FedHarmony()`` run of the earlier defaults is refused
-#: on the settings that did change (``aggregator_args.quality_aggregation``).
+#: on the settings that did change (``aggregator_args.quality_aggregation``). Server momentum did not exist, which
+#: is ``server_momentum=0``.
 _FINGERPRINT_DEFAULTS = {
     "client_sampling": "uniform",
     "eval_every": 1,  # Flower's fingerprint records it since FedHarmonyStrategy(eval_every=...)
     "model_hparams.proximal_scaling": "none",
     "aggregator_args.proximal_scaling": "none",
+    "aggregator_args.server_momentum": 0.0,
+    "aggregator_args.server_momentum_adaptive": True,
 }
 
 

@@ -72,8 +72,9 @@ def test_quality_argument_parsing(quality: ModuleType) -> None:
     configs = quality.method_grid("fhp", "fedharmony", "small", grid)
     assert configs == [{"alignment_weight": a, "num_blocks": b} for a in (0.1, 1) for b in ("auto", 2)]
     assert quality.method_grid("fedavg", "fedavg", "small", {}) == [{}]
+    assert quality.parse_variants(["fpm=fedprox:server_momentum=0.5"]) == {"fpm": ("fedprox", {"server_momentum": 0.5})}
     with pytest.raises(ValueError, match=r"Expected `--variant NAME=BASE:key=value"):
-        quality.parse_variants(["x=fedavg:a=1"])
+        quality.parse_variants(["x=centralized:a=1"])
     with pytest.raises(ValueError, match=r"Expected `--grid METHOD\.key=v1,v2`"):
         quality.parse_grid(["alignment_weight=1"])
 

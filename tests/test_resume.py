@@ -192,3 +192,19 @@ def test_fingerprint_extra_is_checked() -> None:
         Federation(_model(), _clients(), FedAvg(), fingerprint_extra={"seed": 1})
     with pytest.raises(TypeError, match="to be None or a mapping, but got list"):
         Federation(_model(), _clients(), FedAvg(), fingerprint_extra=[1])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("aggregator", [FedAvg(), FedHarmony()], ids=["fedavg", "fedharmony"])
+def test_checkpoint_from_before_server_momentum_resumes_without_it(tmp_path: Path, aggregator) -> None:
+    """A checkpoint written before ``server_momentum`` existed ran without it: it resumes a run that keeps it off and
+    is refused, naming the setting, by one that turns it on."""
+    _federation(tmp_path, aggregator=aggregator).fit()
+    path = tmp_path / CHECKPOINT_NAME
+    state = load_checkpoint(path)
+    for key in ("server_momentum", "server_momentum_adaptive"):
+        del state["fingerprint"]["aggregator_args"][key]
+    save_checkpoint(path, state)
+    resumed = _federation(tmp_path, aggregator=type(aggregator)()).fit()
+    assert [r.seconds for r in resumed.rounds] == [r["seconds"] for r in state["history"]["rounds"]]
+    with pytest.raises(CheckpointMismatchError, match=r"`aggregator_args.server_momentum` differs: saved 0.0, now 0.5"):
+        _federation(tmp_path, aggregator=type(aggregator)(server_momentum=0.5)).fit()

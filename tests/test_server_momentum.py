@@ -208,3 +208,13 @@ def test_resume_with_momentum_matches_the_uninterrupted_run(tmp_path: Path) -> N
     plain = Federation(_model(), _clients(), FedHarmony(), 3, verbose=False)
     plain.fit()
     assert not torch.equal(plain.global_weights["net.0.weight"], full.global_weights["net.0.weight"])
+
+
+def test_the_run_config_builds_an_aggregator_with_momentum() -> None:
+    from lightning_fedharmony.aggregators import Aggregator
+    from lightning_fedharmony.config import instantiate, load_config
+
+    cfg = load_config(overrides=["methods.fedharmony.init_args.server_momentum=0.5"])
+    aggregator = instantiate(cfg.methods.fedharmony, Aggregator, "methods.fedharmony")
+    assert isinstance(aggregator, FedHarmony) and aggregator.server_momentum == 0.5
+    assert aggregator.server_momentum_adaptive is True
