@@ -218,7 +218,7 @@ def read_client_states(
             ``None`` reads every file.
 
     Raises:
-        CheckpointError: if the folder is missing, a file read cannot be read or is not the state of the client it
+        CheckpointError: if the folder is missing, a file it reads is unreadable or is not the state of the client it
             is named after, or an expected client has no file (each named).
     """
     target = Path(folder)

@@ -134,7 +134,8 @@ class RunConfig:
             all run on the same partition and seed.
         model: ``{class_path, init_args}`` of a LightningModule; ``num_features`` and ``num_labels`` are filled in
             from the data.
-        trainer: overrides of the client Trainer template.
+        trainer: overrides of the client Trainer template; ``callbacks`` takes ``{class_path, init_args}`` specs (one
+            or a list), as in LightningCLI, built once and given to every client's Trainer.
         plots: write PNG pictures (needs matplotlib).
         num_threads: torch's intra-op threads for the run (``None``: torch's default). Small models train fastest
             on one thread, and on a busy 2-core machine two threads slowed every step about 50-fold.
@@ -257,6 +258,29 @@ def validate_config(cfg: DictConfig) -> None:
     import lightning.pytorch as pl  # here, not at the top: loading a configuration stays light
 
     check_arguments(pl.Trainer, OmegaConf.to_container(cfg.trainer, resolve=True), "trainer")  # type: ignore[arg-type]
+    trainer_kwargs(cfg)  # builds the callbacks: a bad one fails here, before any training
+
+
+def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """The client Trainer overrides of ``cfg.trainer``, with its ``callbacks`` specs (one or a list of
+    ``{class_path, init_args}``, or class path strings) built into :class:`~lightning.pytorch.Callback` instances.
+
+    Raises:
+        ConfigError: naming ``trainer.callbacks[i]`` for a spec that does not build a callback.
+    """
+    import lightning.pytorch as pl
+
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if not isinstance(kwargs, dict):
+        return {}
+    callbacks = kwargs.get("callbacks")
+    if callbacks is not None:
+        specs = callbacks if isinstance(callbacks, list) else [callbacks]
+        kwargs["callbacks"] = [
+            spec if isinstance(spec, pl.Callback) else instantiate(spec, pl.Callback, f"trainer.callbacks[{i}]")
+            for i, spec in enumerate(specs)
+        ]
+    return {str(k): v for k, v in kwargs.items()}
 
 
 def instantiate(spec: Any, base: type, key: str, **injected: Any) -> Any:

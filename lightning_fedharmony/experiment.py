@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from lightning_fedharmony.aggregators.base import Aggregator
 from lightning_fedharmony.aggregators.fedharmony import FedHarmony
 from lightning_fedharmony.checkpoint import CHECKPOINT_NAME
-from lightning_fedharmony.config import ConfigError, instantiate, to_yaml
+from lightning_fedharmony.config import ConfigError, instantiate, to_yaml, trainer_kwargs
 from lightning_fedharmony.data.federated import FederatedData, load_federated_data
 from lightning_fedharmony.orchestrator import Federation
 from lightning_fedharmony.results import FederationResult
@@ -148,7 +148,6 @@ def run_methods(
     build_model(cfg, prepared)
     federations: dict[str, Federation] = {}
     clients = prepared.clients(cfg.federation.batch_size, cfg.seed)
-    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     fcfg = cfg.federation
     for name in names:
         if verbose:
@@ -158,7 +157,7 @@ def run_methods(
             clients,
             aggregators[name],
             fcfg.num_rounds,
-            trainer_kwargs=trainer if isinstance(trainer, dict) else {},  # type: ignore[arg-type]
+            trainer_kwargs=trainer_kwargs(cfg),  # each method's own callback instances
             checkpoint_dir=None if fcfg.checkpoint_dir is None else Path(fcfg.checkpoint_dir) / name,
             stats_noise_multiplier=fcfg.stats_noise_multiplier,
             stats_clip=fcfg.stats_clip,

@@ -299,3 +299,12 @@ def test_damaged_checkpoint_is_one_line_with_a_hint(checkpointed, tmp_path, caps
     ), err
     assert "HINT: delete it to start over, or use another `checkpoint_dir`." in err
     assert "Traceback" not in err
+
+
+def test_run_gives_config_built_callbacks_to_every_client(tmp_path, monkeypatch):
+    from helpers.models import FitCounter
+
+    monkeypatch.setattr(FitCounter, "total", 0)
+    args = ["run", "--methods", "fedavg", "--quiet", *SMALL, "plots=false", "federation.num_rounds=1"]
+    assert main([*args, f"out_dir={tmp_path}", "trainer.callbacks=[helpers.models.FitCounter]"]) == 0
+    assert FitCounter.total == 3  # three clients, one round

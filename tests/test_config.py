@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from lightning_fedharmony import FedAvg, FedHarmony, FedProx
 from lightning_fedharmony.aggregators import Aggregator
-from lightning_fedharmony.config import ConfigError, instantiate, load_config, to_yaml
+from lightning_fedharmony.config import ConfigError, instantiate, load_config, to_yaml, validate_config
 from lightning_fedharmony.models import MultilabelMLP
 
 MLP = "lightning_fedharmony.models.MultilabelMLP"
@@ -230,3 +230,26 @@ def test_instantiate_constructor_error_of_a_method():
     spec = OmegaConf.create({"class_path": "lightning_fedharmony.FedProx", "init_args": {"proximal_mu": -1.0}})
     with pytest.raises(ConfigError, match=r"^methods\.fedprox\.init_args: Expected argument `proximal_mu` to be >= 0"):
         instantiate(spec, Aggregator, "methods.fedprox")
+
+
+def test_trainer_callbacks_are_built_from_class_path_specs():
+    from helpers.models import FitCounter
+
+    from lightning_fedharmony.config import trainer_kwargs
+
+    one = load_config(overrides=["trainer.callbacks={class_path: helpers.models.FitCounter, init_args: {label: a}}"])
+    validate_config(one)
+    (callback,) = trainer_kwargs(one)["callbacks"]
+    assert isinstance(callback, FitCounter) and callback.label == "a"
+    two = load_config(overrides=["trainer.callbacks=[helpers.models.FitCounter, lightning.pytorch.callbacks.Timer]"])
+    built = trainer_kwargs(two)["callbacks"]
+    assert [type(c).__name__ for c in built] == ["FitCounter", "Timer"]
+    assert trainer_kwargs(two)["callbacks"][0] is not built[0]  # fresh instances per call (per method)
+    bad = "trainer.callbacks=[helpers.models.FitCounter, lightning_fedharmony.FedAvg]"
+    with pytest.raises(ConfigError, match=r"trainer\.callbacks: expected .*Callback.* but got .*FedAvg"):
+        load_config(overrides=[bad])
+    unchecked = OmegaConf.create(
+        {"trainer": {"callbacks": ["helpers.models.FitCounter", "lightning_fedharmony.FedAvg"]}}
+    )
+    with pytest.raises(ConfigError, match=r"trainer\.callbacks\[1\]\.class_path: expected a subclass of Callback"):
+        trainer_kwargs(unchecked)

@@ -189,3 +189,18 @@ def paired_label_data(
 def make_loader(*tensors: Tensor, batch_size: int = 16, shuffle: bool = False) -> DataLoader:
     """A single-process DataLoader over the tensors."""
     return DataLoader(TensorDataset(*tensors), batch_size=batch_size, shuffle=shuffle)
+
+
+class FitCounter(pl.Callback):
+    """Counts the fits it sees, across every Trainer it is given to, and all instances' in ``FitCounter.total``
+    (a config-built callback in the CLI tests)."""
+
+    total = 0
+
+    def __init__(self, label: str = "") -> None:
+        self.label = label
+        self.fits = 0
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.fits += 1
+        FitCounter.total += 1
