@@ -258,29 +258,40 @@ def validate_config(cfg: DictConfig) -> None:
     import lightning.pytorch as pl  # here, not at the top: loading a configuration stays light
 
     check_arguments(pl.Trainer, OmegaConf.to_container(cfg.trainer, resolve=True), "trainer")  # type: ignore[arg-type]
-    trainer_kwargs(cfg)  # builds the callbacks: a bad one fails here, before any training
+    for key, spec in _callback_specs(cfg):  # checked, not built: a bad one fails here, before any training
+        _resolve(spec, pl.Callback, key)
 
 
 def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     """The client Trainer overrides of ``cfg.trainer``, with its ``callbacks`` specs (one or a list of
     ``{class_path, init_args}``, or class path strings) built into :class:`~lightning.pytorch.Callback` instances.
 
+    The same instances serve every client of a run (each client's Trainer gets them in turn), so a callback that
+    keeps state across fits (EarlyStopping, ModelCheckpoint) carries it from one client to the next.
+
     Raises:
-        ConfigError: naming ``trainer.callbacks[i]`` for a spec that does not build a callback.
+        ConfigError: naming ``trainer.callbacks`` (``trainer.callbacks[i]`` in a list) for a spec that does not
+            build a callback.
     """
     import lightning.pytorch as pl
 
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if not isinstance(kwargs, dict):
         return {}
-    callbacks = kwargs.get("callbacks")
-    if callbacks is not None:
-        specs = callbacks if isinstance(callbacks, list) else [callbacks]
-        kwargs["callbacks"] = [
-            spec if isinstance(spec, pl.Callback) else instantiate(spec, pl.Callback, f"trainer.callbacks[{i}]")
-            for i, spec in enumerate(specs)
-        ]
+    if kwargs.get("callbacks") is not None:
+        kwargs["callbacks"] = [instantiate(spec, pl.Callback, key) for key, spec in _callback_specs(cfg)]
     return {str(k): v for k, v in kwargs.items()}
+
+
+def _callback_specs(cfg: DictConfig) -> list[tuple[str, Any]]:
+    """``(key, spec)`` of each entry of ``trainer.callbacks``: ``trainer.callbacks`` for a single spec,
+    ``trainer.callbacks[i]`` in a list."""
+    callbacks = OmegaConf.to_container(cfg.trainer, resolve=True).get("callbacks")  # type: ignore[union-attr]
+    if callbacks is None:
+        return []
+    if not isinstance(callbacks, list):
+        return [("trainer.callbacks", callbacks)]
+    return [(f"trainer.callbacks[{i}]", spec) for i, spec in enumerate(callbacks)]
 
 
 def instantiate(spec: Any, base: type, key: str, **injected: Any) -> Any:
@@ -293,6 +304,19 @@ def instantiate(spec: Any, base: type, key: str, **injected: Any) -> Any:
     Raises:
         ConfigError: naming ``key`` (and the argument) with the rule and the value.
     """
+    cls, init_args, accepted = _resolve(spec, base, key)
+    for name, value in injected.items():
+        if name in accepted and name not in init_args:
+            init_args[name] = value
+    try:
+        return cls(**init_args)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{key}.init_args: {_one_line(err)}") from None
+
+
+def _resolve(spec: Any, base: type, key: str) -> tuple[Any, dict[str, Any], set[str]]:
+    """The class, the checked ``init_args`` and the accepted argument names of a ``{class_path, init_args}`` spec
+    (nothing is built)."""
     if isinstance(spec, DictConfig):
         spec = OmegaConf.to_container(spec, resolve=True)
     if isinstance(spec, str):
@@ -309,13 +333,7 @@ def instantiate(spec: Any, base: type, key: str, **injected: Any) -> Any:
         raise ConfigError(f"{key}.class_path: expected a subclass of {base.__name__}, but got {spec['class_path']!r}.")
     init_args = dict(spec.get("init_args") or {})
     accepted = check_arguments(cls, init_args, f"{key}.init_args")
-    for name, value in injected.items():
-        if name in accepted and name not in init_args:
-            init_args[name] = value
-    try:
-        return cls(**init_args)
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"{key}.init_args: {_one_line(err)}") from None
+    return cls, init_args, accepted
 
 
 def check_arguments(cls: Any, arguments: typing.Mapping[str, Any], key: str) -> set[str]:

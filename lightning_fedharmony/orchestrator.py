@@ -481,12 +481,14 @@ class Federation:
         detail = {name: getattr(record, name) for name in CLIENT_FIELDS}
         append_client_log(path.parent / CLIENT_LOG_NAME, record.server_round, detail, fresh=fresh)
         touched = sorted(self._memory_touched)
+        folder = path.parent / CLIENT_STATE_NAME
+        # a memory left empty loses its file only once the new checkpoint no longer counts it (below)
+        emptied = [cid for cid in touched if not self.client_memory[cid].rounds()]
         write_client_states(
-            path.parent / CLIENT_STATE_NAME,
-            {cid: m.state_dict() if (m := self.client_memory[cid]).rounds() else None for cid in touched},
+            folder,
+            {cid: m.state_dict() for cid in touched if (m := self.client_memory[cid]).rounds()},
             fresh=fresh,
         )
-        self._memory_touched.difference_update(touched)  # only once written: a failed write is tried again
         history = {**self.result.to_dict(client_fields=False), "client_log": CLIENT_LOG_NAME}
         state = {**self.state_dict(history=False, client_memory=False), "history": history}
         ids = sorted(cid for cid, m in self.client_memory.items() if m.rounds())
@@ -494,10 +496,14 @@ class Federation:
             state["client_state"] = CLIENT_STATE_NAME
             state["client_state_ids"] = ids
         save_checkpoint(path, state)
-        if self._sweep_client_state:  # only now: until the new checkpoint is down, the old one may need them
-            sweep_client_states(path.parent / CLIENT_STATE_NAME, ids)
-            for leftover in path.parent.glob(f".{path.name}.*.tmp"):
-                leftover.unlink(missing_ok=True)
+        if emptied:  # only now: until the new checkpoint is down, the old one may need these files
+            write_client_states(folder, dict.fromkeys(emptied))
+        self._memory_touched.difference_update(touched)  # only once written: a failed write is tried again
+        if self._sweep_client_state:
+            sweep_client_states(folder, ids)
+            for name in (path.name, CLIENT_LOG_NAME):
+                for leftover in path.parent.glob(f".{name}.*.tmp"):
+                    leftover.unlink(missing_ok=True)
             self._sweep_client_state = False
 
     def restore(self, path: str | os.PathLike[str]) -> None:

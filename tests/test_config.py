@@ -237,8 +237,12 @@ def test_trainer_callbacks_are_built_from_class_path_specs():
 
     from lightning_fedharmony.config import trainer_kwargs
 
+    built = FitCounter.built
     one = load_config(overrides=["trainer.callbacks={class_path: helpers.models.FitCounter, init_args: {label: a}}"])
     validate_config(one)
+    assert FitCounter.built == built  # checked, not built
+    with pytest.raises(ConfigError, match=r"trainer\.callbacks: expected .*Callback.*, but got .*'label': 3"):
+        load_config(overrides=["trainer.callbacks={class_path: helpers.models.FitCounter, init_args: {label: 3}}"])
     (callback,) = trainer_kwargs(one)["callbacks"]
     assert isinstance(callback, FitCounter) and callback.label == "a"
     two = load_config(overrides=["trainer.callbacks=[helpers.models.FitCounter, lightning.pytorch.callbacks.Timer]"])

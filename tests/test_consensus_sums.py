@@ -483,3 +483,31 @@ def test_another_setup_is_named_before_the_clients_files_are_read(tmp_path: Path
     )
     with pytest.raises(CheckpointMismatchError, match="num_blocks"):
         other.fit()
+
+
+def test_an_emptied_memory_keeps_its_file_until_the_checkpoint_stops_counting_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = _federation(checkpoint_dir=tmp_path)
+    first.aggregator.setup(3)
+    first.run_round(1)
+    record = first.run_round(2)  # its checkpoint is written again below, as if round 2 ended there
+    own = tmp_path / CLIENT_STATE_NAME / client_file_name("0")
+    assert own.exists()
+    # client 0's memory empties (its term dropped) and the run dies while writing the next checkpoint
+    first.client_memory["0"] = ConsensusMemory()
+    first._memory_touched.add("0")
+
+    def killed(*args, **kwargs):
+        raise OSError("killed")
+
+    monkeypatch.setattr(orchestrator, "save_checkpoint", killed)
+    with pytest.raises(OSError, match="killed"):
+        first._save_round(record)
+    assert own.exists()  # the checkpoint on disk still counts it
+    monkeypatch.undo()
+    resumed = _federation(checkpoint_dir=tmp_path)
+    resumed.restore(tmp_path / CHECKPOINT_NAME)
+    assert resumed.client_memory["0"].rounds()
+    first._save_round(record)  # the write goes through: the new checkpoint no longer counts client 0
+    assert not own.exists() and "0" not in load_checkpoint(tmp_path / CHECKPOINT_NAME)["client_state_ids"]

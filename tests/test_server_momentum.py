@@ -161,7 +161,7 @@ def test_aggregators_apply_the_step_to_their_plain_average(make) -> None:
 def test_momentum_needs_the_global_weights() -> None:
     updates = [ClientUpdate("a", _model_weights(1), 10, _stats(1, 10))]
     for aggregator in (FedAvg(server_momentum=0.5), FedHarmony(server_momentum=0.5, leave_one_out="client", gamma=3)):
-        with pytest.raises(ValueError, match=r"`global_weights` .* with `server_momentum=0.5`, but got None"):
+        with pytest.raises(ValueError, match=r"`global_weights` to be .* with `server_momentum=0.5`\), but got None"):
             aggregator.aggregate_round(1, updates)
     assert FedAvg().aggregate_round(1, updates).weights.keys() == updates[0].weights.keys()
 
@@ -189,10 +189,17 @@ def _model() -> MultilabelMLP:
     return MultilabelMLP(6, 4, hidden=(8,))
 
 
-def test_resume_with_momentum_matches_the_uninterrupted_run(tmp_path: Path) -> None:
-    def aggregator() -> FedHarmony:
-        return FedHarmony(server_momentum=0.5)
-
+@pytest.mark.parametrize(
+    "aggregator",
+    [
+        lambda: FedHarmony(server_momentum=0.5),
+        lambda: FedHarmony(server_momentum=0.5, leave_one_out="client"),
+        lambda: FedAvg(server_momentum=0.5),
+        lambda: FedProx(server_momentum=0.5),
+    ],
+    ids=["fedharmony", "fedharmony-client-side", "fedavg", "fedprox"],
+)
+def test_resume_with_momentum_matches_the_uninterrupted_run(tmp_path: Path, aggregator) -> None:
     full = Federation(_model(), _clients(), aggregator(), 3, verbose=False)
     full.fit()
     assert all(0 <= r.server_metrics["server_momentum"] < 0.5 + 1e-12 for r in full.result.rounds)
@@ -205,9 +212,20 @@ def test_resume_with_momentum_matches_the_uninterrupted_run(tmp_path: Path) -> N
     assert [r.server_round for r in second.result.rounds] == [1, 2, 3]
     for key, value in full.global_weights.items():
         assert torch.equal(value, second.global_weights[key]), key
-    plain = Federation(_model(), _clients(), FedHarmony(), 3, verbose=False)
-    plain.fit()
-    assert not torch.equal(plain.global_weights["net.0.weight"], full.global_weights["net.0.weight"])
+    plain = aggregator()
+    plain.server_momentum = 0.0
+    without = Federation(_model(), _clients(), plain, 3, verbose=False)
+    without.fit()
+    assert not torch.equal(without.global_weights["net.0.weight"], full.global_weights["net.0.weight"])
+
+
+def test_a_new_run_starts_without_the_last_runs_momentum() -> None:
+    aggregator = FedAvg(server_momentum=0.5)
+    first = _rounds(aggregator)
+    assert aggregator.state_dict()["server_momentum_buffer"]
+    again = _rounds(aggregator)  # the same aggregator, from round 1 again
+    for a, b in zip(first, again):
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_the_run_config_builds_an_aggregator_with_momentum() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -148,11 +149,12 @@ class Aggregator(ABC):
     ) -> AggregationResult:
         """All of a round's updates at once into new global weights (the default :meth:`begin_round`'s last step)."""
         _check_round(server_round)
+        self.check_global_weights(global_weights)
         validate_updates(updates, global_weights, stats_values=False)
         client_weights, metrics = self.client_weights(server_round, updates)
         client_metrics, client_pairs = self.client_report()
         averaged = weighted_average([u.weights for u in updates], client_weights)
-        weights = self.server_step(averaged, global_weights, metrics)
+        weights = self.server_step(server_round, averaged, global_weights, metrics)
         return AggregationResult(
             weights=weights,
             client_weights={u.client_id: float(w) for u, w in zip(updates, client_weights)},
@@ -171,23 +173,28 @@ class Aggregator(ABC):
 
     def server_step(
         self,
+        server_round: int,
         averaged: dict[str, Tensor],
         global_weights: Mapping[str, Tensor] | None,
         metrics: dict[str, float],
     ) -> dict[str, Tensor]:
         """The round's new global weights from the clients' average: the average itself, or with
         ``server_momentum > 0`` one :func:`server_momentum_step` (its factor goes into ``metrics`` as
-        ``server_momentum``). Called once per round, when the round is taken in.
+        ``server_momentum``). Round 1 starts without momentum, so an aggregator used again for a new run does not
+        carry the last run's. The last step of a round's aggregation: the momentum changes only with a round that
+        is taken in.
 
         Raises:
-            ValueError: if server momentum is on and ``global_weights`` is ``None``.
+            ValueError: if server momentum is on and ``global_weights`` is ``None`` or lacks an entry of ``averaged``
+                (or has another shape).
         """
         if not self.server_momentum:
             return averaged
         self.check_global_weights(global_weights)
         assert global_weights is not None  # checked above
+        momentum = None if server_round == 1 else self._momentum
         weights, self._momentum, kept = server_momentum_step(
-            global_weights, averaged, self._momentum, self.server_momentum, adaptive=self.server_momentum_adaptive
+            global_weights, averaged, momentum, self.server_momentum, adaptive=self.server_momentum_adaptive
         )
         metrics["server_momentum"] = kept
         return weights
@@ -196,8 +203,8 @@ class Aggregator(ABC):
         """Refuse a round without the weights the clients started from when server momentum needs them."""
         if self.server_momentum and global_weights is None:
             raise ValueError(
-                f"Expected argument `global_weights` (the weights the clients started from) with"
-                f" `server_momentum={self.server_momentum!r}`, but got None."
+                "Expected argument `global_weights` to be the weights the clients started from (needed with"
+                f" `server_momentum={self.server_momentum!r}`), but got None."
             )
 
     def state_dict(self) -> dict[str, Any]:
@@ -313,7 +320,7 @@ def sample_weights(updates: Sequence[ClientUpdate]) -> Tensor:
 
 def check_server_momentum(server_momentum: float, adaptive: bool) -> None:
     """The constructor check of ``server_momentum`` and ``server_momentum_adaptive``."""
-    number = isinstance(server_momentum, (int, float)) and not isinstance(server_momentum, bool)
+    number = isinstance(server_momentum, numbers.Real) and not isinstance(server_momentum, bool)
     if not (number and 0 <= server_momentum < 1):
         raise ValueError(f"Expected argument `server_momentum` to be a float in [0, 1), but got {server_momentum!r}.")
     if not isinstance(adaptive, bool):

@@ -289,8 +289,6 @@ class SumsRound(RoundAggregation):
             mix = (self._by_samples, 1.0, None, 0.0)
         # integer entries from the largest final weight, as `weighted_average` picks them
         model = _mixed(*mix, integers=self._integers[int(torch.argmax(weights))])
-        metrics: dict[str, float] = {}
-        model = agg.server_step(model, self.global_weights, metrics)
         numerator = self._numerator if self._numerator is not None else torch.zeros(0, 0, dtype=torch.float64)
         denominator = self._denominator if self._denominator is not None else torch.zeros_like(numerator)
         self._commit(numerator, denominator)
@@ -310,13 +308,13 @@ class SumsRound(RoundAggregation):
         agg._report = (report, {s.client_id: s.pairs for s in self._scored})
         discrepancy = [s.discrepancy for s in self._scored]
         metrics = {
-            **metrics,
             "num_blocks": float(int(self.sums.cluster_ids.max()) + 1),
             "balance_factor": balance_factor(self.server_round, agg._t0()) if agg.quality_aggregation else 1.0,
             "discrepancy_mean": sum(discrepancy) / len(discrepancy),
             "quality_min": float(quality.min()),
             "consensus_abs_mean": float(off_diagonal_abs_mean(consensus)),
         }
+        model = agg.server_step(self.server_round, model, self.global_weights, metrics)  # last: the round is in
         return AggregationResult(
             weights=model,
             client_weights={s.client_id: float(w) for s, w in zip(self._scored, weights.tolist())},

@@ -68,11 +68,11 @@ __all__ = [
     "proximal_term",
     "quality_from_discrepancy",
     "sampling_discrepancy",
+    "server_momentum_step",
     "soft_phi",
     "soft_phi_alignment_loss",
     "spectral_label_blocks",
     "teacher_and_mask",
     "teacher_score",
-    "server_momentum_step",
     "weighted_average",
 ]

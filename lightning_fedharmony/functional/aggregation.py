@@ -300,9 +300,9 @@ def server_momentum_step(
         adaptive: scale the kept momentum by the agreement (see above).
 
     Returns:
-        The new global weights (in ``averaged``'s dtypes; entries that are not floating point, such as BatchNorm's
-        counters, as in ``averaged``), the new momentum (float64) and the factor ``beta'`` used (0 in the first
-        round, which has no momentum yet).
+        The new global weights (in ``averaged``'s dtypes; entries that are not real floating point, such as
+        BatchNorm's counters, as in ``averaged``), the new momentum (float64) and the factor ``beta'`` used (0 in
+        the first round, which has no momentum yet).
 
     Raises:
         ValueError: if ``beta`` is outside ``[0, 1)`` or a floating point entry of ``averaged`` is missing from
@@ -333,7 +333,7 @@ def server_momentum_step(
     if momentum and adaptive:
         dot = sum(float(torch.sum(delta[k] * momentum[k])) for k in keys if k in momentum)
         delta_sq = sum(float(delta[k].square().sum()) for k in keys)
-        momentum_sq = sum(float(m.square().sum()) for m in momentum.values())
+        momentum_sq = sum(float(momentum[k].square().sum()) for k in keys if k in momentum)
         norms = (delta_sq * momentum_sq) ** 0.5
         kept = beta * max(0.0, dot / norms) if norms > 0 else 0.0
     new_momentum = {k: delta[k].add(momentum[k], alpha=kept) if momentum and k in momentum else delta[k] for k in keys}

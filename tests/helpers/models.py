@@ -196,10 +196,12 @@ class FitCounter(pl.Callback):
     (a config-built callback in the CLI tests)."""
 
     total = 0
+    built = 0
 
     def __init__(self, label: str = "") -> None:
         self.label = label
         self.fits = 0
+        FitCounter.built += 1
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.fits += 1
