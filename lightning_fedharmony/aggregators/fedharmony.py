@@ -160,9 +160,9 @@ class FedHarmony(Aggregator):
             Needs a numeric ``gamma`` and ``consensus_weighting`` ``"samples"`` or ``"uniform"``.
         seed: seed of the spectral clustering's k-means.
         server_momentum: server momentum ``beta`` in ``[0, 1)`` on the aggregated model (FedAvgM); 0, the default,
-            takes the aggregate as it is. Off by default: on validation (3 seeds) 0.5 gained on most cells and lost
-            about a point on scene Dirichlet 0.1 and on tmc2007-500 with 5 local epochs
-            (``benchmarks/results_quality.md``).
+            takes the aggregate as it is. Off by default: on validation (39 cells, 3 seeds) 0.5 gained on 26 cells,
+            0.69 points on average, and lost up to 1.31 on the other 13 (every tmc2007-500 cell, scene Dirichlet
+            0.1, yeast with 5 local epochs; ``benchmarks/results_quality.md``).
         server_momentum_adaptive: scale the momentum kept from earlier rounds by its agreement with the round's
             update (:func:`~lightning_fedharmony.functional.server_momentum_step`).
 
