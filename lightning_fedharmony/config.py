@@ -135,7 +135,7 @@ class RunConfig:
         model: ``{class_path, init_args}`` of a LightningModule; ``num_features`` and ``num_labels`` are filled in
             from the data.
         trainer: overrides of the client Trainer template; ``callbacks`` takes ``{class_path, init_args}`` specs (one
-            or a list), as in LightningCLI, built once and given to every client's Trainer.
+            or a list), as in LightningCLI, built once per method and given to every client's Trainer.
         plots: write PNG pictures (needs matplotlib).
         num_threads: torch's intra-op threads for the run (``None``: torch's default). Small models train fastest
             on one thread, and on a busy 2-core machine two threads slowed every step about 50-fold.
