@@ -220,13 +220,22 @@ def test_failures_name_the_node(task_identity: None) -> None:
     assert strategy.result.final.failures == {"2": "ClientAppError: out of memory (node 102)"}
 
 
-def test_resume_in_process_gives_the_weights_of_an_uninterrupted_run(task_identity: None, tmp_path: Path) -> None:
-    straight = _strategy()
+@pytest.mark.parametrize("momentum", [0.0, 0.5], ids=["plain", "server-momentum"])
+def test_resume_in_process_gives_the_weights_of_an_uninterrupted_run(
+    task_identity: None, tmp_path: Path, momentum: float
+) -> None:
+    def strategy(checkpoint_dir: Path | None = None) -> FedHarmonyStrategy:
+        return _strategy(checkpoint_dir, FedHarmony(seed=0, server_momentum=momentum))
+
+    straight = strategy()
     straight.start(TrainingGrid(3), _initial(), num_rounds=3)  # type: ignore[arg-type]
+    assert ("server_momentum" in straight.result.rounds[-1].server_metrics) == (momentum > 0)
     with pytest.raises(KeyboardInterrupt):  # the ServerApp stops while round 2's clients train
-        _strategy(tmp_path).start(TrainingGrid(3, crash_round=2), _initial(), num_rounds=3)  # type: ignore[arg-type]
-    assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["server_round"] == 1
-    resumed = _strategy(tmp_path)
+        strategy(tmp_path).start(TrainingGrid(3, crash_round=2), _initial(), num_rounds=3)  # type: ignore[arg-type]
+    saved = load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    assert saved["server_round"] == 1
+    assert ("server_momentum_buffer" in saved["aggregator"]) == (momentum > 0)  # the momentum travels with it
+    resumed = strategy(tmp_path)
     grid = TrainingGrid(3)
     resumed.start(grid, _initial(), num_rounds=3)  # type: ignore[arg-type]
     assert {int(m.content[Key.CONFIG][Key.SERVER_ROUND]) for m in grid.sent} == {2, 3}
