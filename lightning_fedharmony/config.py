@@ -258,8 +258,9 @@ def validate_config(cfg: DictConfig) -> None:
     import lightning.pytorch as pl  # here, not at the top: loading a configuration stays light
 
     check_arguments(pl.Trainer, OmegaConf.to_container(cfg.trainer, resolve=True), "trainer")  # type: ignore[arg-type]
-    for key, spec in _callback_specs(cfg):  # checked, not built: a bad one fails here, before any training
-        _resolve(spec, pl.Callback, key)
+    # a second copy: the check above rewrites the specs it parses in place
+    for key, spec in _callback_specs(OmegaConf.to_container(cfg.trainer, resolve=True)):
+        _resolve(spec, pl.Callback, key)  # checked, not built: a bad one fails here, before any training
 
 
 def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
@@ -279,14 +280,14 @@ def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     if not isinstance(kwargs, dict):
         return {}
     if kwargs.get("callbacks") is not None:
-        kwargs["callbacks"] = [instantiate(spec, pl.Callback, key) for key, spec in _callback_specs(cfg)]
+        kwargs["callbacks"] = [instantiate(spec, pl.Callback, key) for key, spec in _callback_specs(kwargs)]
     return {str(k): v for k, v in kwargs.items()}
 
 
-def _callback_specs(cfg: DictConfig) -> list[tuple[str, Any]]:
-    """``(key, spec)`` of each entry of ``trainer.callbacks``: ``trainer.callbacks`` for a single spec,
-    ``trainer.callbacks[i]`` in a list."""
-    callbacks = OmegaConf.to_container(cfg.trainer, resolve=True).get("callbacks")  # type: ignore[union-attr]
+def _callback_specs(trainer: Any) -> list[tuple[str, Any]]:
+    """``(key, spec)`` of each entry of the ``trainer`` section's ``callbacks``: ``trainer.callbacks`` for a single
+    spec, ``trainer.callbacks[i]`` in a list."""
+    callbacks = trainer.get("callbacks") if isinstance(trainer, dict) else None
     if callbacks is None:
         return []
     if not isinstance(callbacks, list):

@@ -199,6 +199,18 @@ class Aggregator(ABC):
         metrics["server_momentum"] = kept
         return weights
 
+    def set_server_momentum(self, server_momentum: float, adaptive: bool) -> None:
+        """Check and keep the constructor arguments ``server_momentum`` and ``server_momentum_adaptive``."""
+        number = isinstance(server_momentum, numbers.Real) and not isinstance(server_momentum, bool)
+        if not (number and 0 <= server_momentum < 1):
+            raise ValueError(
+                f"Expected argument `server_momentum` to be a float in [0, 1), but got {server_momentum!r}."
+            )
+        if not isinstance(adaptive, bool):
+            raise TypeError(f"Expected argument `server_momentum_adaptive` to be a bool, but got {adaptive!r}.")
+        self.server_momentum = float(server_momentum)
+        self.server_momentum_adaptive = adaptive
+
     def check_global_weights(self, global_weights: Mapping[str, Tensor] | None) -> None:
         """Refuse a round without the weights the clients started from when server momentum needs them."""
         if self.server_momentum and global_weights is None:
@@ -316,12 +328,3 @@ def sample_weights(updates: Sequence[ClientUpdate]) -> Tensor:
     """``n_k / sum n``: FedAvg's weights."""
     n = torch.tensor([float(u.num_samples) for u in updates], dtype=torch.float64)
     return n / n.sum()
-
-
-def check_server_momentum(server_momentum: float, adaptive: bool) -> None:
-    """The constructor check of ``server_momentum`` and ``server_momentum_adaptive``."""
-    number = isinstance(server_momentum, numbers.Real) and not isinstance(server_momentum, bool)
-    if not (number and 0 <= server_momentum < 1):
-        raise ValueError(f"Expected argument `server_momentum` to be a float in [0, 1), but got {server_momentum!r}.")
-    if not isinstance(adaptive, bool):
-        raise TypeError(f"Expected argument `server_momentum_adaptive` to be a bool, but got {adaptive!r}.")

@@ -6,13 +6,7 @@ from collections.abc import Mapping, Sequence
 
 from torch import Tensor
 
-from lightning_fedharmony.aggregators.base import (
-    Aggregator,
-    ClientInstructions,
-    ClientUpdate,
-    check_server_momentum,
-    sample_weights,
-)
+from lightning_fedharmony.aggregators.base import Aggregator, ClientInstructions, ClientUpdate, sample_weights
 
 
 class FedAvg(Aggregator):
@@ -32,9 +26,7 @@ class FedAvg(Aggregator):
     """
 
     def __init__(self, server_momentum: float = 0.0, server_momentum_adaptive: bool = True) -> None:
-        check_server_momentum(server_momentum, server_momentum_adaptive)
-        self.server_momentum = float(server_momentum)
-        self.server_momentum_adaptive = server_momentum_adaptive
+        self.set_server_momentum(server_momentum, server_momentum_adaptive)
 
     def client_weights(self, server_round: int, updates: Sequence[ClientUpdate]) -> tuple[Tensor, dict[str, float]]:
         return sample_weights(updates), {}

@@ -21,7 +21,6 @@ from lightning_fedharmony.aggregators.base import (
     InconsistentClientUpdates,
     RoundAggregation,
     _check_round,
-    check_server_momentum,
     sample_weights,
 )
 from lightning_fedharmony.aggregators.consensus_sums import ConsensusSums, SumsRound
@@ -243,9 +242,7 @@ class FedHarmony(Aggregator):
                 " but got 'previous_aggregation' (a client's weight in the sums must be known when it sends its term)."
             )
         _check_normalization(corr_normalization, "corr_normalization")
-        check_server_momentum(server_momentum, server_momentum_adaptive)
-        self.server_momentum = float(server_momentum)
-        self.server_momentum_adaptive = server_momentum_adaptive
+        self.set_server_momentum(server_momentum, server_momentum_adaptive)
         self.alignment_weight = float(alignment_weight)
         self.alignment = alignment
         self.block_alignment = block_alignment
