@@ -149,7 +149,11 @@ class Task:
 
 
 def _parse_value(text: str) -> Any:
-    low = text.strip().lower()
+    """``none``/``null`` -> None, ``true``/``false``, numbers; quotes keep a string as it is (``'none'``)."""
+    stripped = text.strip()
+    if len(stripped) >= 2 and stripped[0] == stripped[-1] and stripped[0] in "'\"":
+        return stripped[1:-1]
+    low = stripped.lower()
     if low in ("none", "null"):
         return None
     if low in ("true", "false"):
@@ -159,7 +163,7 @@ def _parse_value(text: str) -> Any:
             return kind(text)
         except ValueError:
             pass
-    return text.strip()
+    return stripped
 
 
 def _parse_list(text: str, kind: type = str) -> list[Any]:

@@ -73,6 +73,15 @@ def test_quality_argument_parsing(quality: ModuleType) -> None:
     assert configs == [{"alignment_weight": a, "num_blocks": b} for a in (0.1, 1) for b in ("auto", 2)]
     assert quality.method_grid("fedavg", "fedavg", "small", {}) == [{}]
     assert quality.parse_variants(["fpm=fedprox:server_momentum=0.5"]) == {"fpm": ("fedprox", {"server_momentum": 0.5})}
+    # quotes keep a value a string: the option value "none" is not Python's None
+    quoted = quality.parse_variants(["fq=fedharmony:discrepancy_baseline='none',gamma=\"3\"", "fd=fedharmony:t0=none"])
+    assert quoted == {
+        "fq": ("fedharmony", {"discrepancy_baseline": "none", "gamma": "3"}),
+        "fd": ("fedharmony", {"t0": None}),
+    }
+    assert quality.parse_grid(["fedharmony.proximal_scaling='none',drift"]) == {
+        "fedharmony": {"proximal_scaling": ["none", "drift"]}
+    }
     with pytest.raises(ValueError, match=r"Expected `--variant NAME=BASE:key=value"):
         quality.parse_variants(["x=centralized:a=1"])
     with pytest.raises(ValueError, match=r"Expected `--grid METHOD\.key=v1,v2`"):
