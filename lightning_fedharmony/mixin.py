@@ -24,10 +24,13 @@ from lightning_fedharmony.functional.correlation import (
 )
 from lightning_fedharmony.functional.losses import (
     CLIENT_PROXIMAL_SCALINGS,
+    check_label_pull,
     drift_proximal_scale,
+    label_proximal_scale,
     masked_mean_square,
     parameter_distance,
     proximal_term,
+    row_proximal_term,
     soft_phi_alignment_loss,
 )
 
@@ -82,6 +85,16 @@ class FedHarmonyMixin:
             ``min(1, d_1 / d_e)``, with ``d_e`` the distance from the round's global weights after ``e`` epochs
             (:func:`~lightning_fedharmony.functional.drift_proximal_scale`). With one or two local epochs (or training
             by steps within one epoch) both are the same.
+        proximal_rows: ``"uniform"`` pulls every parameter with ``mu`` (FedProx's); ``"labels"`` pulls each row of the
+            output layer (:meth:`fedharmony_output_parameters`) with ``mu`` times
+            :func:`~lightning_fedharmony.functional.label_proximal_scale` of the positives the client has seen of
+            that label since the round began: ``proximal_absent`` for a label without one, ``min(1, n /
+            proximal_full_at)`` otherwise; the other parameters keep ``mu``. The count grows batch by batch (a label
+            counts as absent until its first positive arrives) and over the round's local epochs (each epoch's
+            positives count again, so with ``E`` epochs a label reaches the full pull from ``proximal_full_at / E``
+            positives on); soft labels count by their value.
+        proximal_full_at: positives of a label at which its output row gets the full ``mu`` (``"labels"``).
+        proximal_absent: factor on ``mu`` for the output rows of labels without a positive (``"labels"``).
         corr_eps: ``eps`` of the soft phi denominator.
         corr_normalization: ``"pearson"`` (scale-free; see :func:`~lightning_fedharmony.functional.phi_from_moments`)
             or ``"bernoulli"`` (the paper's soft phi).
@@ -103,6 +116,9 @@ class FedHarmonyMixin:
         alignment_weight: float = 0.03,
         proximal_mu: float = 0.0,
         proximal_scaling: str = "none",
+        proximal_rows: str = "uniform",
+        proximal_full_at: float = 64.0,
+        proximal_absent: float = 10.0,
         corr_eps: float = 1e-6,
         corr_normalization: Normalization = "pearson",
         corr_momentum: float = 0.9,
@@ -115,6 +131,9 @@ class FedHarmonyMixin:
             alignment_weight=alignment_weight,
             proximal_mu=proximal_mu,
             proximal_scaling=proximal_scaling,
+            proximal_rows=proximal_rows,
+            proximal_full_at=proximal_full_at,
+            proximal_absent=proximal_absent,
             corr_eps=corr_eps,
             corr_normalization=corr_normalization,
             corr_momentum=corr_momentum,
@@ -128,6 +147,8 @@ class FedHarmonyMixin:
         self._fedharmony_anchor: list[Tensor] | None = None
         self._fedharmony_drift: tuple[int, float, float] | None = None  # (epoch, d_1, scale) since the anchor
         self._fedharmony_anchored: list[Tensor] = []  # the parameters the anchor was taken of, in its order
+        self._fedharmony_positives: Tensor | None = None  # positives per label seen since the anchor
+        self._fedharmony_rows: tuple[list[int], list[int]] | None = None  # (output, other) indices into the anchor
         # (preds or logits, target, observed, whether the first entry still needs the sigmoid)
         self._fedharmony_batch: tuple[Tensor, Tensor, Tensor | None, bool] | None = None
         self._fedharmony_pair_weight: tuple[Tensor, int, torch.dtype, Tensor, Tensor] | None = None
@@ -154,8 +175,18 @@ class FedHarmonyMixin:
         corr_momentum: float | None = None,
         detach_marginals: bool | None = None,
         proximal_scaling: str | None = None,
+        proximal_rows: str | None = None,
+        proximal_full_at: float | None = None,
+        proximal_absent: float | None = None,
     ) -> None:
         """Set the loss weights and the batch correlation's settings (``None`` keeps the current value)."""
+        check_label_pull(proximal_rows, proximal_full_at, proximal_absent)
+        if proximal_rows is not None:
+            self.fedharmony_proximal_rows = proximal_rows
+        if proximal_full_at is not None:
+            self.fedharmony_proximal_full_at = float(proximal_full_at)
+        if proximal_absent is not None:
+            self.fedharmony_proximal_absent = float(proximal_absent)
         if proximal_scaling is not None:
             if proximal_scaling not in CLIENT_PROXIMAL_SCALINGS:
                 raise ValueError(
@@ -239,6 +270,24 @@ class FedHarmonyMixin:
         self._fedharmony_anchored = [p for p in module.parameters() if p.requires_grad]
         self._fedharmony_anchor = [p.detach().clone() for p in self._fedharmony_anchored]
         self._fedharmony_drift = None
+        self._fedharmony_positives = None
+        self._fedharmony_rows = None
+
+    def fedharmony_output_parameters(self) -> list[Tensor]:
+        """The parameters whose first dimension is the labels' (``proximal_rows="labels"`` pulls them per row).
+
+        Override it where the output layer is not the last ``nn.Linear`` registered, e.g.
+        ``return [self.head.weight, self.head.bias]``.
+
+        Returns:
+            By default the weight and bias of the last ``nn.Linear`` registered (empty without one); the caller
+            checks their first dimension against the logits.
+        """
+        linears = [m for m in self._fedharmony_module().modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            return []
+        head = linears[-1]
+        return [p for p in (head.weight, head.bias) if p is not None and p.requires_grad]
 
     def _fedharmony_proximal_params(self) -> list[Tensor]:
         # walking `parameters()` costs more than the rest of the term's Python on a small model: reuse the list the
@@ -305,7 +354,10 @@ class FedHarmonyMixin:
             mu = self.fedharmony_proximal_mu
             if self.fedharmony_proximal_scaling == "drift":
                 mu *= self._fedharmony_drift_scale(params, self._fedharmony_anchor)
-            prox = proximal_term(params, self._fedharmony_anchor, mu)
+            if self.fedharmony_proximal_rows == "labels":
+                prox = self._fedharmony_label_proximal(params, mu, target, obs)
+            else:
+                prox = proximal_term(params, self._fedharmony_anchor, mu)
             total = total + prox
 
         if training:
@@ -316,6 +368,39 @@ class FedHarmonyMixin:
         if logging and preds is not None:
             self._fedharmony_log(task, align, prox, preds, logits.shape[0])
         return total
+
+    def _fedharmony_label_proximal(self, params: list[Tensor], mu: float, target: Tensor, obs: Tensor | None) -> Tensor:
+        """``proximal_rows="labels"``: the output rows pulled per label by the positives seen since the anchor."""
+        anchor = cast(list[Tensor], self._fedharmony_anchor)
+        num_labels = target.shape[1]
+        if self._fedharmony_rows is None:
+            output = {id(p) for p in self.fedharmony_output_parameters()}
+            rows = [i for i, p in enumerate(params) if id(p) in output]
+            output_index = set(rows)
+            bad = [tuple(params[i].shape) for i in rows if params[i].ndim == 0 or params[i].shape[0] != num_labels]
+            if not rows or bad:
+                raise ValueError(
+                    f"Expected `fedharmony_output_parameters()` to return trainable parameters whose first dimension"
+                    f" is the {num_labels} labels, but got shapes {bad or 'none'}. HINT: override it to return the"
+                    " output layer's weight and bias."
+                )
+            self._fedharmony_rows = (rows, [i for i in range(len(params)) if i not in output_index])
+        rows, other = self._fedharmony_rows
+        with torch.no_grad():
+            positive = target.detach().float().clamp(0.0, 1.0)
+            if obs is not None:
+                positive = positive * obs
+            seen = positive.sum(0)
+            self._fedharmony_positives = (
+                seen if self._fedharmony_positives is None else self._fedharmony_positives + seen
+            )
+            scale = label_proximal_scale(
+                self._fedharmony_positives, self.fedharmony_proximal_full_at, self.fedharmony_proximal_absent
+            )
+        prox = row_proximal_term([params[i] for i in rows], [anchor[i] for i in rows], mu * scale)
+        if other:
+            prox = prox + proximal_term([params[i] for i in other], [anchor[i] for i in other], mu)
+        return prox
 
     def _fedharmony_drift_scale(self, params: list[Tensor], anchor: list[Tensor]) -> float:
         """``proximal_scaling="drift"``'s factor for the current epoch, measured once at the epoch's first step."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
@@ -30,6 +30,10 @@ class MultilabelMLP(FedHarmonyMixin, pl.LightningModule):
         proximal_mu: FedProx's ``mu`` (an aggregator may override it).
         proximal_scaling: ``"none"`` or ``"drift"`` (see :class:`~lightning_fedharmony.FedHarmonyMixin`; an
             aggregator may override it).
+        proximal_rows: ``"uniform"`` or ``"labels"``; with ``proximal_full_at`` and ``proximal_absent`` (see
+            :class:`~lightning_fedharmony.FedHarmonyMixin`; an aggregator may override them).
+        proximal_full_at: positives of a label at which its output row gets the full ``mu``.
+        proximal_absent: factor on ``mu`` for the output rows of labels without a positive.
         corr_normalization: soft phi normalisation of the alignment term.
         corr_momentum: running-moment mixing of the batch correlation.
         detach_marginals: stop gradients through the label marginals in the alignment term.
@@ -47,6 +51,9 @@ class MultilabelMLP(FedHarmonyMixin, pl.LightningModule):
         alignment_weight: float = 0.03,
         proximal_mu: float = 0.0,
         proximal_scaling: str = "none",
+        proximal_rows: str = "uniform",
+        proximal_full_at: float = 64.0,
+        proximal_absent: float = 10.0,
         corr_normalization: Normalization = "pearson",
         corr_momentum: float = 0.9,
         detach_marginals: bool = True,
@@ -55,6 +62,9 @@ class MultilabelMLP(FedHarmonyMixin, pl.LightningModule):
             alignment_weight=alignment_weight,
             proximal_mu=proximal_mu,
             proximal_scaling=proximal_scaling,
+            proximal_rows=proximal_rows,
+            proximal_full_at=proximal_full_at,
+            proximal_absent=proximal_absent,
             corr_normalization=corr_normalization,
             corr_momentum=corr_momentum,
             detach_marginals=detach_marginals,
@@ -77,6 +87,11 @@ class MultilabelMLP(FedHarmonyMixin, pl.LightningModule):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
+
+    def fedharmony_output_parameters(self) -> list[Tensor]:
+        """The output layer's weight and bias, one row per label."""
+        head = cast(nn.Linear, self.net[-1])
+        return [head.weight, head.bias]
 
     def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
         x, y, *rest = batch

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from lightning_fedharmony.functional.correlation import _NORMALIZATIONS as NORMALIZATIONS
-from lightning_fedharmony.functional.losses import CLIENT_PROXIMAL_SCALINGS
+from lightning_fedharmony.functional.losses import CLIENT_PROXIMAL_SCALINGS, PROXIMAL_ROWS
 from lightning_fedharmony.metrics import validate_report_state
 from lightning_fedharmony.stats import STATS_FIELDS, CorrelationStats, validate_stats_state
 
@@ -35,6 +35,9 @@ SETTINGS: dict[str, type] = {
     "alignment_weight": float,
     "proximal_mu": float,
     "proximal_scaling": str,
+    "proximal_rows": str,
+    "proximal_full_at": float,
+    "proximal_absent": float,
     "corr_normalization": str,
     "corr_eps": float,
     "corr_momentum": float,
@@ -273,6 +276,10 @@ class Instruction:
         proximal_mu: FedProx's ``mu`` (0 = off).
         proximal_scaling: how the client scales ``mu`` over its local epochs: ``"none"`` or ``"drift"``
             (:func:`~lightning_fedharmony.functional.drift_proximal_scale`).
+        proximal_rows: ``"uniform"`` or ``"labels"`` (the output rows pulled per label,
+            :func:`~lightning_fedharmony.functional.label_proximal_scale`).
+        proximal_full_at: positives of a label at which its output row gets the full ``mu``.
+        proximal_absent: factor on ``mu`` for the output rows of labels without a positive.
         corr_normalization: the teacher's soft phi normalisation; the client's batch correlation must use the same
             scale, so it follows the server's.
         corr_eps: the teacher's soft phi ``eps``, followed by the client for the same reason.
@@ -295,6 +302,9 @@ class Instruction:
     alignment_weight: float | None = None
     proximal_mu: float | None = None
     proximal_scaling: str | None = None
+    proximal_rows: str | None = None
+    proximal_full_at: float | None = None
+    proximal_absent: float | None = None
     corr_normalization: str | None = None
     corr_eps: float | None = None
     detach_marginals: bool | None = None
@@ -706,6 +716,8 @@ def _check_setting(client_id: str, name: str, kind: type, value: Any) -> None:
     rules: dict[str, tuple[bool, str]] = {
         "alignment_weight": (name != "alignment_weight" or value >= 0, ">= 0"),
         "proximal_mu": (name != "proximal_mu" or value >= 0, ">= 0"),
+        "proximal_full_at": (name != "proximal_full_at" or value > 0, "> 0"),
+        "proximal_absent": (name != "proximal_absent" or value >= 0, ">= 0"),
         "corr_eps": (name != "corr_eps" or value > 0, "> 0"),
         "corr_momentum": (name != "corr_momentum" or 0 <= value < 1, "in [0, 1)"),
         "local_epochs": (name != "local_epochs" or value >= 1, ">= 1"),
@@ -717,6 +729,7 @@ def _check_setting(client_id: str, name: str, kind: type, value: Any) -> None:
             name != "proximal_scaling" or value in CLIENT_PROXIMAL_SCALINGS,
             f"one of {CLIENT_PROXIMAL_SCALINGS}",
         ),
+        "proximal_rows": (name != "proximal_rows" or value in PROXIMAL_ROWS, f"one of {PROXIMAL_ROWS}"),
     }
     passed, rule = rules.get(name, (True, ""))
     if not passed:

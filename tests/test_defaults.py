@@ -25,11 +25,13 @@ PINNED = {
     "fedavg": "6d874411b23823aa212d09909c97c985fc6c07f6e7701941616178f1c3b2b449",
     "fedprox": "d0fa7bac4c3d18c8131e81e728cab820cd569da19c4524f4cb138d39846d7885",
 }
-# The validated default's, one and three local epochs (alignment with running moments, the drift rule), taken when it
-# was adopted.
+# The validated default's, one and three local epochs: with the label-aware proximal term (taken when it was adopted),
+# and with FedProx's uniform term (the default before it, alignment with running moments and the drift rule).
 PINNED_DEFAULT = {
-    1: "5cd3f6961fc8067c2f0909532a1cc319c81ae013ddd8b525bbd62b2ce961e86c",
-    3: "486272aad54abaf4abfccf4fa463415a8b3583963a82b0a8282093dc8638c0dc",
+    ("labels", 1): "1268cb4fc79be2b988dc62320c1e99cfe2953f72a72dc7c216f7e9d2998ca5b5",
+    ("labels", 3): "e7ca3151d065f5cb7e563de9bfdd555847109c6765a823ff1d69177e1fa6af6d",
+    ("uniform", 1): "5cd3f6961fc8067c2f0909532a1cc319c81ae013ddd8b525bbd62b2ce961e86c",
+    ("uniform", 3): "486272aad54abaf4abfccf4fa463415a8b3583963a82b0a8282093dc8638c0dc",
 }
 
 
@@ -44,11 +46,13 @@ def test_pinned_final_weights(name: str, aggregator) -> None:
 
 
 @pytest.mark.parametrize("local_epochs", [1, 3])
-def test_pinned_final_weights_of_the_default(local_epochs: int) -> None:
-    federation = pinned_federation(FedHarmony(), local_epochs=local_epochs)
+@pytest.mark.parametrize("rows", ["labels", "uniform"])
+def test_pinned_final_weights_of_the_default(rows: str, local_epochs: int) -> None:
+    aggregator = FedHarmony() if rows == "labels" else FedHarmony(proximal_rows="uniform")
+    federation = pinned_federation(aggregator, local_epochs=local_epochs)
     federation.fit()
     assert federation.model.fedharmony_has_teacher  # round two's teachers were installed
-    assert weights_digest(federation.global_weights) == PINNED_DEFAULT[local_epochs]
+    assert weights_digest(federation.global_weights) == PINNED_DEFAULT[rows, local_epochs]
 
 
 def test_paper_preset_settings_and_overrides() -> None:

@@ -208,3 +208,26 @@ def test_checkpoint_from_before_server_momentum_resumes_without_it(tmp_path: Pat
     assert [r.seconds for r in resumed.rounds] == [r["seconds"] for r in state["history"]["rounds"]]
     with pytest.raises(CheckpointMismatchError, match=r"`aggregator_args.server_momentum` differs: saved 0.0, now 0.5"):
         _federation(tmp_path, aggregator=type(aggregator)(server_momentum=0.5)).fit()
+
+
+@pytest.mark.parametrize(
+    ("aggregator", "refused"),
+    [(FedAvg(), False), (FedHarmony(proximal_rows="uniform"), False), (FedHarmony(), True)],
+    ids=["fedavg", "fedharmony-uniform", "fedharmony"],
+)
+def test_checkpoint_from_before_label_rows_counts_as_uniform(tmp_path: Path, aggregator, refused: bool) -> None:
+    """A checkpoint written before ``proximal_rows`` existed trained with FedProx's uniform term: it resumes a run that
+    keeps it and is refused, naming the setting, by the new default."""
+    _federation(tmp_path, aggregator=aggregator).fit()
+    path = tmp_path / CHECKPOINT_NAME
+    state = load_checkpoint(path)
+    for section in ("model_hparams", "aggregator_args"):
+        for key in ("proximal_rows", "proximal_full_at", "proximal_absent"):
+            state["fingerprint"].get(section, {}).pop(key, None)
+    save_checkpoint(path, state)
+    again = _federation(tmp_path, aggregator=aggregator)
+    if not refused:
+        assert [r.seconds for r in again.fit().rounds] == [r["seconds"] for r in state["history"]["rounds"]]
+    else:
+        with pytest.raises(CheckpointMismatchError, match=r"`aggregator_args.proximal_rows` differs: saved 'uniform'"):
+            again.fit()

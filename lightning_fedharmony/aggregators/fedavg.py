@@ -54,4 +54,6 @@ class FedProx(FedAvg):
     def client_instructions(
         self, server_round: int, client_id: str, global_weights: Mapping[str, Tensor]
     ) -> ClientInstructions:
-        return ClientInstructions(weights=dict(global_weights), proximal_mu=self.proximal_mu, proximal_scaling="none")
+        return ClientInstructions(
+            weights=dict(global_weights), proximal_mu=self.proximal_mu, proximal_scaling="none", proximal_rows="uniform"
+        )

@@ -35,8 +35,10 @@ from lightning_fedharmony.functional.correlation import block_soft_phi, phi_from
 from lightning_fedharmony.functional.losses import (
     alignment_loss,
     drift_proximal_scale,
+    label_proximal_scale,
     parameter_distance,
     proximal_term,
+    row_proximal_term,
     soft_phi_alignment_loss,
 )
 
@@ -54,6 +56,7 @@ __all__ = [
     "correlation_quality",
     "departing_pairs",
     "drift_proximal_scale",
+    "label_proximal_scale",
     "global_consensus",
     "leave_one_out_consensus",
     "leave_one_out_sums",
@@ -66,6 +69,7 @@ __all__ = [
     "phi_from_means",
     "phi_from_moments",
     "proximal_term",
+    "row_proximal_term",
     "quality_from_discrepancy",
     "sampling_discrepancy",
     "server_momentum_step",

@@ -184,6 +184,110 @@ def proximal_term(params: Iterable[Tensor], global_params: Iterable[Tensor], mu:
 #: How a client may scale FedProx's ``mu`` within a round: ``"none"`` or ``"drift"`` (:func:`drift_proximal_scale`).
 CLIENT_PROXIMAL_SCALINGS = ("none", "drift")
 
+#: Which output rows the proximal term pulls how hard: ``"uniform"`` (FedProx's, every parameter with ``mu``) or
+#: ``"labels"`` (:func:`label_proximal_scale` per label row of the output layer).
+PROXIMAL_ROWS = ("uniform", "labels")
+
+
+def check_label_pull(
+    rows: str | None = None,
+    full_at: float | None = None,
+    absent: float | None = None,
+    *,
+    names: tuple[str, str, str] = ("proximal_rows", "proximal_full_at", "proximal_absent"),
+) -> None:
+    """Check the label-aware proximal term's settings (``None`` skips one); ``names`` are the arguments' names.
+
+    Raises:
+        ValueError: naming the argument, the rule and the value.
+    """
+    if rows is not None and rows not in PROXIMAL_ROWS:
+        raise ValueError(f"Expected argument `{names[0]}` to be one of {PROXIMAL_ROWS}, but got {rows!r}.")
+    for name, value, strict in ((names[1], full_at, True), (names[2], absent, False)):
+        if value is None:
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not (number and (value > 0 if strict else value >= 0)):
+            rule = "> 0" if strict else ">= 0"
+            raise ValueError(f"Expected argument `{name}` to be a finite number {rule}, but got {value!r}.")
+
+
+def label_proximal_scale(positives: Tensor, full_at: float, absent: float) -> Tensor:
+    """Per-label factor on ``mu`` for the output layer's rows, from the positives a client has seen this round.
+
+    A label without a positive gets ``absent``: the client has no evidence for its row, only negatives that push it
+    down, and the row should stay near the global model's. A label with ``n > 0`` positives gets ``min(1, n /
+    full_at)``: the pull grows with the evidence behind the row's update, so that a rare label, whose few positives give
+    its row a gradient smaller than the pull, can still learn, and a well-supported row is held like every other
+    parameter.
+
+    Args:
+        positives: ``(L,)`` positives seen per label (observed entries only; soft labels count by their value).
+        full_at: positives at which a row gets the full ``mu``; ``> 0``.
+        absent: factor for labels without a positive; ``>= 0``.
+
+    Returns:
+        ``(L,)`` factors in the dtype of ``positives`` (floating) or the default float dtype.
+
+    Raises:
+        ValueError: if ``full_at`` or ``absent`` breaks its rule, or ``positives`` is not ``(L,)``.
+
+    Example:
+        >>> import torch
+        >>> label_proximal_scale(torch.tensor([0.0, 8.0, 64.0, 500.0]), full_at=32.0, absent=10.0)
+        tensor([10.0000,  0.2500,  1.0000,  1.0000])
+    """
+    check_label_pull(None, full_at, absent, names=("rows", "full_at", "absent"))
+    if positives.ndim != 1:
+        raise ValueError(f"Expected `positives` of shape (L,), but got {tuple(positives.shape)}.")
+    counts = positives if positives.is_floating_point() else positives.to(torch.get_default_dtype())
+    scale = (counts / full_at).clamp(max=1.0)
+    return torch.where(counts > 0, scale, torch.full_like(scale, float(absent)))
+
+
+def row_proximal_term(params: Iterable[Tensor], global_params: Iterable[Tensor], row_mu: Tensor) -> Tensor:
+    """FedProx's term with one ``mu`` per label row: ``sum_j row_mu_j / 2 * ||w_j - g_j||^2``.
+
+    Args:
+        params: parameters whose first dimension is the labels' (an output layer's weight ``(L, H)`` and bias
+            ``(L,)``).
+        global_params: the global values of ``params``, in the same order.
+        row_mu: ``(L,)`` non-negative ``mu`` per label.
+
+    Returns:
+        The scalar term (``0`` for no parameters).
+
+    Raises:
+        ValueError: if the two lists differ in length, ``row_mu`` is not ``(L,)`` and non-negative, or a parameter's
+            first dimension is not ``L``.
+
+    Example:
+        >>> import torch
+        >>> w = torch.ones(2, 3, requires_grad=True)
+        >>> row_proximal_term([w], [torch.zeros(2, 3)], torch.tensor([1.0, 0.0]))
+        tensor(1.5000, grad_fn=<MulBackward0>)
+    """
+    params, global_params = list(params), list(global_params)
+    if len(params) != len(global_params):
+        raise ValueError(
+            f"Expected as many global parameters as local ones, but got {len(global_params)} and {len(params)}."
+        )
+    if row_mu.ndim != 1 or bool((row_mu < 0).any()):
+        raise ValueError(f"Expected `row_mu` of shape (L,) and >= 0, but got shape {tuple(row_mu.shape)}.")
+    num_labels = row_mu.shape[0]
+    total = None
+    for p, g in zip(params, global_params):
+        if p.ndim == 0 or p.shape[0] != num_labels:
+            raise ValueError(
+                f"Expected parameters whose first dimension is the {num_labels} labels, but got {tuple(p.shape)}."
+            )
+        squares = (p - g.to(p)).square().reshape(num_labels, -1).sum(1)
+        term = (row_mu.to(squares) * squares).sum()
+        total = term if total is None else total + term
+    if total is None:
+        return torch.tensor(0.0)
+    return 0.5 * total
+
 
 def parameter_distance(params: Iterable[Tensor], global_params: Iterable[Tensor]) -> float:
     """``||w - w_global||``, the Euclidean distance over all parameters, accumulated in float64.
