@@ -4,6 +4,7 @@ with the clients."""
 
 from __future__ import annotations
 
+import functools
 import shutil
 import weakref
 from collections.abc import Callable, Iterator
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.resume import assert_same_weights, run_interrupted
 
 from lightning_fedharmony import FedHarmony, orchestrator
 from lightning_fedharmony.aggregators import ClientUpdate
@@ -334,18 +336,11 @@ def test_each_round_rewrites_only_the_memories_of_the_clients_it_trained(
 def _resumed_after(tmp_path: Path, interrupt: Callable[[Federation], None]) -> tuple[Federation, Federation]:
     """Rounds 1 and 2 checkpointed, then ``interrupt`` (what a crash or an earlier version leaves on disk), then a
     run that resumes from it: its weights equal those of a run without interruption. Six clients, three per round."""
-    straight = _federation(num_clients=6, fraction_fit=0.34)
-    straight.fit()
-    first = _federation(num_clients=6, fraction_fit=0.34, checkpoint_dir=tmp_path)
-    first.aggregator.setup(3)
-    first.run_round(1)
-    first.run_round(2)
-    interrupt(first)
-    resumed = _federation(num_clients=6, fraction_fit=0.34, checkpoint_dir=tmp_path)
-    resumed.fit()
+    straight, resumed = run_interrupted(
+        functools.partial(_federation, num_clients=6, fraction_fit=0.34), tmp_path, 2, interrupt
+    )
     assert [r.server_round for r in resumed.result.rounds] == [1, 2, 3]
-    for name, tensor in straight.global_weights.items():
-        assert torch.equal(tensor, resumed.global_weights[name]), name
+    assert_same_weights(straight.global_weights, resumed.global_weights)
     assert resumed.result.rounds[-1].client_weights == straight.result.rounds[-1].client_weights
     return straight, resumed
 

@@ -198,7 +198,9 @@ def test_servers_send_the_rows_rule_and_the_protocol_checks_it() -> None:
         FedHarmony(proximal_absent=float("nan"))
 
 
-def test_a_federation_trains_differently_with_label_rows_and_the_paper_preset_is_untouched() -> None:
+def test_a_federation_trains_differently_with_label_rows() -> None:
+    """The setting reaches the clients and moves the weights (the paper preset's and the uniform rule's are pinned in
+    ``test_defaults.py``)."""
     digests = {}
     for rows in ("labels", "uniform"):
         federation = pinned_federation(FedHarmony(proximal_rows=rows, seed=0), num_rounds=2)  # type: ignore[arg-type]

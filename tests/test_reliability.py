@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.resume import assert_same_weights, run_interrupted
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -139,16 +140,12 @@ def test_checkpoint_of_another_setup_is_refused(tmp_path: Path) -> None:
 
 
 def test_resume_in_process_matches_uninterrupted(tmp_path: Path) -> None:
-    full = Federation(_model(), _clients(), FedHarmony(), 3, verbose=False)
-    full.fit()
-    first = Federation(_model(), _clients(), FedHarmony(), 3, checkpoint_dir=tmp_path, verbose=False)
-    first.aggregator.setup(3)
-    first.run_round(1)
-    second = Federation(_model(), _clients(), FedHarmony(), 3, checkpoint_dir=tmp_path, verbose=False)
-    second.fit()
+    def make(**kwargs: object) -> Federation:
+        return Federation(_model(), _clients(), FedHarmony(), 3, verbose=False, **kwargs)  # type: ignore[arg-type]
+
+    full, second = run_interrupted(make, tmp_path, 1)
     assert [r.server_round for r in second.result.rounds] == [1, 2, 3]
-    for key, value in full.global_weights.items():
-        assert torch.equal(value, second.global_weights[key]), key
+    assert_same_weights(full.global_weights, second.global_weights)
 
 
 # ---------------------------------------------------------------- client faults

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.models import multilabel_data
+from helpers.resume import assert_same_weights, run_interrupted
 
 from lightning_fedharmony import CorrelationStats, FedAvg, FedHarmony, FedProx
 from lightning_fedharmony.aggregators import ClientUpdate
@@ -200,18 +201,13 @@ def _model() -> MultilabelMLP:
     ids=["fedharmony", "fedharmony-client-side", "fedavg", "fedprox"],
 )
 def test_resume_with_momentum_matches_the_uninterrupted_run(tmp_path: Path, aggregator) -> None:
-    full = Federation(_model(), _clients(), aggregator(), 3, verbose=False)
-    full.fit()
+    def make(**kwargs: object) -> Federation:
+        return Federation(_model(), _clients(), aggregator(), 3, verbose=False, **kwargs)  # type: ignore[arg-type]
+
+    full, second = run_interrupted(make, tmp_path, 2)
     assert all(0 <= r.server_metrics["server_momentum"] < 0.5 + 1e-12 for r in full.result.rounds)
-    first = Federation(_model(), _clients(), aggregator(), 3, checkpoint_dir=tmp_path, verbose=False)
-    first.aggregator.setup(3)
-    first.run_round(1)
-    first.run_round(2)
-    second = Federation(_model(), _clients(), aggregator(), 3, checkpoint_dir=tmp_path, verbose=False)
-    second.fit()
     assert [r.server_round for r in second.result.rounds] == [1, 2, 3]
-    for key, value in full.global_weights.items():
-        assert torch.equal(value, second.global_weights[key]), key
+    assert_same_weights(full.global_weights, second.global_weights)
     plain = aggregator()
     plain.server_momentum = 0.0
     without = Federation(_model(), _clients(), plain, 3, verbose=False)
