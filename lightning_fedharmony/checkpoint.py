@@ -346,7 +346,8 @@ def check_fingerprint(saved_fingerprint: Any, current: Mapping[str, Any]) -> Non
 #: (dotted keys, as :func:`check_fingerprint` flattens them). ``proximal_scaling`` did not exist, which trained as
 #: ``"none"`` does: a FedAvg or FedProx run resumes, while a ``FedHarmony()`` run of the earlier defaults is refused
 #: on the settings that did change (``aggregator_args.quality_aggregation``). Server momentum did not exist, which
-#: is ``server_momentum=0``. The label-aware proximal term did not exist, which is ``proximal_rows="uniform"``.
+#: is ``server_momentum=0``. The label-aware proximal term did not exist, which is ``proximal_rows="uniform"``; nor
+#: did the label-count factor on ``mu``, which is ``proximal_reference_labels=0``.
 _FINGERPRINT_DEFAULTS = {
     "client_sampling": "uniform",
     "eval_every": 1,  # Flower's fingerprint records it since FedHarmonyStrategy(eval_every=...)
@@ -360,6 +361,8 @@ _FINGERPRINT_DEFAULTS = {
     "aggregator_args.proximal_rows": "uniform",
     "aggregator_args.proximal_full_at": 64.0,
     "aggregator_args.proximal_absent": 10.0,
+    "model_hparams.proximal_reference_labels": 0.0,
+    "aggregator_args.proximal_reference_labels": 0.0,
 }
 
 

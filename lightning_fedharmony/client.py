@@ -125,6 +125,7 @@ def install(module: pl.LightningModule, instruction: Instruction) -> None:
             proximal_rows=instruction.proximal_rows,
             proximal_full_at=instruction.proximal_full_at,
             proximal_absent=instruction.proximal_absent,
+            proximal_reference_labels=instruction.proximal_reference_labels,
             corr_normalization=instruction.corr_normalization,
             corr_eps=instruction.corr_eps,
             corr_momentum=instruction.corr_momentum,

@@ -25,7 +25,9 @@ from lightning_fedharmony.functional.correlation import (
 from lightning_fedharmony.functional.losses import (
     CLIENT_PROXIMAL_SCALINGS,
     check_label_pull,
+    check_reference_labels,
     drift_proximal_scale,
+    label_count_proximal_scale,
     label_proximal_scale,
     masked_mean_square,
     parameter_distance,
@@ -95,6 +97,9 @@ class FedHarmonyMixin:
             positives on); soft labels count by their value.
         proximal_full_at: positives of a label at which its output row gets the full ``mu`` (``"labels"``).
         proximal_absent: factor on ``mu`` for the output rows of labels without a positive (``"labels"``).
+        proximal_reference_labels: a model over ``L`` labels trains with ``mu`` times ``max(1,
+            proximal_reference_labels / L)`` (:func:`~lightning_fedharmony.functional.label_count_proximal_scale`:
+            the label-averaged loss gives each label's row a gradient that shrinks like ``1 / L``); 0 keeps ``mu``.
         corr_eps: ``eps`` of the soft phi denominator.
         corr_normalization: ``"pearson"`` (scale-free; see :func:`~lightning_fedharmony.functional.phi_from_moments`)
             or ``"bernoulli"`` (the paper's soft phi).
@@ -119,6 +124,7 @@ class FedHarmonyMixin:
         proximal_rows: str = "uniform",
         proximal_full_at: float = 64.0,
         proximal_absent: float = 10.0,
+        proximal_reference_labels: float = 0.0,
         corr_eps: float = 1e-6,
         corr_normalization: Normalization = "pearson",
         corr_momentum: float = 0.9,
@@ -134,6 +140,7 @@ class FedHarmonyMixin:
             proximal_rows=proximal_rows,
             proximal_full_at=proximal_full_at,
             proximal_absent=proximal_absent,
+            proximal_reference_labels=proximal_reference_labels,
             corr_eps=corr_eps,
             corr_normalization=corr_normalization,
             corr_momentum=corr_momentum,
@@ -178,9 +185,13 @@ class FedHarmonyMixin:
         proximal_rows: str | None = None,
         proximal_full_at: float | None = None,
         proximal_absent: float | None = None,
+        proximal_reference_labels: float | None = None,
     ) -> None:
         """Set the loss weights and the batch correlation's settings (``None`` keeps the current value)."""
         check_label_pull(proximal_rows, proximal_full_at, proximal_absent)
+        check_reference_labels(proximal_reference_labels)
+        if proximal_reference_labels is not None:
+            self.fedharmony_proximal_reference_labels = float(proximal_reference_labels)
         if proximal_rows is not None:
             self.fedharmony_proximal_rows = proximal_rows
         if proximal_full_at is not None:
@@ -352,6 +363,8 @@ class FedHarmonyMixin:
         if training and self.fedharmony_proximal_mu > 0 and self._fedharmony_anchor is not None:
             params = self._fedharmony_proximal_params()
             mu = self.fedharmony_proximal_mu
+            if self.fedharmony_proximal_reference_labels > 0:
+                mu *= label_count_proximal_scale(logits.shape[1], self.fedharmony_proximal_reference_labels)
             if self.fedharmony_proximal_scaling == "drift":
                 mu *= self._fedharmony_drift_scale(params, self._fedharmony_anchor)
             if self.fedharmony_proximal_rows == "labels":

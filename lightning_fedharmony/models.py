@@ -34,6 +34,8 @@ class MultilabelMLP(FedHarmonyMixin, pl.LightningModule):
             :class:`~lightning_fedharmony.FedHarmonyMixin`; an aggregator may override them).
         proximal_full_at: positives of a label at which its output row gets the full ``mu``.
         proximal_absent: factor on ``mu`` for the output rows of labels without a positive.
+        proximal_reference_labels: ``mu`` times ``max(1, proximal_reference_labels / num_labels)``; 0 keeps ``mu``
+            (see :class:`~lightning_fedharmony.FedHarmonyMixin`; an aggregator may override it).
         corr_normalization: soft phi normalisation of the alignment term.
         corr_momentum: running-moment mixing of the batch correlation.
         detach_marginals: stop gradients through the label marginals in the alignment term.
@@ -54,6 +56,7 @@ class MultilabelMLP(FedHarmonyMixin, pl.LightningModule):
         proximal_rows: str = "uniform",
         proximal_full_at: float = 64.0,
         proximal_absent: float = 10.0,
+        proximal_reference_labels: float = 0.0,
         corr_normalization: Normalization = "pearson",
         corr_momentum: float = 0.9,
         detach_marginals: bool = True,
@@ -65,6 +68,7 @@ class MultilabelMLP(FedHarmonyMixin, pl.LightningModule):
             proximal_rows=proximal_rows,
             proximal_full_at=proximal_full_at,
             proximal_absent=proximal_absent,
+            proximal_reference_labels=proximal_reference_labels,
             corr_normalization=corr_normalization,
             corr_momentum=corr_momentum,
             detach_marginals=detach_marginals,

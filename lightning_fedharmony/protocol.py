@@ -38,6 +38,7 @@ SETTINGS: dict[str, type] = {
     "proximal_rows": str,
     "proximal_full_at": float,
     "proximal_absent": float,
+    "proximal_reference_labels": float,
     "corr_normalization": str,
     "corr_eps": float,
     "corr_momentum": float,
@@ -280,6 +281,8 @@ class Instruction:
             :func:`~lightning_fedharmony.functional.label_proximal_scale`).
         proximal_full_at: positives of a label at which its output row gets the full ``mu``.
         proximal_absent: factor on ``mu`` for the output rows of labels without a positive.
+        proximal_reference_labels: a model over ``L`` labels trains with ``mu`` times ``max(1,
+            proximal_reference_labels / L)``; 0 keeps ``mu``.
         corr_normalization: the teacher's soft phi normalisation; the client's batch correlation must use the same
             scale, so it follows the server's.
         corr_eps: the teacher's soft phi ``eps``, followed by the client for the same reason.
@@ -305,6 +308,7 @@ class Instruction:
     proximal_rows: str | None = None
     proximal_full_at: float | None = None
     proximal_absent: float | None = None
+    proximal_reference_labels: float | None = None
     corr_normalization: str | None = None
     corr_eps: float | None = None
     detach_marginals: bool | None = None
@@ -718,6 +722,7 @@ def _check_setting(client_id: str, name: str, kind: type, value: Any) -> None:
         "proximal_mu": (name != "proximal_mu" or value >= 0, ">= 0"),
         "proximal_full_at": (name != "proximal_full_at" or value > 0, "> 0"),
         "proximal_absent": (name != "proximal_absent" or value >= 0, ">= 0"),
+        "proximal_reference_labels": (name != "proximal_reference_labels" or value >= 0, ">= 0"),
         "corr_eps": (name != "corr_eps" or value > 0, "> 0"),
         "corr_momentum": (name != "corr_momentum" or 0 <= value < 1, "in [0, 1)"),
         "local_epochs": (name != "local_epochs" or value >= 1, ">= 1"),

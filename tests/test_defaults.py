@@ -25,13 +25,21 @@ PINNED = {
     "fedavg": "6d874411b23823aa212d09909c97c985fc6c07f6e7701941616178f1c3b2b449",
     "fedprox": "d0fa7bac4c3d18c8131e81e728cab820cd569da19c4524f4cb138d39846d7885",
 }
-# The validated default's, one and three local epochs: with the label-aware proximal term (taken when it was adopted),
-# and with FedProx's uniform term (the default before it, alignment with running moments and the drift rule).
+# The validated default's, one and three local epochs, taken when each rule was adopted (the pinned federation has 5
+# labels, so the label-count factor on `mu` acts): the default; the label-aware proximal term without that factor (the
+# default before it); FedProx's uniform term (the default before that: alignment with running moments, the drift rule).
 PINNED_DEFAULT = {
+    ("default", 1): "6a1429d3ff3f7fd1dc0d570c8fb0a8f2fa4bcb5c2bcf26b88207b52174913cf6",
+    ("default", 3): "dd61a9f8a74f00362d39b1f3becfc1cfc8fe50f2345f836d2d3556cd78e3f45b",
     ("labels", 1): "1268cb4fc79be2b988dc62320c1e99cfe2953f72a72dc7c216f7e9d2998ca5b5",
     ("labels", 3): "e7ca3151d065f5cb7e563de9bfdd555847109c6765a823ff1d69177e1fa6af6d",
     ("uniform", 1): "5cd3f6961fc8067c2f0909532a1cc319c81ae013ddd8b525bbd62b2ce961e86c",
     ("uniform", 3): "486272aad54abaf4abfccf4fa463415a8b3583963a82b0a8282093dc8638c0dc",
+}
+EARLIER_DEFAULTS = {
+    "default": {},
+    "labels": {"proximal_reference_labels": 0.0},
+    "uniform": {"proximal_rows": "uniform", "proximal_reference_labels": 0.0},
 }
 
 
@@ -46,13 +54,12 @@ def test_pinned_final_weights(name: str, aggregator) -> None:
 
 
 @pytest.mark.parametrize("local_epochs", [1, 3])
-@pytest.mark.parametrize("rows", ["labels", "uniform"])
-def test_pinned_final_weights_of_the_default(rows: str, local_epochs: int) -> None:
-    aggregator = FedHarmony() if rows == "labels" else FedHarmony(proximal_rows="uniform")
-    federation = pinned_federation(aggregator, local_epochs=local_epochs)
+@pytest.mark.parametrize("name", list(EARLIER_DEFAULTS))
+def test_pinned_final_weights_of_the_default(name: str, local_epochs: int) -> None:
+    federation = pinned_federation(FedHarmony(**EARLIER_DEFAULTS[name]), local_epochs=local_epochs)
     federation.fit()
     assert federation.model.fedharmony_has_teacher  # round two's teachers were installed
-    assert weights_digest(federation.global_weights) == PINNED_DEFAULT[rows, local_epochs]
+    assert weights_digest(federation.global_weights) == PINNED_DEFAULT[name, local_epochs]
 
 
 def test_paper_preset_settings_and_overrides() -> None:

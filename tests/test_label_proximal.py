@@ -1,4 +1,5 @@
-"""`proximal_rows="labels"`: the output layer's rows pulled per label by the positives a client has seen."""
+"""`proximal_rows="labels"`: the output layer's rows pulled per label by the positives a client has seen; and
+`proximal_reference_labels`: `mu` scaled up for models over few labels."""
 
 from __future__ import annotations
 
@@ -10,7 +11,12 @@ from helpers.pinned import pinned_federation, weights_digest
 from torch import Tensor, nn
 
 from lightning_fedharmony import FedHarmony, FedProx
-from lightning_fedharmony.functional import label_proximal_scale, proximal_term, row_proximal_term
+from lightning_fedharmony.functional import (
+    label_count_proximal_scale,
+    label_proximal_scale,
+    proximal_term,
+    row_proximal_term,
+)
 from lightning_fedharmony.models import MultilabelMLP
 from lightning_fedharmony.protocol import Instruction, ProtocolError
 
@@ -163,6 +169,8 @@ def test_output_parameters_default_and_override() -> None:
         ({"proximal_full_at": float("inf")}, r"`proximal_full_at` to be a finite number > 0, but got inf"),
         ({"proximal_absent": -1.0}, r"`proximal_absent` to be a finite number >= 0, but got -1\.0"),
         ({"proximal_absent": True}, r"`proximal_absent` to be a finite number >= 0, but got True"),
+        ({"proximal_reference_labels": -1}, r"`proximal_reference_labels` to be a finite number >= 0, but got -1"),
+        ({"proximal_reference_labels": "22"}, r"`proximal_reference_labels` to be a finite number >= 0, but got '22'"),
     ],
 )
 def test_mixin_errors(kwargs: dict, match: str) -> None:
@@ -208,3 +216,53 @@ def test_a_federation_trains_differently_with_label_rows() -> None:
         digests[rows] = weights_digest(federation.global_weights)
         assert federation.model.fedharmony_proximal_rows == rows
     assert digests["labels"] != digests["uniform"]
+
+
+# ---------------------------------------------------------------------------------------- the label-count factor
+
+
+def test_label_count_proximal_scale() -> None:
+    assert label_count_proximal_scale(6, 22.0) == 22.0 / 6
+    assert label_count_proximal_scale(22, 22.0) == 1.0
+    assert label_count_proximal_scale(153, 22.0) == 1.0  # at or above the reference, `mu` is kept
+    assert label_count_proximal_scale(1, 0.0) == 1.0  # 0 turns the factor off
+    with pytest.raises(ValueError, match=r"`reference` to be a finite number >= 0, but got -1\.0"):
+        label_count_proximal_scale(6, -1.0)
+    with pytest.raises(ValueError, match=r"`reference` to be a finite number >= 0, but got inf"):
+        label_count_proximal_scale(6, float("inf"))
+    with pytest.raises(ValueError, match=r"`num_labels` to be a positive int, but got 0"):
+        label_count_proximal_scale(0, 22.0)
+
+
+@pytest.mark.parametrize("rows", ["uniform", "labels"])
+def test_the_mixin_scales_mu_by_the_label_count(rows: str) -> None:
+    """With ``L`` labels below the reference the whole term (hidden layers and output rows) is the term of ``mu``
+    times ``reference / L``; at or above the reference it is the term of ``mu``."""
+    x, y = multilabel_data(16, seed=5)
+    losses = {}
+    for reference, mu in ((4 * NUM_LABELS, MU), (0.0, 4 * MU), (NUM_LABELS, MU), (0.0, MU)):
+        model, _ = _displaced_model(proximal_rows=rows, proximal_reference_labels=reference)
+        model.fedharmony_configure(proximal_mu=mu)
+        losses[reference, mu] = model.fedharmony_loss(model(x), y)
+    torch.testing.assert_close(losses[4 * NUM_LABELS, MU], losses[0.0, 4 * MU])
+    torch.testing.assert_close(losses[NUM_LABELS, MU], losses[0.0, MU])
+    assert not torch.allclose(losses[4 * NUM_LABELS, MU], losses[0.0, MU])
+
+
+def test_servers_send_the_label_count_reference_and_the_protocol_checks_it() -> None:
+    weights = {"w": torch.zeros(2)}
+    assert FedHarmony().client_instructions(1, "0", weights).proximal_reference_labels == 22.0
+    assert FedHarmony.paper().client_instructions(1, "0", weights).proximal_reference_labels == 0.0
+    # FedProx's term, whatever an earlier method left in the module
+    assert FedProx().client_instructions(1, "0", weights).proximal_reference_labels == 0.0
+    arrays = Instruction(weights=weights, proximal_reference_labels=50.0).to_arrays()
+    assert Instruction.from_arrays(arrays, "0").proximal_reference_labels == 50.0
+    with pytest.raises(ProtocolError, match=r"Client '0', field `proximal_reference_labels`: expected a value >= 0"):
+        Instruction.from_arrays(dict(arrays, proximal_reference_labels=-3.0), "0")
+    with pytest.raises(ValueError, match=r"`proximal_reference_labels` to be a finite number >= 0, but got nan"):
+        FedHarmony(proximal_reference_labels=float("nan"))
+    # the module of a federation follows the server's setting
+    federation = pinned_federation(FedHarmony(proximal_reference_labels=30.0, seed=0), num_rounds=1)
+    federation.fit()
+    assert federation.model.fedharmony_proximal_reference_labels == 30.0
+    assert MultilabelMLP(4, 3, proximal_reference_labels=8.0).fedharmony_proximal_reference_labels == 8.0

@@ -212,17 +212,23 @@ def test_checkpoint_from_before_server_momentum_resumes_without_it(tmp_path: Pat
 
 @pytest.mark.parametrize(
     ("aggregator", "refused"),
-    [(FedAvg(), False), (FedHarmony(proximal_rows="uniform"), False), (FedHarmony(), True)],
-    ids=["fedavg", "fedharmony-uniform", "fedharmony"],
+    [
+        (FedAvg(), False),
+        (FedHarmony(proximal_rows="uniform", proximal_reference_labels=0.0), False),
+        (FedHarmony(proximal_reference_labels=0.0), True),
+        (FedHarmony(), True),
+    ],
+    ids=["fedavg", "fedharmony-uniform", "fedharmony-labels", "fedharmony"],
 )
 def test_checkpoint_from_before_label_rows_counts_as_uniform(tmp_path: Path, aggregator, refused: bool) -> None:
-    """A checkpoint written before ``proximal_rows`` existed trained with FedProx's uniform term: it resumes a run that
-    keeps it and is refused, naming the setting, by the new default."""
+    """A checkpoint written before ``proximal_rows`` and ``proximal_reference_labels`` existed trained with FedProx's
+    uniform term and one ``mu``: it resumes a run that keeps them and is refused, naming a setting, by the defaults
+    since."""
     _federation(tmp_path, aggregator=aggregator).fit()
     path = tmp_path / CHECKPOINT_NAME
     state = load_checkpoint(path)
     for section in ("model_hparams", "aggregator_args"):
-        for key in ("proximal_rows", "proximal_full_at", "proximal_absent"):
+        for key in ("proximal_rows", "proximal_full_at", "proximal_absent", "proximal_reference_labels"):
             state["fingerprint"].get(section, {}).pop(key, None)
     save_checkpoint(path, state)
     again = _federation(tmp_path, aggregator=aggregator)

@@ -55,5 +55,9 @@ class FedProx(FedAvg):
         self, server_round: int, client_id: str, global_weights: Mapping[str, Tensor]
     ) -> ClientInstructions:
         return ClientInstructions(
-            weights=dict(global_weights), proximal_mu=self.proximal_mu, proximal_scaling="none", proximal_rows="uniform"
+            weights=dict(global_weights),
+            proximal_mu=self.proximal_mu,
+            proximal_scaling="none",
+            proximal_rows="uniform",
+            proximal_reference_labels=0.0,
         )

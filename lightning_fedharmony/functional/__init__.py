@@ -35,6 +35,7 @@ from lightning_fedharmony.functional.correlation import block_soft_phi, phi_from
 from lightning_fedharmony.functional.losses import (
     alignment_loss,
     drift_proximal_scale,
+    label_count_proximal_scale,
     label_proximal_scale,
     parameter_distance,
     proximal_term,
@@ -56,6 +57,7 @@ __all__ = [
     "correlation_quality",
     "departing_pairs",
     "drift_proximal_scale",
+    "label_count_proximal_scale",
     "label_proximal_scale",
     "global_consensus",
     "leave_one_out_consensus",

@@ -245,6 +245,45 @@ def label_proximal_scale(positives: Tensor, full_at: float, absent: float) -> Te
     return torch.where(counts > 0, scale, torch.full_like(scale, float(absent)))
 
 
+def check_reference_labels(value: float | None, name: str = "proximal_reference_labels") -> None:
+    """Check a reference label count for :func:`label_count_proximal_scale` (``None`` skips it).
+
+    Raises:
+        ValueError: naming ``name``, the rule and the value.
+    """
+    if value is None:
+        return
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not (number and value >= 0):
+        raise ValueError(f"Expected argument `{name}` to be a finite number >= 0, but got {value!r}.")
+
+
+def label_count_proximal_scale(num_labels: int, reference: float) -> float:
+    """The factor on ``mu`` for a model over ``num_labels`` labels: ``max(1, reference / num_labels)``.
+
+    The task loss averages binary cross-entropy over the labels, so the gradient it gives one label's output row
+    shrinks like ``1 / L``; a ``mu`` that suits models over many labels is then ``L`` times weaker, against that
+    gradient, on a model over few. Below ``reference`` labels the factor restores the pull's ratio to the loss
+    gradient that ``mu`` has at ``reference`` labels; at or above it ``mu`` is kept (validated there as it is).
+    ``reference = 0`` turns the factor off (always 1).
+
+    Args:
+        num_labels: the model's labels ``L``; ``>= 1``.
+        reference: the label count from which ``mu`` is kept; ``>= 0``.
+
+    Raises:
+        ValueError: if ``num_labels`` is not a positive int or ``reference`` is negative or not finite.
+
+    Example:
+        >>> label_count_proximal_scale(6, 22.0), label_count_proximal_scale(101, 22.0), label_count_proximal_scale(6, 0)
+        (3.6666666666666665, 1.0, 1.0)
+    """
+    check_reference_labels(reference, "reference")
+    if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
+        raise ValueError(f"Expected argument `num_labels` to be a positive int, but got {num_labels!r}.")
+    return max(1.0, reference / num_labels)
+
+
 def row_proximal_term(params: Iterable[Tensor], global_params: Iterable[Tensor], row_mu: Tensor) -> Tensor:
     """FedProx's term with one ``mu`` per label row: ``sum_j row_mu_j / 2 * ||w_j - g_j||^2``.
 
