@@ -42,7 +42,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -207,11 +207,18 @@ def parse_grid(specs: Sequence[str]) -> dict[str, dict[str, list[Any]]]:
 
 
 def method_grid(
-    method: str, base: str, preset: str, overrides: Mapping[str, Mapping[str, list[Any]]]
+    method: str,
+    base: str,
+    preset: str,
+    overrides: Mapping[str, Mapping[str, list[Any]]],
+    fixed: Collection[str] = (),
 ) -> list[dict[str, Any]]:
-    """Every configuration of a method's grid (a variant inherits its base's grid unless overridden)."""
-    axes = dict(PRESETS[preset].get(base, {}))
-    axes.update(overrides.get(base, {}) if method != base else {})
+    """Every configuration of a method's grid. A variant inherits its base's grid, less the keys it fixes itself
+    (``fixed``: ``fp=fedprox:proximal_mu=0.1`` runs ``mu = 0.1``, not FedProx's ``mu`` grid); ``--grid`` on the
+    variant itself wins."""
+    inherited = dict(PRESETS[preset].get(base, {}))
+    inherited.update(overrides.get(base, {}) if method != base else {})
+    axes = {key: values for key, values in inherited.items() if key not in fixed}
     axes.update(overrides.get(method, {}))
     keys = list(axes)
     return [dict(zip(keys, combo)) for combo in itertools.product(*(axes[k] for k in keys))] or [{}]
@@ -427,7 +434,8 @@ def run_benchmark(args: argparse.Namespace, log: Any = sys.stdout) -> dict[str, 
     grids: dict[str, list[dict[str, Any]]] = {}
     for method in methods:
         base, fixed = base_of(method)
-        grids[method] = [{**fixed, **config} for config in method_grid(method, base, args.preset, overrides)]
+        configs = method_grid(method, base, args.preset, overrides, fixed=tuple(fixed))
+        grids[method] = [{**fixed, **config} for config in configs]
 
     def task(cell: Cell, method: str, config: Mapping[str, Any], seed: int) -> Task:
         return Task(cell, method, base_of(method)[0], tuple(config.items()), seed, settings)

@@ -31,8 +31,9 @@ def test_quality_smoke_on_yeast(tmp_path: Path, quality: ModuleType) -> None:
     quality.main(
         [
             "--data", "yeast", "--data-dir", str(DATA_DIR), "--partition", "dirichlet", "--alpha", "0.1",
-            "--rounds", "2", "--seeds", "0", "--methods", "fedavg,fedharmony",
-            "--grid", "fedharmony.alignment_weight=1,10", "--out", str(out),
+            "--rounds", "2", "--seeds", "0", "--methods", "fedavg,fedharmony,fp",
+            "--grid", "fedharmony.alignment_weight=1,10", "--variant", "fp=fedprox:proximal_mu=0.1",
+            "--out", str(out),
         ]
     )  # fmt: skip
     report = json.loads(out.read_text())
@@ -42,11 +43,13 @@ def test_quality_smoke_on_yeast(tmp_path: Path, quality: ModuleType) -> None:
     assert choice["configs"] == [{"alignment_weight": 1}, {"alignment_weight": 10}]
     assert len(choice["val_final_map"]) == 2 and choice["chosen"] in choice["configs"]
     assert choice["chosen"] == choice["configs"][max(range(2), key=lambda i: choice["val_final_map"][i])]
-    assert {r["method"] for r in report["grid_runs"]} == {"fedavg", "fedharmony"}
+    # a variant's own value is not tuned over its base's grid
+    assert report["selection"]["yeast/dirichlet0.1/E1"]["fp"]["configs"] == [{"proximal_mu": 0.1}]
+    assert {r["method"] for r in report["grid_runs"]} == {"fedavg", "fedharmony", "fp"}
     assert all("final" not in r for r in report["grid_runs"])  # no test metric of an unchosen configuration
     # one record per (method, seed), with config, final, best and validation-stopped metrics and curves
     records = report["records"]
-    assert [(r["method"], r["seed"]) for r in records] == [("fedavg", 0), ("fedharmony", 0)]
+    assert [(r["method"], r["seed"]) for r in records] == [("fedavg", 0), ("fedharmony", 0), ("fp", 0)]
     for record in records:
         assert record["cell_settings"]["partition"] == "dirichlet" and record["cell_settings"]["alpha"] == 0.1
         for part in ("final", "best", "val_selected"):
@@ -72,6 +75,13 @@ def test_quality_argument_parsing(quality: ModuleType) -> None:
     configs = quality.method_grid("fhp", "fedharmony", "small", grid)
     assert configs == [{"alignment_weight": a, "num_blocks": b} for a in (0.1, 1) for b in ("auto", 2)]
     assert quality.method_grid("fedavg", "fedavg", "small", {}) == [{}]
+    # a key the variant fixes leaves the inherited grid (FedProx's mu grid), unless the variant grids it itself
+    mus = [c["proximal_mu"] for c in quality.method_grid("fp", "fedprox", "small", {})]
+    assert len(mus) > 1 and quality.method_grid("fp", "fedprox", "small", {}, fixed=("proximal_mu",)) == [{}]
+    assert quality.method_grid("fp", "fedprox", "small", {"fp": {"proximal_mu": [0.1, 1]}}, fixed=("proximal_mu",)) == [
+        {"proximal_mu": 0.1},
+        {"proximal_mu": 1},
+    ]
     assert quality.parse_variants(["fpm=fedprox:server_momentum=0.5"]) == {"fpm": ("fedprox", {"server_momentum": 0.5})}
     # quotes keep a value a string: the option value "none" is not Python's None
     quoted = quality.parse_variants(["fq=fedharmony:discrepancy_baseline='none',gamma=\"3\"", "fd=fedharmony:t0=none"])
