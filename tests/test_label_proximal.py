@@ -266,3 +266,13 @@ def test_servers_send_the_label_count_reference_and_the_protocol_checks_it() -> 
     federation.fit()
     assert federation.model.fedharmony_proximal_reference_labels == 30.0
     assert MultilabelMLP(4, 3, proximal_reference_labels=8.0).fedharmony_proximal_reference_labels == 8.0
+
+
+def test_the_label_count_reference_travels_in_flower_records() -> None:
+    pytest.importorskip("flwr")
+    from lightning_fedharmony.integrations.flower.wire import instruction_from_records, instruction_to_records
+
+    instruction = FedHarmony().client_instructions(1, "3", {"w": torch.zeros(2)})
+    records = instruction_to_records(instruction, "3")
+    assert records.config_records["config"]["proximal-reference-labels"] == 22.0
+    assert instruction_from_records(records, "3").proximal_reference_labels == 22.0

@@ -216,9 +216,8 @@ def test_checkpoint_from_before_server_momentum_resumes_without_it(tmp_path: Pat
         (FedAvg(), False),
         (FedHarmony(proximal_rows="uniform", proximal_reference_labels=0.0), False),
         (FedHarmony(proximal_reference_labels=0.0), True),
-        (FedHarmony(), True),
     ],
-    ids=["fedavg", "fedharmony-uniform", "fedharmony-labels", "fedharmony"],
+    ids=["fedavg", "fedharmony-uniform", "fedharmony-labels"],
 )
 def test_checkpoint_from_before_label_rows_counts_as_uniform(tmp_path: Path, aggregator, refused: bool) -> None:
     """A checkpoint written before ``proximal_rows`` and ``proximal_reference_labels`` existed trained with FedProx's
@@ -237,3 +236,20 @@ def test_checkpoint_from_before_label_rows_counts_as_uniform(tmp_path: Path, agg
     else:
         with pytest.raises(CheckpointMismatchError, match=r"`aggregator_args.proximal_rows` differs: saved 'uniform'"):
             again.fit()
+
+
+def test_checkpoint_from_before_the_label_count_factor_counts_as_off(tmp_path: Path) -> None:
+    """A checkpoint written before ``proximal_reference_labels`` existed trained with one ``mu`` for every label count:
+    it resumes a run that keeps the factor off and is refused, naming the setting, by the default."""
+    _federation(tmp_path, aggregator=FedHarmony(proximal_reference_labels=0.0)).fit()
+    path = tmp_path / CHECKPOINT_NAME
+    state = load_checkpoint(path)
+    for section in ("model_hparams", "aggregator_args"):
+        state["fingerprint"].get(section, {}).pop("proximal_reference_labels", None)
+    save_checkpoint(path, state)
+    with pytest.raises(
+        CheckpointMismatchError, match=r"`aggregator_args.proximal_reference_labels` differs: saved 0.0, now 22.0"
+    ):
+        _federation(tmp_path, aggregator=FedHarmony()).fit()
+    again = _federation(tmp_path, aggregator=FedHarmony(proximal_reference_labels=0.0)).fit()
+    assert [r.seconds for r in again.rounds] == [r["seconds"] for r in state["history"]["rounds"]]
