@@ -100,6 +100,7 @@ class FedHarmonyMixin:
         proximal_reference_labels: a model over ``L`` labels trains with ``mu`` times ``max(1,
             proximal_reference_labels / L)`` (:func:`~lightning_fedharmony.functional.label_count_proximal_scale`:
             the label-averaged loss gives each label's row a gradient that shrinks like ``1 / L``); 0 keeps ``mu``.
+            With a ``loss_fn`` that sums over the labels instead of averaging, the factor does not apply: use 0.
         corr_eps: ``eps`` of the soft phi denominator.
         corr_normalization: ``"pearson"`` (scale-free; see :func:`~lightning_fedharmony.functional.phi_from_moments`)
             or ``"bernoulli"`` (the paper's soft phi).

@@ -167,7 +167,8 @@ class FedHarmony(Aggregator):
             6 and 14 FedProx's 0.1 led); below 22 the factor keeps the pull's ratio to the loss gradient at its value
             for 22 labels. On validation (3 seeds) it gained 0.65 points of mAP on scene (6 labels) with label-set
             Dirichlet 0.1 and moved the other scene, emotions and yeast cells by 0.04 or less
-            (``benchmarks/results_quality.md``).
+            (``benchmarks/results_quality.md``). For modules whose loss sums over the labels instead of averaging,
+            pass 0.
         align_threshold: align (and score) only the pairs whose teacher correlation has ``|R*_k| >=`` this value:
             the consensus teaches the co-occurrences it is confident about and leaves near-zero pairs, mostly
             sampling noise, to the task loss. ``0`` keeps every pair (the paper's).

@@ -261,11 +261,11 @@ def check_reference_labels(value: float | None, name: str = "proximal_reference_
 def label_count_proximal_scale(num_labels: int, reference: float) -> float:
     """The factor on ``mu`` for a model over ``num_labels`` labels: ``max(1, reference / num_labels)``.
 
-    The task loss averages binary cross-entropy over the labels, so the gradient it gives one label's output row
-    shrinks like ``1 / L``; a ``mu`` that suits models over many labels is then ``L`` times weaker, against that
-    gradient, on a model over few. Below ``reference`` labels the factor restores the pull's ratio to the loss
-    gradient that ``mu`` has at ``reference`` labels; at or above it ``mu`` is kept (validated there as it is).
-    ``reference = 0`` turns the factor off (always 1).
+    A task loss averaged over the labels (the default binary cross-entropy) gives one label's output row a gradient
+    that shrinks like ``1 / L``; against that gradient a ``mu`` chosen for models over ``M`` labels is ``M / L``
+    times weaker on a model over ``L < M``. Below ``reference`` labels the factor restores the pull's ratio to the
+    loss gradient that ``mu`` has at ``reference`` labels; at or above it ``mu`` is kept. ``reference = 0`` turns the
+    factor off (always 1), as it should be for a loss summed over the labels.
 
     Args:
         num_labels: the model's labels ``L``; ``>= 1``.
