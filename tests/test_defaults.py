@@ -36,7 +36,7 @@ PINNED_DEFAULT = {
     ("uniform", 1): "5cd3f6961fc8067c2f0909532a1cc319c81ae013ddd8b525bbd62b2ce961e86c",
     ("uniform", 3): "486272aad54abaf4abfccf4fa463415a8b3583963a82b0a8282093dc8638c0dc",
 }
-EARLIER_DEFAULTS = {
+DEFAULTS_BY_RELEASE = {
     "default": {},
     "labels": {"proximal_reference_labels": 0.0},
     "uniform": {"proximal_rows": "uniform", "proximal_reference_labels": 0.0},
@@ -54,9 +54,9 @@ def test_pinned_final_weights(name: str, aggregator) -> None:
 
 
 @pytest.mark.parametrize("local_epochs", [1, 3])
-@pytest.mark.parametrize("name", list(EARLIER_DEFAULTS))
+@pytest.mark.parametrize("name", list(DEFAULTS_BY_RELEASE))
 def test_pinned_final_weights_of_the_default(name: str, local_epochs: int) -> None:
-    federation = pinned_federation(FedHarmony(**EARLIER_DEFAULTS[name]), local_epochs=local_epochs)
+    federation = pinned_federation(FedHarmony(**DEFAULTS_BY_RELEASE[name]), local_epochs=local_epochs)
     federation.fit()
     assert federation.model.fedharmony_has_teacher  # round two's teachers were installed
     assert weights_digest(federation.global_weights) == PINNED_DEFAULT[name, local_epochs]
