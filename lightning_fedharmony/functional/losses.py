@@ -203,13 +203,18 @@ def check_label_pull(
     """
     if rows is not None and rows not in PROXIMAL_ROWS:
         raise ValueError(f"Expected argument `{names[0]}` to be one of {PROXIMAL_ROWS}, but got {rows!r}.")
-    for name, value, strict in ((names[1], full_at, True), (names[2], absent, False)):
-        if value is None:
-            continue
-        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        if not (number and (value > 0 if strict else value >= 0)):
-            rule = "> 0" if strict else ">= 0"
-            raise ValueError(f"Expected argument `{name}` to be a finite number {rule}, but got {value!r}.")
+    _check_finite(names[1], full_at, strict=True)
+    _check_finite(names[2], absent, strict=False)
+
+
+def _check_finite(name: str, value: float | None, *, strict: bool) -> None:
+    """``value`` is ``None`` or a finite number ``> 0`` (``strict``) or ``>= 0``; else a ``ValueError`` naming it."""
+    if value is None:
+        return
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not (number and (value > 0 if strict else value >= 0)):
+        rule = "> 0" if strict else ">= 0"
+        raise ValueError(f"Expected argument `{name}` to be a finite number {rule}, but got {value!r}.")
 
 
 def label_proximal_scale(positives: Tensor, full_at: float, absent: float) -> Tensor:
@@ -251,11 +256,7 @@ def check_reference_labels(value: float | None, name: str = "proximal_reference_
     Raises:
         ValueError: naming ``name``, the rule and the value.
     """
-    if value is None:
-        return
-    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not (number and value >= 0):
-        raise ValueError(f"Expected argument `{name}` to be a finite number >= 0, but got {value!r}.")
+    _check_finite(name, value, strict=False)
 
 
 def label_count_proximal_scale(num_labels: int, reference: float) -> float:
